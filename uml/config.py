@@ -1,0 +1,387 @@
+"""Typed, validated view of ``params.yaml``.
+
+Every stage reads its parameters through :func:`load_params`. Unknown keys, wrong types and
+out-of-range values stop with a :class:`ConfigError` that names the file and the dotted key, so a
+typo in ``params.yaml`` never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from uml.errors import ConfigError
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class _Section(BaseModel):
+    # extra="forbid" is what turns a misspelt key into an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------- data
+class SyntheticParams(_Section):
+    num_images: int = Field(320, ge=3)
+    # Probability that a label is flipped after it is drawn from the cup-to-disc ratio.
+    label_noise: float = Field(0.05, ge=0.0, lt=0.5)
+    # Vertical cup-to-disc ratio at which glaucoma becomes more likely than not, and the width
+    # of the soft (logistic) boundary around it.
+    vcdr_threshold: float = Field(0.6, gt=0.0, lt=1.0)
+    vcdr_softness: float = Field(0.04, gt=0.0)
+    # Size of the generated photographs before they are resized to ``data.image_size``.
+    render_size: int = Field(256, ge=32)
+
+
+class AffineParams(_Section):
+    p: float = Field(0.5, ge=0.0, le=1.0)
+    scale: float = Field(0.1, ge=0.0, lt=1.0)
+    translate: float = Field(0.05, ge=0.0, lt=0.5)
+    rotate: float = Field(15.0, ge=0.0, le=180.0)
+
+
+class ColorParams(_Section):
+    p: float = Field(0.5, ge=0.0, le=1.0)
+    brightness: float = Field(0.2, ge=0.0, le=1.0)
+    contrast: float = Field(0.2, ge=0.0, le=1.0)
+    saturation: float = Field(0.2, ge=0.0, le=1.0)
+    hue: float = Field(0.02, ge=0.0, le=0.5)
+
+
+class AugmentParams(_Section):
+    enabled: bool = True
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    affine: AffineParams = AffineParams()
+    color: ColorParams = ColorParams()
+
+
+class SplitParams(_Section):
+    val: float = Field(0.15, gt=0.0, lt=1.0)
+    test: float = Field(0.2, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> "SplitParams":
+        if self.val + self.test >= 1.0:
+            raise ValueError(f"val + test must be < 1 so that a training split remains, got {self.val} + {self.test}")
+        return self
+
+
+class DataParams(_Section):
+    source: Literal["synthetic", "refuge", "folder"] = "synthetic"
+    # Raw data set root for the refuge and folder importers.
+    path: str | None = None
+    # Where every stage reads and writes. Relative paths resolve against the working directory;
+    # point it at shared storage for `ray job submit` on a multi-node cluster.
+    root: str = "data"
+    image_size: int = Field(128, ge=32, le=2048)
+    seed: int = 0
+    split: SplitParams = SplitParams()
+    # Folder importer: class names in label-index order (null: sorted unique CSV labels).
+    class_names: list[str] | None = None
+    mask_classes: list[str] = ["background", "disc", "cup"]
+    # Folder importer: pixel value -> mask class index (null: pixel values are the class indices).
+    mask_values: dict[int, int] | None = None
+    synthetic: SyntheticParams = SyntheticParams()
+    augment: AugmentParams = AugmentParams()
+
+    @field_validator("mask_classes")
+    @classmethod
+    def _two_or_more_classes(cls, v: list[str]) -> list[str]:
+        if len(v) < 2 or len(set(v)) != len(v):
+            raise ValueError(f"needs at least two distinct mask classes, got {v}")
+        return v
+
+    @field_validator("class_names")
+    @classmethod
+    def _distinct_class_names(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (len(v) < 2 or len(set(v)) != len(v)):
+            raise ValueError(f"needs at least two distinct class names, got {v}")
+        return v
+
+
+# -------------------------------------------------------------------------------------- model
+class ModelParams(_Section):
+    # "paper": the published configuration (GPU); "small": the same architecture, narrower.
+    preset: Literal["paper", "small"] = "small"
+    # false: the joint-learning ablation (softmax heads, no navigator gating, no instructor).
+    uncertainty: bool = True
+    # Single-task baselines: [cls] or [seg].
+    tasks: list[Literal["cls", "seg"]] = ["cls", "seg"]
+    # Anything below overrides the preset when set (null keeps the preset's value).
+    cls_encoder: str | None = None
+    seg_encoder: str | None = None
+    feature_strides: list[int] | None = None
+    mixer_widths: list[int] | None = None
+    decoder_widths: list[int] | None = None
+    instructor_width: int | None = Field(None, ge=1)
+    embed_width: int | None = Field(None, ge=1)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    # Local weight files (a timm state dict); never downloaded at run time.
+    cls_weights: str | None = None
+    seg_weights: str | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_distinct_tasks(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"must be a non-empty list of distinct tasks from [cls, seg], got {v}")
+        return v
+
+    @field_validator("feature_strides", "mixer_widths", "decoder_widths")
+    @classmethod
+    def _four_levels(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 4 or any(x < 1 for x in v)):
+            raise ValueError(f"must list four positive values (one per feature level), got {v}")
+        return v
+
+    def overrides(self) -> dict[str, Any]:
+        """The architecture overrides for :func:`uml.models.build_model` (unset keys dropped)."""
+        keys = ("uncertainty", "tasks", "cls_encoder", "seg_encoder", "feature_strides", "mixer_widths",
+                "decoder_widths", "instructor_width", "embed_width", "dropout", "cls_weights", "seg_weights")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+# --------------------------------------------------------------------------------------- loss
+class LossParams(_Section):
+    cls_weight: float = Field(0.5, ge=0.0)
+    seg_weight: float = Field(0.4, ge=0.0)
+    mut_weight: float = Field(0.1, ge=0.0)
+    # lambda_t = min(1, epoch / kl_annealing_epochs), epoch counted from 0.
+    kl_annealing_epochs: int = Field(50, ge=1)
+
+
+# -------------------------------------------------------------------------------------- train
+class TrainParams(_Section):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(1e-5, ge=0.0)
+    # Constant learning rate for this many epochs, then poly decay to min_lr.
+    constant_epochs: int = Field(30, ge=0)
+    poly_power: float = Field(0.9, gt=0.0)
+    min_lr: float = Field(1e-5, ge=0.0)
+    # Mixed precision on GPU ("bf16" or "fp16"); CPUs always train in fp32.
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    seed: int = 0
+    # Use data/tune/best_params.yaml (written by the tune stage) instead of the loss: defaults.
+    use_tuned: bool = True
+    loader_workers: int = Field(0, ge=0)
+    # Validate every epoch on at most this many images (null: the whole validation split).
+    max_val_images: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _sane_schedule(self) -> "TrainParams":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- ray
+class RayParams(_Section):
+    # null: RAY_ADDRESS if set, else a local Ray instance started by the stage.
+    address: str | None = None
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    # Resources per training worker, e.g. {CPU: 1} or {CPU: 8, GPU: 1}.
+    resources_per_worker: dict[str, float] = {"CPU": 1}
+    # Checkpoints and run state. null: <data.root>/ray. Must be shared storage (NFS path or
+    # s3://...) on a multi-node cluster.
+    storage_path: str | None = None
+    # Declare a local-looking storage_path as shared (e.g. a mount the stage can't recognise).
+    shared_storage: bool = False
+    max_failures: int = Field(2, ge=-1)
+    # The local instance's dashboard and services listen here.
+    host: str = "127.0.0.1"
+    include_dashboard: bool = False
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _positive_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if x <= 0}
+        if bad:
+            raise ValueError(f"resources must be positive, got {bad}")
+        return v
+
+
+# --------------------------------------------------------------------------------------- tune
+class TuneParams(_Section):
+    num_samples: int = Field(4, ge=1)
+    # Epochs per trial (a short proxy of the full training run).
+    epochs: int = Field(4, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+    workers_per_trial: int = Field(1, ge=1)
+    # null: as many trials at once as the cluster's CPUs (or GPUs) allow.
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    seed: int = 0
+    # Dotted params key -> {distribution: arguments}; see uml.tune.search for the grammar.
+    search_space: dict[str, dict[str, Any]] = {
+        "loss.cls_weight": {"uniform": [0.2, 0.8]},
+        "loss.seg_weight": {"uniform": [0.2, 0.8]},
+        "loss.mut_weight": {"loguniform": [0.02, 0.5]},
+        "loss.kl_annealing_epochs": {"randint": [1, 10]},
+    }
+
+
+# ------------------------------------------------------------------------------------- export
+class ExportParams(_Section):
+    opset: int = Field(18, ge=13)
+    # The stage fails when onnxruntime and torch differ by more than this.
+    parity_atol: float = Field(1e-4, gt=0.0)
+    parity_images: int = Field(8, ge=1)
+
+
+# ----------------------------------------------------------------------------------- evaluate
+class EvaluateParams(_Section):
+    batch_size: int = Field(16, ge=1)
+    gaussian_sigmas: list[float] = [0.05, 0.1, 0.2]
+    salt_pepper_amounts: list[float] = [0.02, 0.05, 0.1]
+    referral_fractions: list[float] = [0.1, 0.2, 0.3]
+    calibration_bins: int = Field(10, ge=2)
+    num_panels: int = Field(6, ge=0)
+    seed: int = 0
+
+    @field_validator("gaussian_sigmas")
+    @classmethod
+    def _positive_sigmas(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 for s in v):
+            raise ValueError(f"noise levels must be positive, got {v}")
+        return v
+
+    @field_validator("salt_pepper_amounts", "referral_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < s < 1 for s in v):
+            raise ValueError(f"must be fractions in (0, 1), got {v}")
+        return v
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    loss: LossParams = LossParams()
+    train: TrainParams = TrainParams()
+    ray: RayParams = RayParams()
+    tune: TuneParams = TuneParams()
+    export: ExportParams = ExportParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    # Where the params came from, for error messages (not a params key).
+    _source: str = PrivateAttr("<defaults>")
+
+    def with_overrides(self, overrides: dict[str, Any], source: str = "<overrides>") -> "Params":
+        """A validated copy with dotted-key overrides applied, e.g. ``{"loss.cls_weight": 0.3}``."""
+        raw = self.model_dump()
+        for dotted, value in overrides.items():
+            set_dotted(raw, dotted, value, source=source)
+        return parse_params(raw, source=source)
+
+    def section_hash(self, *sections: str, extra: Any = None) -> str:
+        """A short, stable hash of some sections (and any extra JSON-able value)."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        payload["_extra"] = extra
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def parse_params(raw: dict[str, Any] | None, source: str = "<params>") -> Params:
+    """Validate a raw mapping into :class:`Params`, naming the offending key on error."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = _key_path(err["loc"]) or "<top level>"
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{source}: unknown key '{key}'")
+            else:
+                got = err.get("input")
+                got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+                lines.append(f"{source}: {key}: {err['msg']}{got_text}")
+        raise ConfigError("\n".join(lines)) from None
+    params._source = source
+    return params
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Read and validate a params file (``params.yaml`` by default)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(raw, source=str(path))
+
+
+def get_dotted(raw: dict[str, Any], dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str = "<overrides>") -> None:
+    """Set ``raw[a][b][c] = value`` for ``"a.b.c"``; the path must already exist in the schema."""
+    parts = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+            raise ConfigError(f"{source}: unknown params key '{dotted}' ('{'.'.join(parts[: i + 1])}' is not a section)")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(f"{source}: unknown params key '{dotted}'")
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def resolve_path(params: Params, *parts: str) -> Path:
+    """An absolute path under ``data.root``."""
+    return Path(params.data.root).expanduser().resolve().joinpath(*parts)
+
+
+class Paths:
+    """The named outputs of every stage, the same every run (nnU-Net style)."""
+
+    def __init__(self, params: Params):
+        root = resolve_path(params)
+        self.root = root
+        self.dataset = root / "prepared" / "dataset.zarr"
+        self.tune_dir = root / "tune"
+        self.best_params = root / "tune" / "best_params.yaml"
+        self.tune_results = root / "tune" / "results.csv"
+        self.train_dir = root / "train"
+        self.models_dir = root / "models"
+        self.model_pt = root / "models" / "model.pt"
+        self.model_onnx = root / "models" / "model.onnx"
+        self.metadata = root / "models" / "metadata.json"
+        self.reports = root / "reports"
+        self.metrics = root / "reports" / "metrics.json"
+        self.plots = root / "reports" / "plots"
+        self.ray_storage = (
+            Path(params.ray.storage_path).expanduser().resolve()
+            if params.ray.storage_path and "://" not in params.ray.storage_path
+            else root / "ray"
+        )
+        # A URI (s3://, gs://, ...) is handed to Ray as is.
+        self.ray_storage_uri = params.ray.storage_path if params.ray.storage_path and "://" in params.ray.storage_path else None
+
+    @property
+    def storage(self) -> str:
+        return self.ray_storage_uri or str(self.ray_storage)
