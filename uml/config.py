@@ -198,7 +198,8 @@ class RayParams(_Section):
     max_failures: int = Field(2, ge=-1)
     # The local instance's dashboard and services listen here.
     host: str = "127.0.0.1"
-    include_dashboard: bool = False
+    # Ray's state API (used by Ray Train to watch its controller) needs the dashboard process.
+    include_dashboard: bool = True
 
     @field_validator("resources_per_worker")
     @classmethod

@@ -1,0 +1,251 @@
+"""The ``train`` stage: Ray Train's ``TorchTrainer`` over :func:`uml.train.worker.train_loop_per_worker`.
+
+The driver resolves the effective params (tuned loss weights), names the run deterministically
+from those params and the data set's content hash, and runs the trainer. Rerunning after an
+interruption resumes the same run from its last checkpoint; changed params start a fresh run.
+The result is written as ``model.pt``: the best epoch's weights by the published selection score,
+plus the config that rebuilds them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import yaml
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from uml.config import Params, Paths
+from uml.data.store import open_prepared
+from uml.errors import ClusterError, ConfigError, UMLError
+from uml.models import ModelConfig, UMLNet, save_model
+from uml.models.config import resolve_config
+from uml.train.cluster import alive_nodes, check_storage, ray_session
+from uml.train.worker import HISTORY_FILE, SCORE_KEY, STATE_FILE, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+# Params that change what is trained; anything else (e.g. loader processes) may differ on resume.
+_TRAIN_KEYS_NOT_HASHED = ("loader_workers", "use_tuned")
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"loss": {"cls_weight": 0.3}}`` -> ``{"loss.cls_weight": 0.3}``."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def load_tuned(path: Path) -> dict[str, Any]:
+    """The flat overrides of a ``best_params.yaml`` (same keys as ``params.yaml``)."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read tuned params: {exc}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{path}: expected a mapping of params sections (e.g. loss: {{cls_weight: ...}})")
+    return flatten(raw)
+
+
+def effective_params(params: Params) -> tuple[Params, dict[str, Any]]:
+    """Params with the tuned values applied when ``train.use_tuned`` and the sweep has run.
+
+    Returns the params and the overrides that were applied (empty when none)."""
+    paths = Paths(params)
+    if not params.train.use_tuned:
+        return params, {}
+    if not paths.best_params.is_file():
+        log.warning("train.use_tuned is true but %s does not exist (run the tune stage first); "
+                    "using the loss: values of the params file", paths.best_params)
+        return params, {}
+    overrides = load_tuned(paths.best_params)
+    tuned = params.with_overrides(overrides, source=str(paths.best_params))
+    log.info("using tuned values from %s: %s", paths.best_params, ", ".join(f"{k}={v}" for k, v in overrides.items()))
+    return tuned, overrides
+
+
+def model_config(params: Params, class_names: Sequence[str], mask_classes: Sequence[str], image_size: int) -> ModelConfig:
+    """The architecture from ``model:`` plus what the data set decides (classes, image size)."""
+    return resolve_config(params.model.preset, **params.model.overrides(), num_classes=len(class_names),
+                          num_mask_classes=len(mask_classes), image_size=image_size)
+
+
+def run_name(params: Params, data_hash: str, prefix: str = "train") -> str:
+    """Deterministic: the same training params on the same data give the same name (and resume)."""
+    train = params.train.model_dump(mode="json")
+    for key in _TRAIN_KEYS_NOT_HASHED:
+        train.pop(key)
+    extra = {"train": train, "data": data_hash, "workers": params.ray.num_workers, "gpu": params.ray.use_gpu,
+             "augment": params.data.augment.model_dump(mode="json")}
+    return f"{prefix}-{params.section_hash('model', 'loss', extra=extra)}"
+
+
+def scaling_config(params: Params, num_workers: int | None = None) -> ScalingConfig:
+    resources = dict(params.ray.resources_per_worker)
+    if params.ray.use_gpu:
+        resources.setdefault("GPU", 1)
+    return ScalingConfig(num_workers=num_workers or params.ray.num_workers, use_gpu=params.ray.use_gpu,
+                         resources_per_worker=resources)
+
+
+def read_history(checkpoint: ray.train.Checkpoint) -> list[dict[str, float]]:
+    """The per-epoch metrics stored beside a checkpoint (read without fetching the weights)."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{HISTORY_FILE}") as stream:
+        return json.loads(stream.read().decode())
+
+
+class LiveLogger(UserCallback):
+    """dvclive metrics + an nnU-Net style progress plot, written on the driver's node.
+
+    Ray Train runs callbacks in its controller, which it places on the node of the driver, so
+    the files land where ``dvc repro`` runs, whichever node holds rank 0. Each report rewrites
+    the log from the checkpoint's full history, so a resumed run still has every epoch.
+    """
+
+    def __init__(self, out_dir: Path, params_to_log: dict[str, Any]):
+        self.out_dir = Path(out_dir)
+        self.params_to_log = params_to_log
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint: ray.train.Checkpoint | None) -> None:
+        if checkpoint is None:
+            return
+        write_live_log(self.out_dir, read_history(checkpoint), self.params_to_log)
+
+
+def write_live_log(out_dir: Path, history: list[dict[str, float]], params_to_log: dict[str, Any]) -> None:
+    """(Re)write dvclive's metrics/plots and ``progress.png`` from the per-epoch history."""
+    from dvclive import Live
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with Live(dir=str(out_dir), resume=False, save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        live.log_params(params_to_log)
+        for row in history:
+            live.step = int(row["epoch"])
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)) and not math.isnan(value):
+                    live.log_metric(key, value, plot=True)
+            live.next_step()
+    plot_progress(history, out_dir / "progress.png")
+
+
+def plot_progress(history: list[dict[str, float]], path: Path) -> None:
+    """Losses and validation metrics against the epoch, best epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(r["epoch"]) for r in history]
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, style in (("train/loss", "-"), ("train/loss_cls", "--"), ("train/loss_seg", "--"), ("train/loss_mut", ":")):
+        if key in history[0]:
+            ax_loss.plot(epochs, [r[key] for r in history], style, label=key.removeprefix("train/"))
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    ax_loss.legend()
+    for key in sorted(history[0]):
+        if key.startswith("val/") and key != "val/score":
+            ax_val.plot(epochs, [r[key] for r in history], label=key.removeprefix("val/"))
+    scores = [r.get(SCORE_KEY, float("nan")) for r in history]
+    ax_val.plot(epochs, scores, "k-", linewidth=2, label="score")
+    if any(not math.isnan(s) for s in scores):
+        best = max(range(len(scores)), key=lambda i: -math.inf if math.isnan(scores[i]) else scores[i])
+        ax_val.axvline(epochs[best], color="grey", linestyle=":", label=f"best (epoch {epochs[best] + 1})")
+    ax_val.set(xlabel="epoch", ylabel="value", title="Validation", ylim=(0, 1.02))
+    ax_val.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_trainer(params: Params, *, name: str, model_cfg: ModelConfig, epochs: int,
+                callbacks: Sequence[UserCallback] = (), num_workers: int | None = None,
+                train_loop: Callable[[dict], None] = train_loop_per_worker) -> ray.train.Result:
+    """Fit a ``TorchTrainer`` (Ray must be initialised). Reusing ``name`` in the same storage
+    resumes that run from its last checkpoint."""
+    paths = Paths(params)
+    check_storage(params, alive_nodes())
+    if not paths.ray_storage_uri:
+        paths.ray_storage.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"params": params.model_dump(mode="json"), "model": model_cfg.to_dict(),
+                           "store": str(paths.dataset), "epochs": epochs},
+        torch_config=TorchConfig(backend="nccl" if params.ray.use_gpu else "gloo"),
+        scaling_config=scaling_config(params, num_workers),
+        run_config=RunConfig(
+            name=name,
+            storage_path=paths.storage,
+            failure_config=FailureConfig(max_failures=params.ray.max_failures),
+            # Ray always keeps the latest checkpoint (for resume) besides the best one.
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE_KEY,
+                                               checkpoint_score_order="max"),
+            callbacks=list(callbacks),
+            # Ray Train's own INFO logs repeat every reported metric dict; our workers log a line per epoch.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    return trainer.fit()
+
+
+def best_state(result: ray.train.Result) -> tuple[dict[str, torch.Tensor], list[dict[str, float]], dict[str, float]]:
+    """Weights of the best epoch, the full history (from the latest checkpoint) and best metrics."""
+    best = result.get_best_checkpoint(SCORE_KEY, "max") or result.checkpoint
+    if best is None:
+        raise UMLError(f"training run '{result.path}' produced no checkpoint")
+    with best.as_directory() as ckpt_dir:
+        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    history = read_history(result.checkpoint) if result.checkpoint else state["history"]
+    best_row = next(r for r in state["history"] if int(r["epoch"]) == int(state["epoch"]))
+    return state["model"], history, best_row
+
+
+def train(params: Params) -> Path:
+    """The ``train`` stage: write ``data/models/model.pt``; return its path."""
+    paths = Paths(params)
+    data = open_prepared(paths.dataset)
+    params, tuned = effective_params(params)
+    cfg = model_config(params, data.class_names, data.mask_classes, data.image_size)
+    name = run_name(params, data.content_hash)
+    logged_params = {"loss": params.loss.model_dump(), "tuned_from": str(paths.best_params) if tuned else None,
+                     "model": cfg.to_dict(), "train": params.train.model_dump(), "run": name,
+                     "workers": params.ray.num_workers}
+    log.info("run '%s' in %s: %d epochs, %d worker(s), preset %s, loss weights cls %.3g seg %.3g mut %.3g, KL annealing %d",
+             name, paths.storage, params.train.epochs, params.ray.num_workers, params.model.preset,
+             params.loss.cls_weight, params.loss.seg_weight, params.loss.mut_weight, params.loss.kl_annealing_epochs)
+    with ray_session(params):
+        try:
+            result = run_trainer(params, name=name, model_cfg=cfg, epochs=params.train.epochs,
+                                 callbacks=[LiveLogger(paths.train_dir, logged_params)])
+        except ray.train.TrainingFailedError as exc:
+            raise ClusterError(f"training run '{name}' failed: {exc}") from exc
+    state_dict, history, best_row = best_state(result)
+    if len(history) < params.train.epochs:
+        raise UMLError(f"run '{name}' stopped after {len(history)} of {params.train.epochs} epochs")
+    model = UMLNet(cfg)
+    model.load_state_dict(state_dict)
+    # The driver writes the final log too: a run that was already complete reports nothing new.
+    write_live_log(paths.train_dir, history, logged_params)
+    save_model(model, paths.model_pt, extra={
+        "class_names": list(data.class_names), "mask_classes": list(data.mask_classes),
+        "data_hash": data.content_hash, "run": name, "best_epoch": int(best_row["epoch"]),
+        "best_metrics": {k: float(v) for k, v in best_row.items() if isinstance(v, (int, float))},
+        "loss": params.loss.model_dump(), "tuned": tuned,
+    })
+    log.info("best epoch %d of %d (val score %.4f) -> %s", int(best_row["epoch"]) + 1, len(history),
+             best_row.get(SCORE_KEY, float("nan")), paths.model_pt)
+    return paths.model_pt

@@ -1,0 +1,250 @@
+"""The training loop that every Ray Train worker runs (nanoGPT-plain: one loop, one resume path).
+
+Per epoch: train on this worker's shard (DDP, gradients all-reduced), validate on a disjoint
+share of the validation split, gather the predictions, compute the same metrics on every rank,
+and ``ray.train.report`` them. Rank 0 attaches a checkpoint holding everything needed to
+continue: model, optimiser, LR scheduler, grad scaler, epoch and the metric history. Randomness
+(dropout, shuffling, augmentation) is reseeded from ``(seed, epoch, rank)`` at every epoch. So a
+resumed run draws exactly the numbers that an uninterrupted run would have drawn, without
+saving RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from uml import metrics
+from uml.config import Params, parse_params
+from uml.data.dataset import SegClsDataset, worker_init_fn
+from uml.data.store import open_prepared
+from uml.losses import uml_loss
+from uml.models import ModelConfig, UMLNet
+from uml.train.schedule import build_scheduler
+
+STATE_FILE = "state.pt"
+HISTORY_FILE = "history.json"
+SCORE_KEY = "val/score"
+
+# Ray Train tees print() in workers to stdout and to the root logger (two copies); log instead.
+log = logging.getLogger("uml.train")
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """One torch seed per (seed, epoch, rank), so resume replays the same random stream."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def selection_score(val: dict[str, float]) -> float:
+    """The published model-selection score ``(ACC + F1 + Dice_disc + Dice_cup) / 4``, restricted to
+    the terms a single-task model has (and to the structures of non-fundus masks)."""
+    terms = [val[k] for k in sorted(val) if k in ("cls/acc", "cls/f1") or k.startswith("seg/dice_")]
+    terms = [t for t in terms if not math.isnan(t)]
+    return float(np.mean(terms)) if terms else float("nan")
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type != "cuda" or precision == "fp32":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _unwrap(model: torch.nn.Module) -> UMLNet:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def validate(model: UMLNet, store: str, indices: np.ndarray, mask_classes: list[str], batch_size: int,
+             device: torch.device, precision: str) -> dict[str, float]:
+    """Validation metrics over ``indices``, each worker taking a disjoint share.
+
+    Per-image results are gathered to every rank, so all ranks report identical metrics.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    share = indices[rank::world]
+    dataset = SegClsDataset(store, share)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    structures = metrics.structures(mask_classes)
+    rows: dict[str, list] = {"label": [], "prob": [], "unc": [], "pix_unc": [], **{f"dice_{s}": [] for s in structures}}
+    model.eval()
+    for batch in loader:
+        with _autocast(device, precision):
+            out = model.infer(batch["image"].to(device))
+        rows["label"].append(batch["label"].numpy())
+        if "class_prob" in out:
+            rows["prob"].append(out["class_prob"].float().cpu().numpy())
+            rows["unc"].append(out["class_uncertainty"].float().cpu().numpy()[:, 0])
+        if "seg_prob" in out:
+            pred = out["seg_prob"].argmax(1).cpu().numpy()
+            gt = batch["mask"].numpy()
+            rows["pix_unc"].append(out["seg_uncertainty"].float().mean(dim=(1, 2, 3)).cpu().numpy())
+            for name, select in structures.items():
+                rows[f"dice_{name}"].append(np.array([metrics.dice(select(p), select(g)) for p, g in zip(pred, gt)]))
+    local = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in rows.items()}
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, local)
+        local = {k: np.concatenate([g[k] for g in gathered]) for k in local}
+    result: dict[str, float] = {}
+    if local["prob"].size:
+        prob = local["prob"].reshape(len(local["label"]), -1)
+        pred = metrics.predicted_class(prob)
+        result.update({
+            "cls/acc": metrics.acc(local["label"], pred),
+            "cls/auc": metrics.auc(local["label"], prob),
+            "cls/f1": metrics.f1(local["label"], pred, num_classes=prob.shape[1]),
+            "unc/class": float(local["unc"].mean()),
+        })
+    if local["pix_unc"].size:
+        result["unc/pixel"] = float(local["pix_unc"].mean())
+        for name in structures:
+            result[f"seg/dice_{name}"] = float(local[f"dice_{name}"].mean())
+    result["score"] = selection_score(result)
+    return result
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: ``params`` (raw dict, already tuned), ``model`` (the
+    ModelConfig dict), ``store`` (absolute path of dataset.zarr), ``epochs``."""
+    params: Params = parse_params(config["params"], source="train config")
+    log.setLevel(logging.INFO)
+    _quiet_report_logging()
+    tp = params.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = int(params.ray.resources_per_worker.get("CPU", 1))
+    torch.set_num_threads(max(threads, 1))
+    device = ray.train.torch.get_device()
+    epochs = int(config["epochs"])
+
+    torch.manual_seed(tp.seed)  # identical initial weights on every rank
+    model = UMLNet(ModelConfig.from_dict(config["model"]))
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+    scheduler = build_scheduler(optimizer, epochs, tp.constant_epochs, tp.poly_power, tp.lr, tp.min_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and tp.precision == "fp16")
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=device, weights_only=True)
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history = state["history"]
+        start_epoch = int(state["epoch"]) + 1
+        if rank == 0:
+            log.info("resuming from the checkpoint of epoch %d (%d/%d epochs done)", start_epoch, start_epoch, epochs)
+
+    store = config["store"]
+    data = open_prepared(store)
+    train_idx, val_idx = data.split("train"), data.split("val")
+    if tp.max_val_images:
+        val_idx = val_idx[: tp.max_val_images]
+    mask_classes = list(data.mask_classes)
+    del data  # workers re-open lazily; no handle crosses a fork
+    train_set = SegClsDataset(store, train_idx, augment=params.data.augment, seed=tp.seed)
+    # Our own DistributedSampler (Ray keeps a sampler that is already distributed) so that the
+    # shuffle follows train.seed; it pads the shards to equal length, as DDP needs.
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=tp.seed, drop_last=False)
+    loader = DataLoader(train_set, batch_size=tp.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=tp.loader_workers, worker_init_fn=worker_init_fn,
+                        persistent_workers=False, pin_memory=device.type == "cuda")
+    if len(loader) == 0:
+        raise ValueError(
+            f"the training split ({len(train_idx)} images over {world} workers) is smaller than one batch of "
+            f"train.batch_size={tp.batch_size}: lower the batch size or the number of workers"
+        )
+    loader = ray.train.torch.prepare_data_loader(loader)
+    evidential = _unwrap(model).evidential
+
+    for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
+        torch.manual_seed(epoch_seed(tp.seed, epoch, rank))
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch, rank)
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        steps = 0
+        for batch in loader:
+            with _autocast(device, tp.precision):
+                outputs = model(batch["image"])
+            loss, parts = uml_loss(outputs, batch["mask"], batch["label"], params.loss, epoch, evidential)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            for key, value in {"total": loss.detach(), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value.float()
+            steps += 1
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        train_metrics = {f"train/loss_{k}" if k != "total" else "train/loss": float(v) / max(steps, 1) for k, v in sums.items()}
+        if world > 1 and train_metrics:
+            # Average the logged losses over ranks (the gradients already are).
+            keys = sorted(train_metrics)
+            tensor = torch.tensor([train_metrics[k] for k in keys], device=device)
+            dist.all_reduce(tensor)
+            train_metrics = {k: float(v) / world for k, v in zip(keys, tensor.tolist())}
+        val = validate(_unwrap(model), store, val_idx, mask_classes, tp.batch_size, device, tp.precision)
+        row = {
+            "epoch": epoch,
+            **train_metrics,
+            **{f"val/{k}": v for k, v in val.items()},
+            "lr": lr,
+            "kl_weight": min(1.0, epoch / params.loss.kl_annealing_epochs),
+            "epoch_seconds": time.perf_counter() - started,
+            "images_per_second": steps * tp.batch_size * world / (time.perf_counter() - started),
+        }
+        history.append(row)
+        if rank == 0:
+            log.info(format_epoch(row, epochs))
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save({
+                    "epoch": epoch,
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "history": history,
+                }, Path(tmp) / STATE_FILE)
+                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
+                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(row, checkpoint=None)
+
+
+def _quiet_report_logging() -> None:
+    """Ray Train logs every reported metrics dict at INFO, through a logger named after its source
+    file that RunConfig's LoggingConfig does not reach; our workers log one line per epoch."""
+    try:
+        from ray.train.v2._internal.execution import context as ray_context
+    except ImportError:  # a Ray release without that module does not have the noise either
+        return
+    ray_context.logger.setLevel(logging.WARNING)
+
+
+def format_epoch(row: dict[str, float], epochs: int) -> str:
+    """One progress line per epoch."""
+    keys = [("train/loss", "loss"), ("val/cls/acc", "acc"), ("val/cls/auc", "auc"), ("val/seg/dice_disc", "disc"),
+            ("val/seg/dice_cup", "cup"), ("val/unc/class", "u_img"), ("val/unc/pixel", "u_pix"), ("val/score", "score")]
+    shown = "  ".join(f"{short} {row[k]:.3f}" for k, short in keys if k in row and not math.isnan(row[k]))
+    return (f"epoch {int(row['epoch']) + 1:>3}/{epochs}  {shown}  lr {row['lr']:.1e}  "
+            f"{row['epoch_seconds']:.1f}s  {row['images_per_second']:.1f} img/s")
