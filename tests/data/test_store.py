@@ -1,0 +1,246 @@
+"""The prepared zarr store: layout, exact contents, splits, fingerprint, hash, atomic writes, reader."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from tests.data.helpers import disc_cup, rgb
+from uml.config import SplitParams
+from uml.data import store
+from uml.data.records import Record
+from uml.data.store import (
+    PreparedData,
+    compute_content_hash,
+    load_split,
+    open_prepared,
+    split_indices,
+    write_dataset,
+)
+from uml.errors import DataError
+
+SIZE = 16
+CLASSES = ["neg", "pos"]
+MASK_CLASSES = ["background", "disc", "cup"]
+
+
+def make_records(n: int, pos_every: int = 4) -> list[Record]:
+    return [Record(id=f"r{i:03d}", image=rgb(SIZE, SIZE, i), mask=disc_cup(SIZE, SIZE, i),
+                   label=int(i % pos_every == 0), origin=f"mem{i}") for i in range(n)]
+
+
+def write(records: list[Record], out: Path, seed: int = 0, **kw: object) -> dict:
+    return write_dataset(records, out, class_names=CLASSES, mask_classes=MASK_CLASSES, source="test",
+                         image_size=SIZE, split=SplitParams(val=0.2, test=0.2), seed=seed, **kw)
+
+
+def test_layout_and_exact_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "SHARD_BYTES", 16 * SIZE * SIZE * 3)  # 16 images per shard: 16 + 16 + 8
+    records = make_records(40)
+    out = tmp_path / "ds.zarr"
+    attrs = write(records, out)
+    group = zarr.open_group(str(out), mode="r")
+    assert group.metadata.zarr_format == 3
+    images, masks, labels = group["images"], group["masks"], group["labels"]
+    assert (images.dtype, images.shape, images.chunks) == (np.uint8, (40, SIZE, SIZE, 3), (1, SIZE, SIZE, 3))
+    assert images.shards == (16, SIZE, SIZE, 3) and masks.shards == (16, SIZE, SIZE)
+    assert (masks.dtype, masks.shape, masks.chunks) == (np.uint8, (40, SIZE, SIZE), (1, SIZE, SIZE))
+    assert labels.dtype == np.int64
+    assert np.array_equal(images[:], np.stack([r.image for r in records]))
+    assert np.array_equal(masks[:], np.stack([r.mask for r in records]))
+    assert labels[:].tolist() == [r.label for r in records]
+    on_disk = json.loads((out / "zarr.json").read_text())["attributes"]
+    assert on_disk == json.loads(json.dumps(attrs))
+    assert attrs["class_names"] == CLASSES and attrs["mask_classes"] == MASK_CLASSES
+    assert (attrs["source"], attrs["image_size"], attrs["num_images"]) == ("test", SIZE, 40)
+    assert attrs["ids"] == [r.id for r in records]
+    # 40 images in 3 shard files (not 40 chunk files), likewise the masks.
+    assert len([p for p in (out / "images").rglob("*") if p.is_file() and p.name != "zarr.json"]) == 3
+    assert len([p for p in (out / "masks").rglob("*") if p.is_file() and p.name != "zarr.json"]) == 3
+
+
+def test_splits_disjoint_covering_stratified(tmp_path: Path) -> None:
+    attrs = write(make_records(40), tmp_path / "ds.zarr")
+    data = open_prepared(tmp_path / "ds.zarr")
+    splits = {name: data.split(name) for name in ("train", "val", "test")}
+    joined = np.concatenate(list(splits.values()))
+    assert sorted(joined.tolist()) == list(range(40))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 24, "val": 8, "test": 8} == attrs["split_sizes"]
+    labels = np.asarray(data.labels[:])
+    for idx in splits.values():
+        assert np.all(np.diff(idx) > 0) and idx.dtype == np.int64
+        assert labels[idx].mean() == pytest.approx(0.25, abs=0.05)  # 10 of 40 positive in every split
+
+
+def test_fingerprint_matches_numpy(tmp_path: Path) -> None:
+    records = make_records(12)
+    fp = write(records, tmp_path / "ds.zarr")["fingerprint"]
+    images = np.stack([r.image for r in records]).astype(np.float64) / 255.0
+    masks = np.stack([r.mask for r in records])
+    assert np.allclose(fp["channel_mean"], images.mean(axis=(0, 1, 2)), atol=1e-9)
+    assert np.allclose(fp["channel_std"], images.std(axis=(0, 1, 2)), atol=1e-7)
+    assert fp["class_counts"] == {"neg": 9, "pos": 3}
+    freq = np.bincount(masks.ravel(), minlength=3) / masks.size
+    assert [fp["mask_class_frequencies"][c] for c in MASK_CLASSES] == pytest.approx(freq.tolist())
+
+
+def test_content_hash_deterministic_and_sensitive(tmp_path: Path) -> None:
+    records = make_records(20)
+    h1 = write(records, tmp_path / "a.zarr")["content_hash"]
+    h2 = write(records, tmp_path / "b.zarr")["content_hash"]
+    assert h1 == h2 and len(h1) == 64
+    assert compute_content_hash(tmp_path / "a.zarr") == h1
+    assert write(records, tmp_path / "c.zarr", seed=1)["content_hash"] != h1  # other split
+    changed = list(records)
+    img = changed[3].image.copy()
+    img[0, 0, 0] ^= 1
+    changed[3] = Record(changed[3].id, img, changed[3].mask, changed[3].label, changed[3].origin)
+    assert write(changed, tmp_path / "d.zarr")["content_hash"] != h1
+    # Byte-identical arrays on disk too (DVC sees no change on a re-run).
+    chunk_a = sorted(p.relative_to(tmp_path / "a.zarr") for p in (tmp_path / "a.zarr").rglob("*") if p.is_file())
+    for rel in chunk_a:
+        assert (tmp_path / "a.zarr" / rel).read_bytes() == (tmp_path / "b.zarr" / rel).read_bytes()
+
+
+class _FailingSource:
+    """A sized, lazy source that fails part-way (after some shards were written)."""
+
+    def __init__(self, records: list[Record], at: int):
+        self.records, self.at = records, at
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self):
+        for i, rec in enumerate(self.records):
+            if i == self.at:
+                raise DataError(f"{rec.origin}: boom")
+            yield rec
+
+
+def test_failed_write_leaves_nothing_and_keeps_existing_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "SHARD_BYTES", 4 * SIZE * SIZE * 3)  # shards get written before the failure
+    out = tmp_path / "prepared" / "ds.zarr"
+    records = make_records(20)
+    with pytest.raises(DataError, match="mem13: boom"):
+        write(_FailingSource(records, 13), out)
+    assert list((tmp_path / "prepared").iterdir()) == []
+    good = write(records, out)["content_hash"]
+    bad = list(records)
+    bad[5] = Record("r005", records[5].image, np.full((SIZE, SIZE), 7, np.uint8), 0, "file5.png")
+    with pytest.raises(DataError, match=r"file5\.png: mask value\(s\) \[7\] outside"):
+        write(bad, out)
+    assert [p.name for p in (tmp_path / "prepared").iterdir()] == ["ds.zarr"]
+    assert open_prepared(out).content_hash == good
+    # A new good store replaces the old one.
+    assert write(records[:10], out)["num_images"] == 10
+    assert open_prepared(out).num_images == 10 and [p.name for p in (tmp_path / "prepared").iterdir()] == ["ds.zarr"]
+
+
+@pytest.mark.parametrize("record,problem", [
+    (Record("x", np.zeros((SIZE, SIZE + 1, 3), np.uint8), np.zeros((SIZE, SIZE), np.uint8), 0, "x.png"), "image is"),
+    (Record("x", np.zeros((SIZE, SIZE, 3), np.uint8), np.zeros((SIZE, SIZE - 1), np.uint8), 0, "x.png"), "mismatch"),
+    (Record("x", np.zeros((SIZE, SIZE, 3), np.uint8), np.zeros((SIZE, SIZE), np.uint8), 2, "x.png"), "label 2"),
+    (Record("r001", np.zeros((SIZE, SIZE, 3), np.uint8), np.zeros((SIZE, SIZE), np.uint8), 0, "x.png"), "duplicate id"),
+])
+def test_record_validation(tmp_path: Path, record: Record, problem: str) -> None:
+    records = make_records(6) + [record]
+    with pytest.raises(DataError, match=problem) as err:
+        write(records, tmp_path / "ds.zarr")
+    assert "x.png" in str(err.value)
+    assert not (tmp_path / "ds.zarr").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_replace_a_non_store(tmp_path: Path) -> None:
+    (tmp_path / "ds.zarr").mkdir()
+    (tmp_path / "ds.zarr" / "precious.txt").write_text("keep")
+    with pytest.raises(DataError, match="not a zarr store; refusing"):
+        write(make_records(6), tmp_path / "ds.zarr")
+    assert (tmp_path / "ds.zarr" / "precious.txt").read_text() == "keep"
+
+
+def test_zero_records(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no images"):
+        write([], tmp_path / "ds.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_split_indices() -> None:
+    labels = np.array([0] * 16 + [1] * 4)
+    a = split_indices(labels, val=0.2, test=0.2, seed=5)
+    b = split_indices(labels, val=0.2, test=0.2, seed=5)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert [labels[a[k]].sum() for k in ("train", "val", "test")] == [2, 1, 1]
+    c = split_indices(labels, val=0.2, test=0.2, seed=6)
+    assert not all(np.array_equal(a[k], c[k]) for k in a)
+    with pytest.raises(DataError, match=r"2 image\(s\) are too few.*\['train'\] would be empty"):
+        split_indices(np.array([0, 1]), val=0.2, test=0.2, seed=0)
+    # A class with one member cannot be stratified: still a valid split.
+    d = split_indices(np.array([0] * 9 + [1]), val=0.2, test=0.2, seed=0)
+    assert sorted(np.concatenate(list(d.values())).tolist()) == list(range(10))
+
+
+def test_open_prepared_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"missing\.zarr: prepared data set not found; run `python -m pipeline.prepare`"):
+        open_prepared(tmp_path / "missing.zarr")
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(DataError, match="empty.zarr: not a readable zarr group"):
+        open_prepared(tmp_path / "empty.zarr")
+    out = tmp_path / "ds.zarr"
+    write(make_records(10), out)
+    meta = json.loads((out / "zarr.json").read_text())
+    del meta["attributes"]["content_hash"]
+    (out / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"missing attributes \['content_hash'\]"):
+        open_prepared(out)
+    write(make_records(10), out)
+    import shutil
+    shutil.rmtree(out / "labels")
+    with pytest.raises(DataError, match="missing array 'labels'"):
+        open_prepared(out)
+
+
+def test_reader_api_and_load_split(tmp_path: Path) -> None:
+    records = make_records(20)
+    write(records, tmp_path / "ds.zarr")
+    data = open_prepared(tmp_path / "ds.zarr")
+    assert isinstance(data, PreparedData)
+    assert (data.num_images, data.image_size, data.class_names, data.mask_classes) == (20, SIZE, CLASSES, MASK_CLASSES)
+    assert data.content_hash == data.attrs["content_hash"]
+    assert data.images.shape[0] == 20 and np.array_equal(data.images[4], records[4].image)
+    with pytest.raises(DataError, match="unknown split"):
+        data.split("holdout")
+    images, masks, labels, idx = load_split(tmp_path / "ds.zarr", "test")
+    assert np.array_equal(idx, data.split("test"))
+    assert np.array_equal(images, np.stack([records[i].image for i in idx]))
+    assert np.array_equal(masks, np.stack([records[i].mask for i in idx]))
+    assert labels.dtype == np.int64 and labels.tolist() == [records[i].label for i in idx]
+    first2 = load_split(data, "test", limit=2)
+    assert np.array_equal(first2[3], idx[:2]) and first2[0].shape == (2, SIZE, SIZE, 3)
+    assert load_split(data, "test", limit=0)[0].shape == (0, SIZE, SIZE, 3)
+
+
+def _read_in_child(data: PreparedData, index: int, queue: mp.Queue) -> None:
+    queue.put(np.asarray(data.images[index]).sum().item())
+
+
+def test_prepared_data_survives_fork_and_pickle(tmp_path: Path) -> None:
+    records = make_records(8)
+    write(records, tmp_path / "ds.zarr")
+    data = open_prepared(tmp_path / "ds.zarr")
+    _ = data.images[0]  # the parent holds an open handle before forking
+    clone = pickle.loads(pickle.dumps(data))
+    assert clone._group is None and np.array_equal(clone.masks[3], records[3].mask)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_read_in_child, args=(data, 5, queue))
+    proc.start()
+    got = queue.get(timeout=60)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0 and got == int(records[5].image.sum())

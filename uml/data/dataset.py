@@ -1,0 +1,182 @@
+"""The torch ``Dataset`` the training code reads: images, masks and labels from the prepared store,
+with joint image+mask augmentation (albumentations).
+
+Reproducibility of augmentation: albumentations 2 draws from generators owned by the ``Compose``
+(``Compose(seed=...)``/``set_random_seed`` give *every* transform its own generator seeded with
+the same value, so the transforms' coin flips are correlated; ``set_random_state`` shares one
+generator pair between all transforms). This dataset hands the ``Compose`` a fresh shared
+generator pair for every sample, seeded from ``(seed, epoch, rank, store index)``. The
+augmentation of an image therefore depends only on those four numbers: not on the number of
+DataLoader workers, which worker loads it, or the batch order. Call :meth:`SegClsDataset.set_epoch`
+before each epoch (in the main process, before the DataLoader's iterator is created; with
+``persistent_workers=True`` the workers would keep the old epoch). :func:`worker_init_fn` seeds
+the global ``random``/``numpy`` generators of each worker from torch's per-worker seed (which
+mixes in the worker id) for any other code that uses them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import Dataset, get_worker_info
+
+from uml.config import AugmentParams
+from uml.data.store import PreparedData, open_prepared
+from uml.errors import DataError
+
+
+def build_augmentation(params: AugmentParams | None) -> A.Compose | None:
+    """Joint image+mask training augmentation from ``data.augment`` (None when disabled or empty).
+
+    Horizontal flip, a small affine (scale, translation, rotation; linear for the image, nearest
+    for the mask, black/background outside) and colour jitter (image only).
+    """
+    if params is None or not params.enabled:
+        return None
+    transforms: list[A.BasicTransform] = []
+    if params.hflip > 0:
+        transforms.append(A.HorizontalFlip(p=params.hflip))
+    aff = params.affine
+    if aff.p > 0 and (aff.scale > 0 or aff.translate > 0 or aff.rotate > 0):
+        transforms.append(
+            A.Affine(
+                scale=(1.0 - aff.scale, 1.0 + aff.scale),
+                translate_percent=(-aff.translate, aff.translate),
+                rotate=(-aff.rotate, aff.rotate),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=0,  # background class outside the image
+                p=aff.p,
+            )
+        )
+    col = params.color
+    if col.p > 0 and (col.brightness > 0 or col.contrast > 0 or col.saturation > 0 or col.hue > 0):
+        transforms.append(
+            A.ColorJitter(brightness=col.brightness, contrast=col.contrast, saturation=col.saturation,
+                          hue=col.hue, p=col.p)
+        )
+    if not transforms:
+        return None
+    # The seed here is irrelevant: the random state is replaced for every sample.
+    return A.Compose(transforms, seed=0)
+
+
+def sample_seed(seed: int, epoch: int, rank: int, index: int) -> np.random.SeedSequence:
+    """The seed sequence of one sample's augmentation."""
+    return np.random.SeedSequence([int(seed), int(epoch), int(rank), int(index)])
+
+
+class SegClsDataset(Dataset):
+    """Images, masks and labels of ``indices`` of the prepared store at ``store_path``.
+
+    Items are ``{"image": float32 (3, H, W) in [0, 1], "mask": int64 (H, W), "label": int64 (),
+    "index": int64 ()}`` where ``index`` is the position in the store. ``augment`` (the
+    ``data.augment`` params) enables training augmentation; None or ``enabled: false`` reads the
+    images as stored.
+
+    The store is validated when the dataset is built; zarr handles are opened lazily in each
+    process and dropped when the dataset is pickled (DataLoader workers, Ray), so none is shared
+    across processes.
+    """
+
+    def __init__(self, store_path: str | os.PathLike[str], indices: Any, augment: AugmentParams | None = None,
+                 seed: int = 0):
+        self.store_path = Path(store_path)
+        data = open_prepared(self.store_path)
+        self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = data.num_images
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= n):
+            raise DataError(f"{self.store_path}: indices outside 0..{n - 1}")
+        self.class_names = data.class_names
+        self.mask_classes = data.mask_classes
+        self.image_size = data.image_size
+        # Labels are tiny: keep them in memory (also what samplers need).
+        self._all_labels = np.asarray(data.labels[:], dtype=np.int64)
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+        self.rank = 0
+        self._transform = build_augmentation(augment)
+        self._data: PreparedData | None = data
+        self._arrays: tuple[int, zarr.Array, zarr.Array] | None = None
+
+    # -- pickling / per-process handles
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_data"] = None
+        state["_arrays"] = None
+        return state
+
+    def _store_arrays(self) -> tuple[zarr.Array, zarr.Array]:
+        pid = os.getpid()
+        if self._arrays is None or self._arrays[0] != pid:
+            if self._data is None:
+                self._data = PreparedData(self.store_path)
+            self._arrays = (pid, self._data.images, self._data.masks)
+        return self._arrays[1], self._arrays[2]
+
+    # -- reproducibility
+    def set_epoch(self, epoch: int, rank: int = 0) -> None:
+        """Select the augmentation stream of ``epoch`` on distributed ``rank`` (see the module doc)."""
+        self.epoch = int(epoch)
+        self.rank = int(rank)
+
+    # -- data
+    @property
+    def labels(self) -> np.ndarray:
+        """Labels of this dataset's items, in item order."""
+        return self._all_labels[self.indices]
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        index = int(self.indices[i])
+        images, masks = self._store_arrays()
+        image = np.asarray(images[index])
+        mask = np.asarray(masks[index])
+        if self._transform is not None:
+            seq = sample_seed(self.seed, self.epoch, self.rank, index)
+            py_seed = int(seq.generate_state(1, np.uint64)[0])
+            self._transform.set_random_state(np.random.default_rng(seq), random.Random(py_seed))
+            out = self._transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0),
+            "mask": torch.from_numpy(mask.astype(np.int64)),
+            "label": torch.tensor(self._all_labels[index], dtype=torch.int64),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: per-worker global RNG seeds, fresh store handles.
+
+    torch gives each worker the seed ``base_seed + worker_id`` (``base_seed`` drawn from the main
+    process's torch generator, so it follows ``torch.manual_seed``). That seed is mixed with the
+    worker id into Python's and numpy's global generators. The dataset's own augmentation does not
+    depend on them (it is keyed per sample, see the module docstring).
+
+    It deliberately leaves OpenCV's thread settings alone: ``cv2.setNumThreads`` in a forked
+    worker whose parent already used OpenCV's thread pool can deadlock.
+    """
+    info = get_worker_info()
+    base = info.seed if info is not None else torch.initial_seed()
+    seq = np.random.SeedSequence([int(base) % (1 << 63), int(worker_id)])
+    state = seq.generate_state(2, np.uint32)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    dataset = info.dataset if info is not None else None
+    if isinstance(dataset, SegClsDataset):
+        # A forked worker inherits the parent's objects; never reuse its zarr handles.
+        dataset._arrays = None

@@ -1,0 +1,51 @@
+"""The record stream shared by every data source (synthetic generator, REFUGE and folder importers).
+
+A source yields :class:`Record` objects that are already at the prepared size; the store writer
+(:mod:`uml.data.store`) validates and writes them. Keeping this type in its own module lets the
+sources and the writer depend on it without depending on each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+# Fundus data (synthetic and REFUGE): mask class 1 is the disc rim, 2 the cup; "disc" metrics are
+# computed on rim ∪ cup downstream, as the REFUGE challenge does.
+FUNDUS_MASK_CLASSES: tuple[str, ...] = ("background", "disc", "cup")
+FUNDUS_CLASS_NAMES: tuple[str, ...] = ("non-glaucoma", "glaucoma")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One prepared example.
+
+    Attributes:
+        id: unique identifier (file stem for imported data, ``synthetic-000042`` for generated).
+        image: uint8 RGB array (H, W, 3) at the prepared size.
+        mask: uint8 array (H, W) of mask class indices.
+        label: image-level class index.
+        origin: what error messages name: the image file path, or the generator and index.
+    """
+
+    id: str
+    image: np.ndarray
+    mask: np.ndarray
+    label: int
+    origin: str
+
+
+@runtime_checkable
+class RecordSource(Protocol):
+    """A sized, re-iterable stream of records plus the names that give its indices meaning."""
+
+    name: str
+    class_names: list[str]
+    mask_classes: list[str]
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Record]: ...

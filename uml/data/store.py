@@ -1,0 +1,459 @@
+"""The prepared data set: ``data/prepared/dataset.zarr`` (DESIGN §3), its writer and its reader.
+
+Layout (zarr v3 group):
+
+* ``images`` uint8 (N, H, W, 3), ``masks`` uint8 (N, H, W): sharded, one image per inner chunk
+  (fast random access), many images per shard file (few files for DVC).
+* ``labels`` int64 (N,); ``splits/train``, ``splits/val``, ``splits/test`` int64 sorted indices
+  into N, disjoint and covering N (stratified by label, seeded).
+* attrs: ``class_names``, ``mask_classes``, ``source``, ``image_size``, ``fingerprint``
+  (``channel_mean``/``channel_std`` per RGB channel on the [0, 1] scale, ``class_counts``,
+  ``mask_class_frequencies``), ``content_hash``, plus ``format``, ``num_images``, ``ids``,
+  ``split_sizes``, ``split_fractions``, ``seed`` and source-specific ``source_info``.
+
+``content_hash`` identifies the data content (downstream stages name training runs with it). It
+is the sha256 of: a canonical JSON header (format, class names, mask classes, image size,
+number of images), sha256(images bytes), sha256(masks bytes), the labels and the split indices
+(little-endian int64, splits in train/val/test order). :func:`compute_content_hash` recomputes
+it from a store.
+
+The writer builds the store in a hidden sibling folder and renames it into place only when it is
+complete, so an interrupted or failed run leaves no half-written store, and an existing store is
+replaced only by a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sized
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from tqdm import tqdm
+from zarr.codecs import ZstdCodec
+from zarr.storage import LocalStore
+
+from uml.config import SplitParams
+from uml.data.records import Record
+from uml.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "uml-prepared/1"
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+REQUIRED_ATTRS: tuple[str, ...] = ("class_names", "mask_classes", "source", "image_size", "fingerprint", "content_hash")
+# Images per shard: about this many bytes of raw pixels per shard file.
+SHARD_BYTES = 32 * 1024 * 1024
+_RERUN = "run `python -m pipeline.prepare` first"
+
+
+# ------------------------------------------------------------------------------------- split
+def split_indices(labels: np.ndarray, *, val: float, test: float, seed: int) -> dict[str, np.ndarray]:
+    """Stratified, seeded train/val/test split of ``range(len(labels))`` (sorted index arrays).
+
+    The test set is split off first (``test`` of all images), then validation (``val`` of all
+    images) from the rest. When a class is too small to stratify on, the split falls back to
+    an unstratified one with a warning. Raises :class:`DataError` if any split would be empty.
+    """
+    labels = np.asarray(labels)
+    n = labels.shape[0]
+    # The sizes train_test_split will produce (it rounds the test part up), checked up front so
+    # that an empty split gets a clear message instead of sklearn's.
+    n_test = math.ceil(test * n)
+    rest = n - n_test
+    val_of_rest = val / (1.0 - test)
+    n_val = math.ceil(val_of_rest * rest)
+    sizes = {"train": rest - n_val, "val": n_val, "test": n_test}
+    empty = [name for name, size in sizes.items() if size <= 0]
+    if empty:
+        raise DataError(
+            f"{n} image(s) are too few for the split (val {val}, test {test}): split(s) {empty} would be empty"
+        )
+    # Imported here: scikit-learn (with scipy) takes about a second to import, and readers of
+    # the store never split.
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(n)
+
+    def two_way(idx: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            return train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels[idx])
+        except ValueError as exc:  # a class with a single member, or fewer held-out images than classes
+            log.warning("stratified split not possible (%s); splitting without stratification", exc)
+            return train_test_split(idx, test_size=fraction, random_state=seed, shuffle=True)
+
+    rest_idx, test_idx = two_way(index, test)
+    train_idx, val_idx = two_way(rest_idx, val_of_rest)
+    return {"train": np.sort(train_idx).astype(np.int64), "val": np.sort(val_idx).astype(np.int64),
+            "test": np.sort(test_idx).astype(np.int64)}
+
+
+# ------------------------------------------------------------------------------ content hash
+class _ContentHasher:
+    """Streams images and masks through sha256 while they are written."""
+
+    def __init__(self) -> None:
+        self.images = hashlib.sha256()
+        self.masks = hashlib.sha256()
+
+    def update(self, images: np.ndarray, masks: np.ndarray) -> None:
+        self.images.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+        self.masks.update(np.ascontiguousarray(masks, dtype=np.uint8).tobytes())
+
+    def hexdigest(self, *, labels: np.ndarray, splits: Mapping[str, np.ndarray], class_names: list[str],
+                  mask_classes: list[str], image_size: int) -> str:
+        header = {"format": FORMAT, "class_names": list(class_names), "mask_classes": list(mask_classes),
+                  "image_size": int(image_size), "num_images": int(labels.shape[0])}
+        h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+        h.update(self.images.digest())
+        h.update(self.masks.digest())
+        h.update(np.asarray(labels, dtype="<i8").tobytes())
+        for name in SPLIT_NAMES:
+            h.update(name.encode())
+            h.update(np.asarray(splits[name], dtype="<i8").tobytes())
+        return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ writer
+def _shard_length(image_size: int, n: int) -> int:
+    per_image = image_size * image_size * 3
+    return max(1, min(n, SHARD_BYTES // per_image))
+
+
+def _check_record(rec: Record, image_size: int, num_classes: int, num_mask_classes: int) -> None:
+    image, mask = rec.image, rec.mask
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != (image_size, image_size, 3):
+        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise DataError(f"{rec.origin}: image is {got}, expected uint8 ({image_size}, {image_size}, 3)")
+    if not isinstance(mask, np.ndarray) or mask.dtype != np.uint8 or mask.shape != (image_size, image_size):
+        got = f"{mask.dtype} {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
+        raise DataError(f"{rec.origin}: mask is {got}, expected uint8 ({image_size}, {image_size}) "
+                        "(image/mask size mismatch?)")
+    top = int(mask.max())
+    if top >= num_mask_classes:
+        bad = np.unique(mask[mask >= num_mask_classes])[:10].tolist()
+        raise DataError(f"{rec.origin}: mask value(s) {bad} outside the declared classes 0..{num_mask_classes - 1}")
+    if isinstance(rec.label, bool) or not isinstance(rec.label, (int, np.integer)) or not 0 <= rec.label < num_classes:
+        raise DataError(f"{rec.origin}: label {rec.label!r} is not a class index in 0..{num_classes - 1}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_dataset(
+    records: Iterable[Record],
+    out_path: str | os.PathLike[str],
+    *,
+    class_names: list[str],
+    mask_classes: list[str],
+    source: str,
+    image_size: int,
+    split: SplitParams | Mapping[str, float],
+    seed: int,
+    source_info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Validate ``records`` and write them as the prepared store at ``out_path``; returns its attrs.
+
+    ``split`` gives the ``val`` and ``test`` fractions. Every record is checked (shape, dtype,
+    mask values, label); the first bad one raises :class:`DataError` naming its origin, and
+    nothing is left at ``out_path`` (an existing store there is kept). The same records, split
+    and seed always give the same ``content_hash``.
+    """
+    split = split if isinstance(split, SplitParams) else SplitParams.model_validate(dict(split))
+    class_names, mask_classes = [str(c) for c in class_names], [str(c) for c in mask_classes]
+    out = Path(out_path).expanduser().absolute()
+    if not isinstance(records, Sized):
+        records = list(records)
+    n = len(records)
+    if n == 0:
+        raise DataError(f"{source}: no images to prepare (the source is empty)")
+
+    if out.exists() and not (out / "zarr.json").is_file():
+        # Never delete something that is not a store (e.g. a mistyped data.root).
+        raise DataError(f"{out}: exists and is not a zarr store; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    old = out.with_name(f".{out.name}.old")
+    for stale in (tmp, old):  # left behind by a run that was killed
+        _remove(stale)
+    try:
+        attrs = _write(records, n, tmp, class_names=class_names, mask_classes=mask_classes, source=source,
+                       image_size=image_size, split=split, seed=seed, source_info=dict(source_info or {}))
+    except BaseException:
+        _remove(tmp)
+        raise
+    # Swap in the finished store: the old one is moved aside first so a crash in between
+    # leaves a complete store at one of the two names.
+    if out.is_symlink():
+        out.unlink()
+    elif out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    _remove(old)
+    return attrs
+
+
+def _write(records: Iterable[Record], n: int, path: Path, *, class_names: list[str], mask_classes: list[str],
+           source: str, image_size: int, split: SplitParams, seed: int, source_info: dict[str, Any]) -> dict[str, Any]:
+    s = image_size
+    shard = _shard_length(s, n)
+    group = zarr.create_group(store=LocalStore(path), zarr_format=3)
+    compressors = ZstdCodec(level=3)
+    images = group.create_array("images", shape=(n, s, s, 3), dtype="uint8", chunks=(1, s, s, 3),
+                                shards=(shard, s, s, 3), compressors=compressors, dimension_names=["n", "y", "x", "c"])
+    masks = group.create_array("masks", shape=(n, s, s), dtype="uint8", chunks=(1, s, s),
+                               shards=(shard, s, s), compressors=compressors, dimension_names=["n", "y", "x"])
+
+    hasher = _ContentHasher()
+    labels = np.empty(n, np.int64)
+    ids: list[str] = []
+    seen: dict[str, str] = {}
+    channel_sum = np.zeros(3, np.float64)
+    channel_sq = np.zeros(3, np.float64)
+    mask_counts = np.zeros(len(mask_classes), np.int64)
+    block_images = np.empty((shard, s, s, 3), np.uint8)
+    block_masks = np.empty((shard, s, s), np.uint8)
+
+    i = 0
+    with tqdm(total=n, desc=f"prepare ({source})", unit="img", mininterval=1.0) as bar:
+        for rec in records:
+            if i >= n:
+                raise DataError(f"{source}: yielded more records than its declared length {n}")
+            _check_record(rec, s, len(class_names), len(mask_classes))
+            if rec.id in seen:
+                raise DataError(f"{rec.origin}: duplicate id {rec.id!r} (also {seen[rec.id]})")
+            seen[rec.id] = rec.origin
+            ids.append(rec.id)
+            labels[i] = int(rec.label)
+            pixels = rec.image.reshape(-1, 3).astype(np.float64)
+            channel_sum += pixels.sum(axis=0)
+            channel_sq += np.einsum("ij,ij->j", pixels, pixels)
+            mask_counts += np.bincount(rec.mask.ravel(), minlength=len(mask_classes))[: len(mask_classes)]
+            block_images[i % shard] = rec.image
+            block_masks[i % shard] = rec.mask
+            i += 1
+            if i % shard == 0 or i == n:
+                # Whole shards at a time: each write touches exactly one shard file.
+                start, count = (i - 1) // shard * shard, (i - 1) % shard + 1
+                images[start : start + count] = block_images[:count]
+                masks[start : start + count] = block_masks[:count]
+                hasher.update(block_images[:count], block_masks[:count])
+            bar.update(1)
+    if i != n:
+        raise DataError(f"{source}: yielded {i} records, expected {n}")
+
+    group.create_array("labels", data=labels, chunks=(n,), compressors=None, dimension_names=["n"])
+    splits = split_indices(labels, val=split.val, test=split.test, seed=seed)
+    for name in SPLIT_NAMES:
+        group.create_array(f"splits/{name}", data=splits[name], chunks=(max(1, splits[name].shape[0]),),
+                           compressors=None, dimension_names=["i"])
+
+    num_pixels = float(n) * s * s
+    mean = channel_sum / num_pixels
+    std = np.sqrt(np.maximum(channel_sq / num_pixels - mean**2, 0.0))
+    fingerprint = {
+        "channel_mean": (mean / 255.0).tolist(),
+        "channel_std": (std / 255.0).tolist(),
+        "class_counts": {name: int((labels == k).sum()) for k, name in enumerate(class_names)},
+        "mask_class_frequencies": {name: float(mask_counts[c] / num_pixels) for c, name in enumerate(mask_classes)},
+    }
+    attrs: dict[str, Any] = {
+        "format": FORMAT,
+        "class_names": class_names,
+        "mask_classes": mask_classes,
+        "source": source,
+        "source_info": source_info,
+        "image_size": int(s),
+        "num_images": int(n),
+        "seed": int(seed),
+        "split_fractions": {"val": float(split.val), "test": float(split.test)},
+        "split_sizes": {name: int(splits[name].shape[0]) for name in SPLIT_NAMES},
+        "fingerprint": fingerprint,
+        "content_hash": hasher.hexdigest(labels=labels, splits=splits, class_names=class_names,
+                                         mask_classes=mask_classes, image_size=s),
+        "ids": ids,
+    }
+    group.update_attributes(attrs)
+    return attrs
+
+
+# ------------------------------------------------------------------------------------ reader
+class PreparedData:
+    """A validated, read-only view of a prepared store.
+
+    ``images``, ``masks`` and ``labels`` are zarr arrays (read on indexing). The zarr handle is
+    opened lazily and re-opened in a new process (e.g. a forked DataLoader worker) and dropped
+    when pickled, so a handle is never shared across processes.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path).expanduser().absolute()
+        self._group: zarr.Group | None = None
+        self._arrays: dict[str, zarr.Array] = {}
+        self._pid: int | None = None
+        group = self._open()
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        self._validate(group)
+        self._splits = {name: np.asarray(group[f"splits/{name}"][:], dtype=np.int64) for name in SPLIT_NAMES}
+        self._validate_splits()
+
+    # -- handle management
+    def _open(self) -> zarr.Group:
+        if self._group is None or self._pid != os.getpid():
+            try:
+                group = zarr.open_group(store=LocalStore(self.path, read_only=True), mode="r")
+            except (FileNotFoundError, zarr.errors.BaseZarrError, ValueError, OSError) as exc:
+                raise DataError(f"{self.path}: not a readable zarr group ({exc}); {_RERUN}") from None
+            self._group, self._arrays, self._pid = group, {}, os.getpid()
+        return self._group
+
+    def _array(self, name: str) -> zarr.Array:
+        # Cached per process: looking a member up re-reads its metadata from disk every time.
+        group = self._open()
+        if name not in self._arrays:
+            self._arrays[name] = group[name]
+        return self._arrays[name]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_group"] = None
+        state["_arrays"] = {}
+        state["_pid"] = None
+        return state
+
+    # -- validation
+    def _fail(self, problem: str) -> DataError:
+        return DataError(f"{self.path}: {problem}; re-run `python -m pipeline.prepare`")
+
+    def _validate(self, group: zarr.Group) -> None:
+        if group.metadata.zarr_format != 3:
+            raise self._fail(f"zarr format {group.metadata.zarr_format}, expected 3")
+        missing = [k for k in REQUIRED_ATTRS if k not in self.attrs]
+        if missing:
+            raise self._fail(f"missing attributes {missing}")
+        members = set(group.array_keys())
+        expected = {"images": ("uint8", 4), "masks": ("uint8", 3), "labels": ("int64", 1)}
+        for name, (dtype, ndim) in expected.items():
+            if name not in members:
+                raise self._fail(f"missing array '{name}'")
+            arr = group[name]
+            if str(arr.dtype) != dtype or arr.ndim != ndim:
+                raise self._fail(f"array '{name}' is {arr.dtype} with {arr.ndim} dims, expected {dtype} with {ndim}")
+        n, s = group["images"].shape[0], int(self.attrs["image_size"])
+        if group["images"].shape != (n, s, s, 3):
+            raise self._fail(f"images have shape {group['images'].shape}, expected ({n}, {s}, {s}, 3)")
+        if group["masks"].shape != (n, s, s) or group["labels"].shape != (n,):
+            raise self._fail(f"masks {group['masks'].shape} / labels {group['labels'].shape} do not match "
+                             f"{n} images of {s}x{s}")
+        if "splits" not in set(group.group_keys()):
+            raise self._fail("missing group 'splits'")
+        split_members = set(group["splits"].array_keys())
+        for name in SPLIT_NAMES:
+            if name not in split_members:
+                raise self._fail(f"missing array 'splits/{name}'")
+
+    def _validate_splits(self) -> None:
+        n = self.num_images
+        joined = np.concatenate([self._splits[name] for name in SPLIT_NAMES])
+        if joined.shape[0] != n or not np.array_equal(np.sort(joined), np.arange(n)):
+            raise self._fail("splits are not disjoint or do not cover all images")
+        for name in SPLIT_NAMES:
+            if self._splits[name].shape[0] == 0:
+                raise self._fail(f"split '{name}' is empty")
+
+    # -- data
+    @property
+    def images(self) -> zarr.Array:
+        return self._array("images")
+
+    @property
+    def masks(self) -> zarr.Array:
+        return self._array("masks")
+
+    @property
+    def labels(self) -> zarr.Array:
+        return self._array("labels")
+
+    def split(self, name: str) -> np.ndarray:
+        """Sorted int64 indices of split ``name`` (``train``, ``val`` or ``test``)."""
+        if name not in self._splits:
+            raise DataError(f"{self.path}: unknown split {name!r}; the splits are {list(SPLIT_NAMES)}")
+        return self._splits[name].copy()
+
+    # -- metadata
+    @property
+    def num_images(self) -> int:
+        return int(self.attrs["num_images"]) if "num_images" in self.attrs else int(self.images.shape[0])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    @property
+    def mask_classes(self) -> list[str]:
+        return list(self.attrs["mask_classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.attrs["image_size"])
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.attrs["content_hash"])
+
+    @property
+    def ids(self) -> list[str]:
+        """Per-image identifiers (file stems for imported data)."""
+        return list(self.attrs.get("ids", [str(i) for i in range(self.num_images)]))
+
+    def __repr__(self) -> str:
+        sizes = {name: int(self._splits[name].shape[0]) for name in SPLIT_NAMES}
+        return f"PreparedData({str(self.path)!r}, n={self.num_images}, size={self.image_size}, splits={sizes})"
+
+
+def open_prepared(path: str | os.PathLike[str]) -> PreparedData:
+    """Open and validate the prepared store at ``path`` (a :class:`DataError` says what is wrong)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise DataError(f"{p}: prepared data set not found; {_RERUN}")
+    return PreparedData(p)
+
+
+def load_split(path: str | os.PathLike[str] | PreparedData, name: str,
+               limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Read a whole split into memory: ``(images (n,H,W,3) uint8, masks (n,H,W) uint8, labels (n,)
+    int64, indices (n,) int64)``, the first ``limit`` images of the split when given."""
+    data = path if isinstance(path, PreparedData) else open_prepared(path)
+    idx = data.split(name)
+    if limit is not None:
+        idx = idx[: max(0, int(limit))]
+    if idx.shape[0] == 0:
+        s = data.image_size
+        return (np.empty((0, s, s, 3), np.uint8), np.empty((0, s, s), np.uint8), np.empty(0, np.int64), idx)
+    images = np.asarray(data.images.get_orthogonal_selection((idx,)))
+    masks = np.asarray(data.masks.get_orthogonal_selection((idx,)))
+    labels = np.asarray(data.labels[:], dtype=np.int64)[idx]
+    return images, masks, labels, idx
+
+
+def compute_content_hash(path: str | os.PathLike[str] | PreparedData, block: int = 256) -> str:
+    """Recompute ``content_hash`` from the arrays of a store (integrity check; equals the attr)."""
+    data = path if isinstance(path, PreparedData) else open_prepared(path)
+    hasher = _ContentHasher()
+    n = data.num_images
+    for start in range(0, n, block):
+        hasher.update(np.asarray(data.images[start : start + block]), np.asarray(data.masks[start : start + block]))
+    splits = {name: data.split(name) for name in SPLIT_NAMES}
+    return hasher.hexdigest(labels=np.asarray(data.labels[:]), splits=splits, class_names=data.class_names,
+                            mask_classes=data.mask_classes, image_size=data.image_size)
