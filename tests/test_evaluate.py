@@ -1,0 +1,252 @@
+"""uml.evaluate with a tiny exported ONNX model whose every output is predictable (tests/toy_onnx.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+from tests.toy_onnx import RATIOS, export_toy, fundus_set
+from uml import metrics
+from uml.config import EvaluateParams, Paths, parse_params
+from uml.errors import ModelFileError
+from uml.evaluate import evaluate, evaluate_arrays
+from uml.predict import OnnxModel
+
+# Few noise levels keep the module fast; the keys for each are still all checked.
+CFG = EvaluateParams(batch_size=8, gaussian_sigmas=[0.05, 0.2], salt_pepper_amounts=[0.1], num_panels=3)
+ROBUST = ["gaussian_0.05", "gaussian_0.2", "salt_pepper_0.1"]
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory) -> Path:
+    return export_toy(tmp_path_factory.mktemp("toy") / "models").parent
+
+
+@pytest.fixture(scope="module")
+def data():
+    return fundus_set()
+
+
+@pytest.fixture(scope="module")
+def evaluated(toy_dir, data, tmp_path_factory):
+    plots_dir = tmp_path_factory.mktemp("plots")
+    images, masks, labels = data
+    return evaluate_arrays(OnnxModel(toy_dir / "model.onnx"), images, masks, labels, CFG, plots_dir=plots_dir), plots_dir
+
+
+def test_metric_values_on_the_toy_model(evaluated, data):
+    result, _ = evaluated
+    _, masks, labels = data
+    # The two images nearest the 0.5 ratio threshold carry flipped labels: 18 / 20 correct,
+    # one false negative and one false positive among 10 + 10.
+    assert result["cls/acc"] == pytest.approx(0.9)
+    assert result["cls/sensitivity"] == pytest.approx(0.9)
+    assert result["cls/specificity"] == pytest.approx(0.9)
+    assert result["cls/f1"] == pytest.approx(0.9)
+    assert result["cls/kappa"] == pytest.approx(0.8)
+    # The toy's probability is monotonic in the ratio: the flipped pair is the one discordant pair.
+    assert result["cls/auc"] == pytest.approx(0.99)
+    assert 0.0 < result["cls/ece"] < 0.5
+    # Perfect segmentation of noise-free images.
+    for s in ("disc", "cup"):
+        assert result[f"seg/dice_{s}"] == 1.0
+        assert result[f"seg/assd_{s}"] == 0.0
+        assert result[f"seg/hd95_{s}"] == 0.0
+        assert result[f"seg/dist_undefined_{s}"] == 0.0
+    assert result["clinical/vcdr_mae"] == 0.0
+    gt_vcdr = [metrics.vertical_cdr(m) for m in masks]
+    assert result["clinical/vcdr_auc"] == pytest.approx(roc_auc_score(labels, gt_vcdr))
+    # The mistakes are the most uncertain images: uncertainty finds them all, referral removes them.
+    assert result["unc/error_auroc"] == 1.0
+    for pct in (10, 20, 30):
+        assert result[f"unc/referral_acc_{pct}"] == 1.0
+    assert 0.0 < result["unc/mean_class_uncertainty"] < 1.0
+    assert 0.0 < result["unc/mean_pixel_uncertainty"] < 0.2
+    # No pixel errors at all: the pixel AUROC is undefined, not invented.
+    assert np.isnan(result["unc/pixel_error_auroc"])
+
+
+def test_robustness_keys_and_trends(evaluated):
+    result, _ = evaluated
+    for level in ROBUST:
+        for key in ("cls/acc", "cls/auc", "seg/dice_disc", "seg/dice_cup", "unc/mean_class_uncertainty", "unc/mean_pixel_uncertainty"):
+            assert f"robust/{level}/{key}" in result
+    # Strong noise hurts the cup (whose brightness margin is smallest) and raises uncertainty.
+    assert result["robust/gaussian_0.2/seg/dice_cup"] < result["robust/gaussian_0.05/seg/dice_cup"] <= 1.0
+    assert result["robust/gaussian_0.2/seg/dice_cup"] < 0.95
+    assert result["robust/gaussian_0.2/unc/mean_pixel_uncertainty"] > result["unc/mean_pixel_uncertainty"]
+    assert result["robust/gaussian_0.2/unc/mean_class_uncertainty"] > result["unc/mean_class_uncertainty"]
+    assert result["robust/salt_pepper_0.1/seg/dice_cup"] < 0.95
+
+
+def test_noise_is_deterministic_and_independent_of_batch_size(toy_dir, data, evaluated):
+    result, _ = evaluated
+    cfg = CFG.model_copy(update={"batch_size": 3, "num_panels": 0})
+    again = evaluate_arrays(OnnxModel(toy_dir / "model.onnx"), *data, cfg)
+    assert again.keys() == result.keys()
+    for key, value in result.items():
+        assert again[key] == pytest.approx(value, nan_ok=True), key
+    other_seed = evaluate_arrays(OnnxModel(toy_dir / "model.onnx"), *data, cfg.model_copy(update={"seed": 1}))
+    assert other_seed["robust/gaussian_0.2/seg/dice_cup"] != result["robust/gaussian_0.2/seg/dice_cup"]
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_plot_files(evaluated, data):
+    result, plots_dir = evaluated
+    names = {"roc.csv", "roc.png", "reliability.csv", "reliability.png", "referral.csv", "referral.png",
+             "robustness_gaussian.csv", "robustness_salt_pepper.csv", "robustness.png"}
+    for name in names:
+        assert (plots_dir / name).stat().st_size > 100, name
+    assert sorted(p.name for p in (plots_dir / "panels").iterdir()) == ["case_000.png", "case_010.png", "case_019.png"]
+
+    roc = _read_csv(plots_dir / "roc.csv")
+    fpr, tpr = np.array([float(r["fpr"]) for r in roc]), np.array([float(r["tpr"]) for r in roc])
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(result["cls/auc"])
+    assert all(0.0 <= float(r["threshold"]) <= 1.0 for r in roc)
+
+    reliability = _read_csv(plots_dir / "reliability.csv")
+    assert sum(int(r["count"]) for r in reliability) == len(RATIOS)
+
+    referral = _read_csv(plots_dir / "referral.csv")
+    assert float(referral[0]["referred_fraction"]) == 0.0
+    assert float(referral[0]["accuracy"]) == pytest.approx(result["cls/acc"])
+
+    gaussian = _read_csv(plots_dir / "robustness_gaussian.csv")
+    assert [float(r["level"]) for r in gaussian] == [0.0, 0.05, 0.2]
+    assert float(gaussian[-1]["seg_dice_cup"]) == pytest.approx(result["robust/gaussian_0.2/seg/dice_cup"])
+    assert set(gaussian[0]) == {"level", "cls_acc", "cls_auc", "seg_dice_disc", "seg_dice_cup",
+                                "unc_mean_class_uncertainty", "unc_mean_pixel_uncertainty"}
+
+
+def test_pixel_uncertainty_flags_boundary_errors(toy_dir, data):
+    # Blurring makes boundary pixels ambiguous: some are misclassified, and exactly those are uncertain.
+    images, masks, labels = data
+    blurred = np.stack([ndimage.gaussian_filter(im.astype(np.float32), sigma=(1.2, 1.2, 0)) for im in images])
+    cfg = CFG.model_copy(update={"gaussian_sigmas": [], "salt_pepper_amounts": [], "num_panels": 0})
+    result = evaluate_arrays(OnnxModel(toy_dir / "model.onnx"), blurred.round().astype(np.uint8), masks, labels, cfg)
+    assert result["unc/pixel_error_auroc"] > 0.9
+    assert 0.9 < result["seg/dice_disc"] < 1.0
+    assert 0.5 <= result["seg/hd95_disc"] <= 2.0  # boundaries move by about a pixel
+    assert not any(k.startswith("robust/") for k in result)
+
+
+@pytest.mark.parametrize("tasks", [("seg",), ("cls",)])
+def test_single_task_models_get_the_metrics_they_allow(tasks, data, tmp_path):
+    model = OnnxModel(export_toy(tmp_path / "models", tasks=tasks))
+    result = evaluate_arrays(model, *data, CFG, plots_dir=tmp_path / "plots")
+    has_cls = any(k.startswith("cls/") for k in result)
+    has_seg = any(k.startswith("seg/") for k in result)
+    assert (has_cls, has_seg) == ("cls" in tasks, "seg" in tasks)
+    assert ("clinical/vcdr_mae" in result) == ("seg" in tasks)
+    assert ("unc/error_auroc" in result) == ("cls" in tasks)
+    assert ("unc/mean_pixel_uncertainty" in result) == ("seg" in tasks)
+    assert ("robust/gaussian_0.2/cls/acc" in result) == ("cls" in tasks)
+    assert ("robust/gaussian_0.2/seg/dice_cup" in result) == ("seg" in tasks)
+    assert (tmp_path / "plots" / "roc.csv").exists() == ("cls" in tasks)
+    assert (tmp_path / "plots" / "robustness_gaussian.csv").exists()
+    assert len(list((tmp_path / "plots" / "panels").glob("*.png"))) == 3
+
+
+# --------------------------------------------------------------------------- model checks
+def _model_error(folder: Path) -> str:
+    with pytest.raises(ModelFileError) as info:
+        OnnxModel(folder / "model.onnx")
+    return str(info.value)
+
+
+def test_model_file_errors(tmp_path, toy_dir):
+    assert "model file not found" in _model_error(tmp_path / "nothing")
+
+    no_meta = tmp_path / "no_meta"
+    no_meta.mkdir()
+    shutil.copy(toy_dir / "model.onnx", no_meta / "model.onnx")
+    message = _model_error(no_meta)
+    assert "metadata.json" in message and "not found" in message
+
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "model.onnx").write_text("not a model")
+    shutil.copy(toy_dir / "metadata.json", text / "metadata.json")
+    message = _model_error(text)
+    assert str(text / "model.onnx") in message and "not a loadable ONNX model" in message
+
+    wrong_input = tmp_path / "wrong_input"
+    export_toy(wrong_input, input_name="input")
+    assert "expected one input named 'image'" in _model_error(wrong_input)
+
+    wrong_outputs = tmp_path / "wrong_outputs"
+    export_toy(wrong_outputs, names=["logits", "u", "seg", "seg_u"])
+    assert "neither 'class_prob' nor 'seg_prob'" in _model_error(wrong_outputs)
+
+    meta_mismatch = tmp_path / "meta_mismatch"
+    export_toy(meta_mismatch, tasks=("seg",))
+    meta = json.loads((toy_dir / "metadata.json").read_text())
+    (meta_mismatch / "metadata.json").write_text(json.dumps(meta))  # declares class outputs too
+    assert "class_prob" in _model_error(meta_mismatch)
+
+    wrong_size = tmp_path / "wrong_size"
+    export_toy(wrong_size)
+    meta["preprocessing"]["image_size"] = 128
+    (wrong_size / "metadata.json").write_text(json.dumps(meta))
+    # The export fixes H and W, so a metadata size that disagrees is caught.
+    assert "image_size 128" in _model_error(wrong_size)
+
+
+# ---------------------------------------------------------------------------------- stage
+def _prepared_root(tmp_path: Path, toy_dir: Path, data) -> Path:
+    from uml.data.records import Record
+    from uml.data.store import write_dataset
+
+    images, masks, labels = data
+    root = tmp_path / "data"
+    records = [Record(id=f"toy-{i:02d}", image=im, mask=m, label=int(y), origin=f"toy #{i}")
+               for i, (im, m, y) in enumerate(zip(images, masks, labels))]
+    write_dataset(records, root / "prepared" / "dataset.zarr", class_names=["non-glaucoma", "glaucoma"],
+                  mask_classes=["background", "disc", "cup"], source="toy", image_size=64,
+                  split={"val": 0.2, "test": 0.5}, seed=0)
+    shutil.copytree(toy_dir, root / "models")
+    return root
+
+
+def test_stage_writes_flat_metrics_json_and_plots(tmp_path, toy_dir, data):
+    root = _prepared_root(tmp_path, toy_dir, data)
+    params = parse_params({"data": {"root": str(root)}, "evaluate": {"batch_size": 4, "gaussian_sigmas": [0.1],
+                                                                    "salt_pepper_amounts": [0.05], "num_panels": 2}})
+    paths = Paths(params)
+    paths.plots.mkdir(parents=True)
+    (paths.plots / "stale.csv").write_text("x\n1\n")
+
+    returned = evaluate(params)
+    written = json.loads(paths.metrics.read_text())
+    assert written == returned
+    assert all(isinstance(k, str) and (v is None or isinstance(v, float)) for k, v in written.items())
+    assert written["unc/pixel_error_auroc"] is None  # nan -> null
+    assert written["seg/dice_disc"] == 1.0
+    assert "robust/gaussian_0.1/cls/acc" in written and "robust/salt_pepper_0.05/seg/dice_cup" in written
+    assert not (paths.plots / "stale.csv").exists()
+    assert (paths.plots / "roc.csv").exists() and len(list((paths.plots / "panels").glob("*.png"))) == 2
+
+
+def test_stage_entry_point_reports_a_missing_model(tmp_path, toy_dir, data, capsys):
+    from pipeline.evaluate import evaluate as stage_fn
+    from uml.stage import run_stage
+
+    root = _prepared_root(tmp_path, toy_dir, data)
+    (root / "models" / "model.onnx").unlink()
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(f"data:\n  root: {root}\n")
+    assert run_stage("evaluate", "test", stage_fn, ["--params", str(params_file)]) == 1
+    err = capsys.readouterr().err
+    assert "evaluate: error:" in err and str(root / "models" / "model.onnx") in err

@@ -1,0 +1,229 @@
+"""uml.metrics against scikit-learn, brute force and hand-made cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+from sklearn.metrics import cohen_kappa_score, f1_score, recall_score, roc_auc_score
+
+from uml import metrics
+
+
+@pytest.fixture
+def binary_case() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 200)
+    # Informative but imperfect scores.
+    p1 = np.clip(0.5 + 0.3 * (labels - 0.5) + rng.normal(0, 0.25, 200), 0.01, 0.99)
+    return labels, np.stack([1 - p1, p1], axis=1)
+
+
+# ------------------------------------------------------------------------ classification
+def test_classification_metrics_agree_with_sklearn(binary_case):
+    labels, prob = binary_case
+    pred = prob.argmax(1)
+    got = metrics.classification_metrics(labels, prob, positive=1, bins=10)
+    assert set(got) == {"acc", "auc", "kappa", "sensitivity", "specificity", "f1", "ece"}
+    assert got["acc"] == pytest.approx(np.mean(pred == labels))
+    assert got["auc"] == pytest.approx(roc_auc_score(labels, prob[:, 1]))
+    assert got["kappa"] == pytest.approx(cohen_kappa_score(labels, pred))
+    assert got["sensitivity"] == pytest.approx(recall_score(labels, pred, pos_label=1))
+    assert got["specificity"] == pytest.approx(recall_score(labels, pred, pos_label=0))
+    assert got["f1"] == pytest.approx(f1_score(labels, pred))
+    assert 0.0 < got["ece"] < 1.0
+    # Sanity of the case itself: informative, not perfect.
+    assert 0.6 < got["auc"] < 0.99
+
+
+def test_positive_class_index_is_honoured(binary_case):
+    labels, prob = binary_case
+    pred = prob.argmax(1)
+    # Class 0 as "positive": sensitivity and specificity swap, AUC is computed on prob[:, 0].
+    assert metrics.sensitivity(labels, pred, positive=0) == pytest.approx(metrics.specificity(labels, pred, positive=1))
+    assert metrics.auc(labels, prob, positive=0) == pytest.approx(roc_auc_score(labels == 0, prob[:, 0]))
+    assert metrics.f1(labels, pred, positive=0) == pytest.approx(f1_score(labels, pred, pos_label=0))
+
+
+def test_hand_made_confusion():
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    pred = np.array([1, 1, 1, 0, 0, 0, 0, 0, 1, 1])
+    assert metrics.acc(labels, pred) == pytest.approx(0.7)
+    assert metrics.sensitivity(labels, pred) == pytest.approx(3 / 4)
+    assert metrics.specificity(labels, pred) == pytest.approx(4 / 6)
+    assert metrics.f1(labels, pred) == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))
+
+
+def test_multiclass_auc_and_f1_follow_sklearn():
+    rng = np.random.default_rng(0)
+    labels = np.tile([0, 1, 2], 30)
+    logits = rng.normal(size=(90, 3)) + 2.0 * np.eye(3)[labels]
+    prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert metrics.auc(labels, prob) == pytest.approx(roc_auc_score(labels, prob, multi_class="ovr"))
+    pred = prob.argmax(1)
+    assert metrics.f1(labels, pred, num_classes=3) == pytest.approx(f1_score(labels, pred, average="macro"))
+
+
+def test_undefined_classification_metrics_are_nan():
+    labels = np.zeros(5, dtype=int)
+    prob = np.tile([0.7, 0.3], (5, 1))
+    assert math.isnan(metrics.auc(labels, prob))
+    assert math.isnan(metrics.sensitivity(labels, prob.argmax(1)))  # no positives
+    assert metrics.specificity(labels, prob.argmax(1)) == 1.0
+    assert math.isnan(metrics.kappa(labels, prob.argmax(1)))
+
+
+def test_ece_of_a_perfectly_calibrated_set_is_zero():
+    # In each confidence level c, exactly a fraction c of the predictions is right.
+    labels, prob = [], []
+    for conf, n in ((0.65, 20), (0.75, 40), (0.85, 20), (0.95, 100)):
+        right = int(round(conf * n))
+        for i in range(n):
+            prob.append([1 - conf, conf])  # predicts class 1
+            labels.append(1 if i < right else 0)
+    assert metrics.ece(np.array(labels), np.array(prob), bins=10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ece_of_confident_mistakes_is_the_confidence():
+    labels = np.zeros(10, dtype=int)
+    prob = np.tile([0.1, 0.9], (10, 1))
+    assert metrics.ece(labels, prob, bins=10) == pytest.approx(0.9)
+
+
+def test_reliability_bins_are_equal_width_and_right_closed():
+    labels = np.array([1, 1, 0, 1])
+    prob = np.array([[0.3, 0.7], [0.3, 0.7], [0.35, 0.65], [0.05, 0.95]])
+    stats = metrics.reliability_diagram(labels, prob, bins=10)
+    np.testing.assert_allclose(stats["lower"], np.arange(10) / 10)
+    # 0.7 belongs to (0.6, 0.7], so bin 6 holds 0.65 and both 0.7s.
+    assert stats["count"].tolist() == [0, 0, 0, 0, 0, 0, 3, 0, 0, 1]
+    assert stats["confidence"][6] == pytest.approx((0.7 + 0.7 + 0.65) / 3)
+    assert stats["accuracy"][6] == pytest.approx(2 / 3)
+    assert stats["accuracy"][9] == 1.0
+    assert np.isnan(stats["accuracy"][0])
+    expected_ece = (3 * abs(2 / 3 - 2.05 / 3) + 1 * abs(1 - 0.95)) / 4
+    assert metrics.ece(labels, prob, bins=10) == pytest.approx(expected_ece)
+
+
+# --------------------------------------------------------------------------- segmentation
+def square(size: int = 64, top: int = 20, left: int = 20, side: int = 16) -> np.ndarray:
+    mask = np.zeros((size, size), bool)
+    mask[top : top + side, left : left + side] = True
+    return mask
+
+
+def test_dice_identical_disjoint_and_partial():
+    a = square()
+    assert metrics.dice(a, a) == 1.0
+    assert metrics.dice(a, square(left=40)) == 0.0
+    # Shifted by half its side: half the pixels overlap.
+    assert metrics.dice(a, square(left=28)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_hd95_of_a_shifted_square_is_the_shift(k):
+    a = square()
+    assert metrics.hd95(a, square(left=20 + k)) == pytest.approx(k)
+    assert metrics.hd95(a, square(top=20 + k)) == pytest.approx(k)
+    assert metrics.hd95(a, a) == 0.0
+    assert metrics.assd(a, a) == 0.0
+
+
+def _brute_force_surface(mask: np.ndarray) -> np.ndarray:
+    # A foreground pixel is on the surface when a 4-neighbour (or the image border) is background.
+    padded = np.pad(mask, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return np.argwhere(mask & ~interior)
+
+
+def test_surface_distances_match_brute_force():
+    yy, xx = np.mgrid[:48, :48]
+    a = (yy - 20) ** 2 / 120 + (xx - 24) ** 2 / 60 <= 1
+    b = ((yy - 26) ** 2 + (xx - 21) ** 2 <= 81) | ((yy > 40) & (xx < 8))  # two components, one on the border
+    d = cdist(_brute_force_surface(a), _brute_force_surface(b))
+    a_to_b, b_to_a = d.min(axis=1), d.min(axis=0)
+    assert metrics.assd(a, b) == pytest.approx((a_to_b.mean() + b_to_a.mean()) / 2)
+    assert metrics.hd95(a, b) == pytest.approx(max(np.percentile(a_to_b, 95), np.percentile(b_to_a, 95)))
+    # Spacing scales distances.
+    assert metrics.hd95(square(), square(left=23), spacing=(0.5, 0.5)) == pytest.approx(1.5)
+
+
+def test_empty_mask_conventions():
+    empty, a = np.zeros((32, 32), bool), square(32, 8, 8, 8)
+    assert metrics.dice(empty, empty) == 1.0
+    assert metrics.assd(empty, empty) == 0.0 and metrics.hd95(empty, empty) == 0.0
+    assert metrics.dice(a, empty) == 0.0 and metrics.dice(empty, a) == 0.0
+    assert math.isnan(metrics.assd(a, empty)) and math.isnan(metrics.hd95(empty, a))
+
+
+def test_fundus_structures_follow_refuge():
+    mask = np.array([[0, 1, 2, 2]])
+    s = metrics.structures(["background", "disc", "cup"])
+    assert s["disc"](mask).tolist() == [[False, True, True, True]]  # rim ∪ cup
+    assert s["cup"](mask).tolist() == [[False, False, True, True]]
+    other = metrics.structures(["background", "tumour", "oedema"])
+    assert list(other) == ["tumour", "oedema"]
+    assert other["tumour"](mask).tolist() == [[False, True, False, False]]
+
+
+# ------------------------------------------------------------------------------ clinical
+def ellipse(shape: tuple[int, int], ry: float, rx: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    cy, cx = (shape[0] - 1) / 2, (shape[1] - 1) / 2
+    return (yy - cy) ** 2 / ry**2 + (xx - cx) ** 2 / rx**2 <= 1
+
+
+@pytest.mark.parametrize(("disc_ry", "cup_ry"), [(40, 16), (40, 28), (30, 6)])
+def test_vcdr_of_an_ellipse_pair_is_the_ratio_of_vertical_radii(disc_ry, cup_ry):
+    mask = np.zeros((101, 101), np.uint8)
+    mask[ellipse(mask.shape, disc_ry, 35)] = 1
+    mask[ellipse(mask.shape, cup_ry, 30)] = 2  # the cup is wider than tall: only rows count
+    # Rasterised extents are 2r + 1 rows, hence the 1 / disc_ry tolerance.
+    assert metrics.vertical_cdr(mask) == pytest.approx(cup_ry / disc_ry, abs=1 / disc_ry)
+
+
+def test_vcdr_edge_cases_and_aggregates():
+    disc_only = np.zeros((20, 20), np.uint8)
+    disc_only[5:15, 5:15] = 1
+    assert metrics.vertical_cdr(disc_only) == 0.0
+    assert math.isnan(metrics.vertical_cdr(np.zeros((20, 20), np.uint8)))
+    assert metrics.vcdr_mae(np.array([0.5, np.nan, 0.2]), np.array([0.4, 0.3, 0.5])) == pytest.approx(0.2)
+    labels = np.array([0, 0, 1, 1, 1])
+    vcdr = np.array([0.3, 0.4, 0.7, np.nan, 0.35])  # the nan case is left out
+    assert metrics.vcdr_auc(labels, vcdr) == pytest.approx(roc_auc_score([0, 0, 1, 1], [0.3, 0.4, 0.7, 0.35]))
+
+
+# --------------------------------------------------------------------------- uncertainty
+def test_error_auroc():
+    error = np.array([False, False, True, False, True])
+    assert metrics.error_auroc(np.array([0.1, 0.2, 0.9, 0.3, 0.8]), error) == 1.0
+    assert metrics.error_auroc(np.array([0.9, 0.8, 0.1, 0.7, 0.2]), error) == 0.0
+    u = np.array([0.5, 0.1, 0.4, 0.6, 0.3])
+    assert metrics.error_auroc(u, error) == pytest.approx(roc_auc_score(error, u))
+    assert math.isnan(metrics.error_auroc(u, np.zeros(5, bool)))
+
+
+def test_pixel_error_auroc_subsamples_deterministically():
+    rng = np.random.default_rng(1)
+    error = rng.random((8, 64, 64)) < 0.1
+    uncertainty = np.where(error, rng.beta(4, 2, error.shape), rng.beta(2, 4, error.shape))
+    full = roc_auc_score(error.ravel(), uncertainty.ravel())
+    assert metrics.pixel_error_auroc(uncertainty, error) == pytest.approx(full)
+    small = metrics.pixel_error_auroc(uncertainty, error, max_pixels=5000, seed=7)
+    assert small == metrics.pixel_error_auroc(uncertainty, error, max_pixels=5000, seed=7)
+    assert small == pytest.approx(full, abs=0.03)
+
+
+def test_referral_accuracy():
+    correct = np.array([True, True, False, True, False])
+    uncertainty = np.array([0.1, 0.2, 0.9, 0.3, 0.8])
+    assert metrics.referral_acc(correct, uncertainty, 0.0) == pytest.approx(0.6)
+    assert metrics.referral_acc(correct, uncertainty, 0.2) == pytest.approx(0.75)  # refers the 0.9
+    assert metrics.referral_acc(correct, uncertainty, 0.4) == 1.0
+    curve = metrics.referral_curve(correct, uncertainty, [0.0, 0.2, 0.4, 0.8])
+    assert curve["retained"].tolist() == [5, 4, 3, 1]
+    np.testing.assert_allclose(curve["accuracy"], [0.6, 0.75, 1.0, 1.0])
+    # Ties are broken by position: referring 1 of two equally uncertain cases keeps the first.
+    assert metrics.referral_acc(np.array([True, False]), np.array([0.5, 0.5]), 0.5) == 1.0

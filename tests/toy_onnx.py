@@ -1,0 +1,128 @@
+"""A tiny deterministic model with the ONNX export contract, and matching fundus-like test data.
+
+The toy model reads pixel brightness (channel mean) ``b``: background below 0.45, disc rim
+between 0.45 and 0.75, cup above 0.75, with evidence growing with the distance from those
+thresholds (so pixels near a threshold are uncertain). Its glaucoma evidence grows with
+``sqrt(cup area / disc area) - 0.5`` (the cup-to-disc radius ratio for circles). On the images of
+:func:`fundus_set` it therefore segments perfectly and classifies by the drawn cup/disc ratio,
+which makes every metric predictable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+BACKGROUND = (0.30, 0.20, 0.10)  # channel mean 0.2
+RIM = (0.80, 0.60, 0.40)  # 0.6
+CUP = (1.00, 0.90, 0.80)  # 0.9
+CLASS_NAMES = ["non-glaucoma", "glaucoma"]
+MASK_CLASSES = ["background", "disc", "cup"]
+# Cup/disc radius ratios of the 20 test images; 0.48 and 0.53 (nearest to the 0.5 decision
+# threshold, hence the most uncertain) get flipped labels.
+RATIOS = [0.20, 0.24, 0.28, 0.32, 0.36, 0.40, 0.43, 0.48, 0.53, 0.57,
+          0.60, 0.64, 0.68, 0.72, 0.76, 0.80, 0.22, 0.34, 0.66, 0.78]
+FLIPPED = (0.48, 0.53)
+DISC_RADIUS = 20
+
+
+class ToyUML(nn.Module):
+    def __init__(self, tasks: tuple[str, ...] = ("cls", "seg"), sharpness: float = 40.0):
+        super().__init__()
+        self.tasks = tasks
+        self.k = sharpness
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b = image.mean(dim=1, keepdim=True)
+        logits = torch.cat([0.45 - b, torch.minimum(b - 0.45, 0.75 - b), b - 0.75], dim=1) * self.k
+        evidence = 5.0 * F.softplus(logits)
+        strength = (evidence + 1.0).sum(dim=1, keepdim=True)
+        seg_prob, seg_unc = (evidence + 1.0) / strength, 3.0 / strength
+
+        disc = torch.sigmoid(self.k * (b - 0.45)).sum(dim=(1, 2, 3))
+        cup = torch.sigmoid(self.k * (b - 0.75)).sum(dim=(1, 2, 3))
+        z = self.k * (torch.sqrt(cup / (disc + 1e-6)) - 0.5)
+        class_evidence = F.softplus(torch.stack([-z, z], dim=1))
+        class_strength = (class_evidence + 1.0).sum(dim=1, keepdim=True)
+        class_prob, class_unc = (class_evidence + 1.0) / class_strength, 2.0 / class_strength
+
+        outputs = []
+        if "cls" in self.tasks:
+            outputs += [class_prob, class_unc]
+        if "seg" in self.tasks:
+            outputs += [seg_prob, seg_unc]
+        return tuple(outputs)
+
+
+def output_names(tasks: tuple[str, ...]) -> list[str]:
+    names = []
+    if "cls" in tasks:
+        names += ["class_prob", "class_uncertainty"]
+    if "seg" in tasks:
+        names += ["seg_prob", "seg_uncertainty"]
+    return names
+
+
+def metadata(image_size: int, tasks: tuple[str, ...]) -> dict:
+    shapes = {
+        "class_prob": ["batch", 2],
+        "class_uncertainty": ["batch", 1],
+        "seg_prob": ["batch", 3, image_size, image_size],
+        "seg_uncertainty": ["batch", 1, image_size, image_size],
+    }
+    return {
+        "input": {"name": "image", "dtype": "float32", "shape": ["batch", 3, image_size, image_size], "range": [0.0, 1.0]},
+        "outputs": {n: {"shape": shapes[n], "dtype": "float32", "range": [0, 1]} for n in output_names(tasks)},
+        "class_names": CLASS_NAMES,
+        "mask_classes": MASK_CLASSES,
+        "preprocessing": {"image_size": image_size, "channels": "RGB", "layout": "NCHW",
+                          "scale": 1.0 / 255.0, "resize": "area"},
+        "tasks": list(tasks),
+        "uncertainty": True,
+        "positive_class": 1,
+    }
+
+
+def export_toy(folder: Path, image_size: int = 64, tasks: tuple[str, ...] = ("cls", "seg"),
+               input_name: str = "image", names: list[str] | None = None) -> Path:
+    """Export :class:`ToyUML` to ``folder/model.onnx`` with ``folder/metadata.json``; returns the model path.
+
+    ``input_name`` and ``names`` (output names) can be changed to build contract-breaking models.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    names = names or output_names(tasks)
+    dynamic = {input_name: {0: "batch"}, **{n: {0: "batch"} for n in names}}
+    torch.onnx.export(ToyUML(tasks).eval(), (torch.rand(1, 3, image_size, image_size),), str(path),
+                      dynamo=False, input_names=[input_name], output_names=names, dynamic_axes=dynamic,
+                      opset_version=17)
+    (folder / "metadata.json").write_text(json.dumps(metadata(image_size, tasks)))
+    return path
+
+
+def draw_fundus(size: int, disc_radius: float, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """A uint8 RGB image and its label mask: a centred disc with a cup of ``ratio * disc_radius``."""
+    yy, xx = np.mgrid[:size, :size]
+    r2 = (yy - (size - 1) / 2) ** 2 + (xx - (size - 1) / 2) ** 2
+    mask = np.zeros((size, size), np.uint8)
+    mask[r2 <= disc_radius**2] = 1
+    mask[r2 <= (ratio * disc_radius) ** 2] = 2
+    palette = np.round(np.array([BACKGROUND, RIM, CUP]) * 255).astype(np.uint8)
+    return palette[mask], mask
+
+
+def fundus_set(size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """20 images, masks and labels (label 1 when ratio > 0.5, flipped for :data:`FLIPPED`)."""
+    images, masks, labels = [], [], []
+    for ratio in RATIOS:
+        image, mask = draw_fundus(size, DISC_RADIUS * size / 64, ratio)
+        images.append(image)
+        masks.append(mask)
+        label = int(ratio > 0.5)
+        labels.append(1 - label if ratio in FLIPPED else label)
+    return np.stack(images), np.stack(masks), np.array(labels, dtype=np.int64)

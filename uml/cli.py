@@ -1,0 +1,62 @@
+"""The ``uml`` console script.
+
+``uml predict IMAGE... --model data/models/model.onnx --out DIR`` runs the exported model on image
+files (any size; see :mod:`uml.predict` for the accepted formats) and writes, per image,
+``<stem>.json`` and ``<stem>_overlay.png`` into ``DIR``. ``metadata.json`` is read from next to the
+model. Exit status: 0 when every image was predicted, 1 when the model is unusable or any image
+failed (the others are still written), 2 for a command-line usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+# albumentations (imported by sibling modules) otherwise checks online for a newer version.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uml", description="Uncertainty-informed mutual learning: inference tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    predict = commands.add_parser(
+        "predict",
+        help="classify and segment image files with an exported ONNX model",
+        description="Write <stem>.json (class, probability, uncertainty, vCDR, areas) and <stem>_overlay.png per image.",
+    )
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, TIFF, ...; any size)")
+    predict.add_argument("--model", default="data/models/model.onnx", help="ONNX model, metadata.json beside it (default: %(default)s)")
+    predict.add_argument("--metadata", default=None, help="metadata file (default: metadata.json next to the model)")
+    predict.add_argument("--out", required=True, help="output folder (created if missing)")
+    predict.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: 2)")
+    return parser
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from uml.errors import UMLError
+    from uml.predict import OnnxModel, predict_files
+
+    try:
+        model = OnnxModel(args.model, args.metadata, threads=args.threads)
+        records, errors = predict_files(model, args.images, args.out)
+    except UMLError as exc:
+        print(f"uml predict: error: {exc}", file=sys.stderr)
+        return 1
+    if errors:
+        print(f"uml predict: {len(errors)} of {len(records) + len(errors)} images failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (``argparse`` usage errors exit with 2)."""
+    args = _parser().parse_args(argv)
+    if args.command == "predict":
+        return _predict(args)
+    raise AssertionError(f"unhandled command {args.command}")  # argparse only accepts known commands
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,400 @@
+"""The evaluation stage: the exported ONNX model, in onnxruntime, on the test split.
+
+:func:`evaluate` reads ``data/models/model.onnx`` + ``metadata.json`` and the test split of the
+prepared store, and writes ``data/reports/metrics.json`` (flat keys, ``null`` for undefined values)
+and the plots under ``data/reports/plots/``. :func:`evaluate_arrays` is the same evaluation on
+numpy arrays and an :class:`~uml.predict.OnnxModel`.
+
+Keys (each only when the model has the outputs it needs; ``<s>`` is a structure of
+:func:`uml.metrics.structures`, ``disc`` and ``cup`` for fundus masks):
+
+- ``cls/acc``, ``cls/auc``, ``cls/kappa``, ``cls/sensitivity``, ``cls/specificity``, ``cls/f1``,
+  ``cls/ece`` (see :mod:`uml.metrics`; the predicted class is the argmax of ``class_prob``)
+- ``seg/dice_<s>``, ``seg/assd_<s>``, ``seg/hd95_<s>``: per-image values averaged over the test
+  images (distances in pixels at model resolution); ``seg/dist_undefined_<s>``: how many images
+  were left out of the distance means because exactly one of prediction and ground truth is empty
+- ``clinical/vcdr_mae``, ``clinical/vcdr_auc`` (fundus masks only)
+- ``unc/error_auroc``, ``unc/referral_acc_<pct>`` (one per ``evaluate.referral_fractions``),
+  ``unc/mean_class_uncertainty``, ``unc/pixel_error_auroc``, ``unc/mean_pixel_uncertainty``
+- ``robust/gaussian_<sigma>/...`` and ``robust/salt_pepper_<amount>/...``: ``cls/acc``,
+  ``cls/auc``, ``seg/dice_<s>``, ``unc/mean_class_uncertainty``, ``unc/mean_pixel_uncertainty``
+  on corrupted copies of the test images.
+
+Noise is drawn per image from a generator seeded by ``(evaluate.seed, noise kind, level, image
+index)``: the corrupted images do not depend on the batch size or on which other levels run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_curve
+from tqdm.auto import tqdm
+
+from uml import metrics, plots
+from uml.config import EvaluateParams, Params, Paths
+from uml.errors import DataError, ModelFileError
+from uml.noise import gaussian_noise, salt_and_pepper
+from uml.predict import OnnxModel
+
+log = logging.getLogger(__name__)
+
+NOISE_KINDS: dict[str, tuple[int, Callable[[np.ndarray, float, np.random.Generator], np.ndarray]]] = {
+    # name -> (code mixed into the noise seed, corruption)
+    "gaussian": (1, gaussian_noise),
+    "salt_pepper": (2, salt_and_pepper),
+}
+# Referred fractions of the referral curve plot (the metrics use evaluate.referral_fractions).
+REFERRAL_PLOT_FRACTIONS = tuple(np.round(np.arange(0.0, 0.91, 0.05), 2))
+
+
+def level_name(level: float) -> str:
+    """The noise level as it appears in metric keys: ``0.1`` -> ``"0.1"``."""
+    return f"{level:g}"
+
+
+def referral_key(fraction: float) -> str:
+    """``0.1`` -> ``"unc/referral_acc_10"``."""
+    return f"unc/referral_acc_{fraction * 100:g}"
+
+
+# ------------------------------------------------------------------------ model passes
+@dataclass
+class PassOutputs:
+    """What one pass over the test images keeps (``None`` where the model lacks the output)."""
+
+    class_prob: np.ndarray | None = None  # (n, K)
+    class_uncertainty: np.ndarray | None = None  # (n,)
+    pred_masks: np.ndarray | None = None  # (n, S, S) uint8
+    mean_pixel_uncertainty: np.ndarray | None = None  # (n,)
+    pixel_uncertainty_sample: np.ndarray | None = None  # subsample for the pixel-error AUROC
+    pixel_error_sample: np.ndarray | None = None
+    panel_uncertainty: dict[int, np.ndarray] = field(default_factory=dict)  # position -> (S, S)
+
+
+def _noise_rng(seed: int, kind: str, level: float, image_id: int) -> np.random.Generator:
+    # Micro-units keep the level an integer for SeedSequence while telling 0.05 from 0.050001.
+    return np.random.default_rng([seed, NOISE_KINDS[kind][0], int(round(level * 1e6)), int(image_id)])
+
+
+def run_pass(
+    model: OnnxModel,
+    images: np.ndarray,
+    batch_size: int,
+    *,
+    noise: tuple[str, float] | None = None,
+    seed: int = 0,
+    ids: np.ndarray | None = None,
+    gt_masks: np.ndarray | None = None,
+    panel_positions: Sequence[int] = (),
+    pixel_budget: int = metrics.PIXEL_AUROC_MAX_PIXELS,
+    desc: str = "clean",
+) -> PassOutputs:
+    """Run the model over uint8 images (N, S, S, 3) in batches, optionally corrupted by ``noise``
+    (``(kind, level)``, kind in :data:`NOISE_KINDS`).
+
+    With ``gt_masks`` a deterministic sample of at most ``pixel_budget`` pixels (spread evenly
+    over the images) keeps each pixel's uncertainty and whether its predicted class is wrong;
+    ``panel_positions`` keep those images' full uncertainty maps.
+    """
+    n = len(images)
+    ids = np.arange(n) if ids is None else np.asarray(ids)
+    out = PassOutputs()
+    probs, class_unc, masks, pix_mean, pix_unc, pix_err = [], [], [], [], [], []
+    panel_set = set(int(p) for p in panel_positions)
+    per_image_pixels = max(1, pixel_budget // max(n, 1))
+    with tqdm(total=n, desc=f"evaluate [{desc}]", unit="img", leave=False, mininterval=1.0) as bar:
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            batch = model.scale_images(images[start:stop])
+            if noise is not None:
+                kind, level = noise
+                corrupt = NOISE_KINDS[kind][1]
+                batch = np.stack([corrupt(img, level, _noise_rng(seed, kind, level, ids[start + j])) for j, img in enumerate(batch)])
+            result = model.run(model.to_input(batch))
+            if model.has_cls:
+                probs.append(result["class_prob"].astype(np.float64))
+            if model.has_class_uncertainty:
+                class_unc.append(result["class_uncertainty"].reshape(stop - start).astype(np.float64))
+            if model.has_seg:
+                pred = result["seg_prob"].argmax(axis=1).astype(np.uint8)
+                masks.append(pred)
+            if model.has_seg_uncertainty:
+                unc = result["seg_uncertainty"][:, 0].astype(np.float32)
+                pix_mean.append(unc.reshape(stop - start, -1).mean(axis=1, dtype=np.float64))
+                for j in range(stop - start):
+                    position = start + j
+                    if position in panel_set:
+                        out.panel_uncertainty[position] = unc[j].copy()
+                    if gt_masks is not None:
+                        flat_unc = unc[j].ravel()
+                        flat_err = (pred[j] != gt_masks[position]).ravel()
+                        if flat_unc.size > per_image_pixels:
+                            rng = np.random.default_rng([seed, 0, int(ids[position])])
+                            keep = rng.choice(flat_unc.size, size=per_image_pixels, replace=False)
+                            flat_unc, flat_err = flat_unc[keep], flat_err[keep]
+                        pix_unc.append(flat_unc)
+                        pix_err.append(flat_err)
+            bar.update(stop - start)
+    if probs:
+        out.class_prob = np.concatenate(probs)
+    if class_unc:
+        out.class_uncertainty = np.concatenate(class_unc)
+    if masks:
+        out.pred_masks = np.concatenate(masks)
+    if pix_mean:
+        out.mean_pixel_uncertainty = np.concatenate(pix_mean)
+    if pix_unc:
+        out.pixel_uncertainty_sample = np.concatenate(pix_unc)
+        out.pixel_error_sample = np.concatenate(pix_err)
+    return out
+
+
+# ------------------------------------------------------------------------------ metrics
+def _segmentation(pred_masks: np.ndarray, gt_masks: np.ndarray, mask_classes: Sequence[str], distances: bool) -> dict[str, float]:
+    result: dict[str, float] = {}
+    for name, select in metrics.structures(mask_classes).items():
+        pred_bin, gt_bin = select(pred_masks), select(gt_masks)
+        result[f"seg/dice_{name}"] = float(np.mean([metrics.dice(p, g) for p, g in zip(pred_bin, gt_bin)]))
+        if not distances:
+            continue
+        assd = np.array([metrics.assd(p, g) for p, g in zip(pred_bin, gt_bin)])
+        hd95 = np.array([metrics.hd95(p, g) for p, g in zip(pred_bin, gt_bin)])
+        defined = np.isfinite(assd)
+        result[f"seg/assd_{name}"] = float(assd[defined].mean()) if defined.any() else math.nan
+        result[f"seg/hd95_{name}"] = float(hd95[defined].mean()) if defined.any() else math.nan
+        result[f"seg/dist_undefined_{name}"] = float((~defined).sum())
+    return result
+
+
+def _robust_metrics(model: OnnxModel, outputs: PassOutputs, labels: np.ndarray, gt_masks: np.ndarray) -> dict[str, float]:
+    result: dict[str, float] = {}
+    if outputs.class_prob is not None:
+        pred = metrics.predicted_class(outputs.class_prob)
+        result["cls/acc"] = metrics.acc(labels, pred)
+        result["cls/auc"] = metrics.auc(labels, outputs.class_prob, model.positive_class)
+    if outputs.pred_masks is not None:
+        result.update(_segmentation(outputs.pred_masks, gt_masks, model.mask_classes, distances=False))
+    if outputs.class_uncertainty is not None:
+        result["unc/mean_class_uncertainty"] = float(outputs.class_uncertainty.mean())
+    if outputs.mean_pixel_uncertainty is not None:
+        result["unc/mean_pixel_uncertainty"] = float(outputs.mean_pixel_uncertainty.mean())
+    return result
+
+
+def _panel_positions(n: int, count: int) -> list[int]:
+    # Evenly spread over the split, so the panels are not all from one end of it.
+    if count <= 0 or n == 0:
+        return []
+    return sorted(set(np.linspace(0, n - 1, min(count, n)).round().astype(int).tolist()))
+
+
+def evaluate_arrays(
+    model: OnnxModel,
+    images: np.ndarray,
+    masks: np.ndarray,
+    labels: np.ndarray,
+    cfg: EvaluateParams,
+    plots_dir: str | Path | None = None,
+    ids: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Evaluate ``model`` on uint8 images (N, S, S, 3), label masks (N, S, S) and labels (N,).
+
+    Returns the flat metrics (``nan`` where undefined). With ``plots_dir``, also writes the plot
+    data files and figures there (see :func:`write_plots`).
+    """
+    images, masks, labels = np.asarray(images), np.asarray(masks), np.asarray(labels)
+    n = len(images)
+    if n == 0:
+        raise DataError("the test split is empty")
+    if not (len(masks) == len(labels) == n):
+        raise DataError(f"images, masks and labels differ in length: {n}, {len(masks)}, {len(labels)}")
+    size = model.image_size
+    if images.shape[1:] != (size, size, 3) or masks.shape[1:] != (size, size):
+        raise DataError(
+            f"the model expects {size}x{size} RGB images, the test split has images {images.shape[1:]} and masks "
+            f"{masks.shape[1:]}: re-run prepare and export with the same data.image_size"
+        )
+    if model.has_cls and (labels.min() < 0 or labels.max() >= len(model.class_names)):
+        raise DataError(f"test labels span [{labels.min()}, {labels.max()}] but the model has {len(model.class_names)} classes")
+    if model.has_seg and masks.max() >= len(model.mask_classes):
+        raise DataError(f"test masks hold class {masks.max()} but the model has {len(model.mask_classes)} mask classes")
+
+    fundus = tuple(model.mask_classes) == metrics.FUNDUS_MASK_CLASSES
+    panels = _panel_positions(n, cfg.num_panels) if plots_dir is not None else []
+    clean = run_pass(model, images, cfg.batch_size, seed=cfg.seed, ids=ids, gt_masks=masks, panel_positions=panels)
+
+    result: dict[str, float] = {}
+    if clean.class_prob is not None:
+        cls = metrics.classification_metrics(labels, clean.class_prob, model.positive_class, cfg.calibration_bins)
+        result.update({f"cls/{k}": v for k, v in cls.items()})
+    if clean.pred_masks is not None:
+        result.update(_segmentation(clean.pred_masks, masks, model.mask_classes, distances=True))
+        if fundus:
+            gt_vcdr = np.array([metrics.vertical_cdr(m) for m in masks])
+            pred_vcdr = np.array([metrics.vertical_cdr(m) for m in clean.pred_masks])
+            result["clinical/vcdr_mae"] = metrics.vcdr_mae(pred_vcdr, gt_vcdr)
+            result["clinical/vcdr_auc"] = metrics.vcdr_auc(labels, pred_vcdr, model.positive_class)
+    if clean.class_uncertainty is not None and clean.class_prob is not None:
+        correct = metrics.predicted_class(clean.class_prob) == labels
+        result["unc/error_auroc"] = metrics.error_auroc(clean.class_uncertainty, ~correct)
+        for fraction in cfg.referral_fractions:
+            result[referral_key(fraction)] = metrics.referral_acc(correct, clean.class_uncertainty, fraction)
+        result["unc/mean_class_uncertainty"] = float(clean.class_uncertainty.mean())
+    if clean.pixel_uncertainty_sample is not None:
+        result["unc/pixel_error_auroc"] = metrics.error_auroc(clean.pixel_uncertainty_sample, clean.pixel_error_sample)
+        result["unc/mean_pixel_uncertainty"] = float(clean.mean_pixel_uncertainty.mean())
+
+    robust_tables: dict[str, list[dict[str, float]]] = {}
+    clean_robust = _robust_metrics(model, clean, labels, masks)
+    for kind, levels in (("gaussian", cfg.gaussian_sigmas), ("salt_pepper", cfg.salt_pepper_amounts)):
+        table = [{"level": 0.0, **_columns(clean_robust)}]
+        for level in levels:
+            noisy = run_pass(model, images, cfg.batch_size, noise=(kind, level), seed=cfg.seed, ids=ids,
+                             desc=f"{kind} {level_name(level)}")
+            values = _robust_metrics(model, noisy, labels, masks)
+            result.update({f"robust/{kind}_{level_name(level)}/{k}": v for k, v in values.items()})
+            table.append({"level": float(level), **_columns(values)})
+        robust_tables[kind] = table
+
+    if plots_dir is not None:
+        write_plots(Path(plots_dir), model, clean, images, masks, labels, cfg, panels, robust_tables)
+    return result
+
+
+def _columns(values: dict[str, float]) -> dict[str, float]:
+    # CSV column names for dvc plots: "cls/acc" -> "cls_acc", "unc/mean_class_uncertainty" -> "unc_mean_class_uncertainty".
+    return {k.replace("/", "_"): v for k, v in values.items()}
+
+
+# -------------------------------------------------------------------------------- plots
+def write_plots(
+    plots_dir: Path,
+    model: OnnxModel,
+    clean: PassOutputs,
+    images: np.ndarray,
+    masks: np.ndarray,
+    labels: np.ndarray,
+    cfg: EvaluateParams,
+    panels: Sequence[int],
+    robust_tables: dict[str, list[dict[str, float]]],
+) -> list[Path]:
+    """Write the plot data files (CSV, for ``dvc plots``) and PNG figures; returns the paths written.
+
+    ``roc`` (positive class vs rest), ``reliability`` and ``referral`` need the class outputs;
+    ``robustness_<kind>.csv`` always; ``panels/case_<position>.png`` per panel.
+    """
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if clean.class_prob is not None:
+        positive = (labels == model.positive_class).astype(int)
+        score = clean.class_prob[:, model.positive_class]
+        if 0 < positive.sum() < len(positive):
+            fpr, tpr, thresholds = roc_curve(positive, score)
+            # The first threshold is +inf ("predict nothing positive"); scores are probabilities,
+            # so 1.0 is the same cut for the plot and keeps the file valid CSV/JSON numbers.
+            thresholds = np.minimum(thresholds, 1.0)
+            rows = [{"fpr": f, "tpr": t, "threshold": th} for f, t, th in zip(fpr, tpr, thresholds)]
+            written.append(plots.write_csv(plots_dir / "roc.csv", rows))
+            written.append(plots.roc_figure(plots_dir / "roc.png", fpr, tpr, metrics.auc(labels, clean.class_prob, model.positive_class),
+                                            title=f"ROC ({model.class_names[model.positive_class]} vs rest)"))
+        else:
+            log.warning("the test split holds one class only: no ROC curve")
+        stats = metrics.reliability_diagram(labels, clean.class_prob, cfg.calibration_bins)
+        filled = stats["count"] > 0
+        rows = [
+            {"bin_lower": lo, "bin_upper": hi, "confidence": c, "accuracy": a, "count": k}
+            for lo, hi, c, a, k in zip(*(stats[key][filled] for key in ("lower", "upper", "confidence", "accuracy", "count")))
+        ]
+        written.append(plots.write_csv(plots_dir / "reliability.csv", rows))
+        written.append(plots.reliability_figure(plots_dir / "reliability.png", stats, metrics.ece(labels, clean.class_prob, cfg.calibration_bins)))
+        if clean.class_uncertainty is not None:
+            correct = metrics.predicted_class(clean.class_prob) == labels
+            curve = metrics.referral_curve(correct, clean.class_uncertainty, REFERRAL_PLOT_FRACTIONS)
+            rows = [{"referred_fraction": f, "accuracy": a, "retained": r} for f, a, r in zip(curve["fraction"], curve["accuracy"], curve["retained"])]
+            written.append(plots.write_csv(plots_dir / "referral.csv", rows))
+            written.append(plots.referral_figure(plots_dir / "referral.png", curve))
+    for kind, table in robust_tables.items():
+        written.append(plots.write_csv(plots_dir / f"robustness_{kind}.csv", table))
+    written.append(plots.robustness_figure(plots_dir / "robustness.png", robust_tables,
+                                           {"gaussian": "Gaussian noise sigma", "salt_pepper": "salt-and-pepper amount"}))
+    for position in panels:
+        written.append(plots.panel_figure(
+            plots_dir / "panels" / f"case_{position:03d}.png",
+            images[position],
+            masks[position],
+            clean.pred_masks[position] if clean.pred_masks is not None else None,
+            clean.panel_uncertainty.get(position),
+            model.mask_classes,
+            _panel_title(model, clean, labels, position),
+        ))
+    return written
+
+
+def _panel_title(model: OnnxModel, clean: PassOutputs, labels: np.ndarray, position: int) -> str:
+    names = model.class_names or [str(i) for i in range(int(labels.max()) + 1)]
+    parts = [f"#{position}  label: {names[labels[position]]}"]
+    if clean.class_prob is not None:
+        k = int(clean.class_prob[position].argmax())
+        parts.append(f"pred: {names[k]} p={clean.class_prob[position, k]:.2f}")
+    if clean.class_uncertainty is not None:
+        parts.append(f"u={clean.class_uncertainty[position]:.2f}")
+    return "   ".join(parts)
+
+
+# -------------------------------------------------------------------------------- stage
+def to_json_ready(values: dict[str, float]) -> dict[str, float | None]:
+    """Plain floats in key order; ``nan``/``inf`` become ``None`` (JSON ``null``)."""
+    return {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in values.items()}
+
+
+def write_metrics(path: str | Path, values: dict[str, float]) -> dict[str, float | None]:
+    """Write the flat metrics JSON atomically (a reader never sees half a file)."""
+    path = Path(path)
+    ready = to_json_ready(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(ready, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return ready
+
+
+def evaluate(params: Params) -> dict[str, float | None]:
+    """The ``evaluate`` stage: metrics.json and plots for the exported model on the test split."""
+    from uml.data.store import load_split, open_prepared
+
+    paths = Paths(params)
+    model = OnnxModel(paths.model_onnx, paths.metadata)
+    if not paths.dataset.exists():
+        raise DataError(f"{paths.dataset}: prepared data set not found (run the prepare stage)")
+    prepared = open_prepared(paths.dataset)
+    if model.has_cls and len(prepared.class_names) != len(model.class_names):
+        raise ModelFileError(
+            f"{paths.metadata}: the model has {len(model.class_names)} classes {model.class_names}, "
+            f"the data set {paths.dataset} has {len(prepared.class_names)} {list(prepared.class_names)}"
+        )
+    if model.has_seg and list(prepared.mask_classes) != model.mask_classes:
+        raise ModelFileError(
+            f"{paths.metadata}: mask classes {model.mask_classes} differ from the data set's {list(prepared.mask_classes)}"
+        )
+    images, masks, labels, indices = load_split(paths.dataset, "test")
+    log.info("evaluating %s on %d test images (%s)", paths.model_onnx, len(images), ", ".join(model.outputs))
+
+    # The plots folder is this stage's output alone; clearing it drops files of an earlier model
+    # (e.g. an ROC curve that a segmentation-only model does not produce).
+    shutil.rmtree(paths.plots, ignore_errors=True)
+    values = evaluate_arrays(model, images, masks, labels, params.evaluate, plots_dir=paths.plots, ids=indices)
+    ready = write_metrics(paths.metrics, values)
+    for key in ("cls/acc", "cls/auc", "seg/dice_disc", "seg/dice_cup", "unc/error_auroc"):
+        if key in ready:
+            log.info("%s = %s", key, ready[key])
+    log.info("wrote %s and %s", paths.metrics, paths.plots)
+    return ready

@@ -1,0 +1,374 @@
+"""Evaluation metrics on numpy arrays; every scalar metric returns a Python float.
+
+Function names follow the metric keys of ``data/reports/metrics.json`` (``cls/acc`` -> :func:`acc`,
+``seg/hd95_cup`` -> :func:`hd95`, ...). Conventions shared by all of them:
+
+- ``labels`` are int class indices (n,); ``prob`` is (n, K) class probabilities (rows sum to 1);
+  ``positive`` is the index of the positive class (glaucoma) for the binary-style metrics
+  (sensitivity, specificity, F1 and AUC with K = 2). With K > 2 these are "positive vs rest".
+- A metric that is undefined on its input (an AUC with a single class present, a sensitivity
+  without positives, a distance to an empty mask) is ``nan``, never an exception:
+  the evaluation stage writes it as ``null``.
+- Segmentation metrics take one binary mask pair per call, at model resolution; distances are in
+  pixels (unit spacing unless ``spacing`` is given).
+
+Empty masks (segmentation):
+
+==========================  ======  ===================
+prediction / ground truth   dice    assd, hd95
+==========================  ======  ===================
+both empty                  1.0     0.0
+one empty                   0.0     nan (no surface to measure to)
+==========================  ======  ===================
+
+The evaluation averages distances with ``nanmean`` and reports how many images were left out
+(``seg/dist_undefined_<structure>``), rather than inventing a penalty distance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import (
+    accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+    roc_auc_score,
+)
+
+# Pixel-level AUROC above this many pixels is computed on a deterministic random subset:
+# roc_auc_score sorts its input, and a full REFUGE test split has ~26M pixels at 256².
+PIXEL_AUROC_MAX_PIXELS = 1_000_000
+
+
+# ------------------------------------------------------------------------------ helpers
+def _as_prob(prob: np.ndarray) -> np.ndarray:
+    prob = np.asarray(prob, dtype=np.float64)
+    if prob.ndim != 2:
+        raise ValueError(f"class probabilities must be (n, K), got shape {prob.shape}")
+    return prob
+
+
+def _binary(labels: np.ndarray, positive: int) -> np.ndarray:
+    return (np.asarray(labels) == positive).astype(np.int64)
+
+
+def predicted_class(prob: np.ndarray) -> np.ndarray:
+    """The predicted class index of each row: the argmax of the expected probability."""
+    return _as_prob(prob).argmax(axis=1)
+
+
+def _binary_confusion(labels: np.ndarray, pred: np.ndarray, positive: int) -> tuple[int, int, int, int]:
+    """``(tn, fp, fn, tp)`` of "positive vs rest"; fixed ``labels=[0, 1]`` keeps it 2x2 when a class is absent."""
+    tn, fp, fn, tp = confusion_matrix(_binary(labels, positive), _binary(pred, positive), labels=[0, 1]).ravel()
+    return int(tn), int(fp), int(fn), int(tp)
+
+
+def _safe_ratio(num: float, den: float) -> float:
+    return float(num / den) if den else math.nan
+
+
+# ---------------------------------------------------------------------- classification
+def acc(labels: np.ndarray, pred: np.ndarray) -> float:
+    """Fraction of correct predictions (``pred`` are class indices)."""
+    return float(accuracy_score(labels, pred))
+
+
+def auc(labels: np.ndarray, prob: np.ndarray, positive: int = 1) -> float:
+    """ROC AUC: of ``prob[:, positive]`` for K = 2, one-vs-rest macro AUC for K > 2.
+
+    ``prob`` may also be a 1-D score for the positive class. ``nan`` when ``labels`` hold a
+    single class (AUC is undefined).
+    """
+    labels = np.asarray(labels)
+    prob = np.asarray(prob, dtype=np.float64)
+    if prob.ndim == 1:
+        score, multiclass = prob, False
+    else:
+        multiclass = prob.shape[1] > 2
+        score = prob if multiclass else prob[:, positive]
+    if multiclass:
+        # sklearn's ovr AUC needs every class present in the labels.
+        if len(np.unique(labels)) != prob.shape[1]:
+            return math.nan
+        return float(roc_auc_score(labels, prob, multi_class="ovr", labels=list(range(prob.shape[1]))))
+    target = _binary(labels, positive)
+    if target.min(initial=1) == target.max(initial=0):
+        return math.nan
+    return float(roc_auc_score(target, score))
+
+
+def kappa(labels: np.ndarray, pred: np.ndarray) -> float:
+    """Cohen's kappa between labels and predicted classes (``nan`` when it is undefined: one class only)."""
+    labels, pred = np.asarray(labels), np.asarray(pred)
+    if len(np.unique(np.concatenate([labels, pred]))) < 2:
+        return math.nan
+    return float(cohen_kappa_score(labels, pred))
+
+
+def sensitivity(labels: np.ndarray, pred: np.ndarray, positive: int = 1) -> float:
+    """True positive rate TP / (TP + FN) of the positive class (``nan`` without positives)."""
+    _, _, fn, tp = _binary_confusion(labels, pred, positive)
+    return _safe_ratio(tp, tp + fn)
+
+
+def specificity(labels: np.ndarray, pred: np.ndarray, positive: int = 1) -> float:
+    """True negative rate TN / (TN + FP) (``nan`` without negatives)."""
+    tn, fp, _, _ = _binary_confusion(labels, pred, positive)
+    return _safe_ratio(tn, tn + fp)
+
+
+def f1(labels: np.ndarray, pred: np.ndarray, positive: int = 1, num_classes: int = 2) -> float:
+    """F1 of the positive class for K = 2; macro F1 over all classes for K > 2.
+
+    0.0 (not ``nan``) when there are neither positive labels nor positive predictions, as
+    scikit-learn's ``zero_division=0``.
+    """
+    if num_classes > 2:
+        return float(f1_score(labels, pred, average="macro", labels=list(range(num_classes)), zero_division=0))
+    return float(f1_score(_binary(labels, positive), _binary(pred, positive), zero_division=0))
+
+
+def reliability_diagram(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> dict[str, np.ndarray]:
+    """Per-bin calibration statistics on the predicted-class confidence.
+
+    The confidence of an image is ``max_k prob[k]`` and it is "correct" when the argmax is the
+    label. Confidences are put into ``bins`` equal-width bins over [0, 1], right-closed
+    ((0, 0.1], (0.1, 0.2], ...; a confidence of exactly 0 goes to the first bin).
+
+    Returns arrays of length ``bins``: ``lower``, ``upper`` (bin edges), ``count``,
+    ``confidence`` (mean confidence in the bin) and ``accuracy`` (fraction correct); the last two
+    are ``nan`` for empty bins.
+    """
+    prob = _as_prob(prob)
+    labels = np.asarray(labels)
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    confidence = prob.max(axis=1)
+    correct = (prob.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # searchsorted(side="left") on the inner edges makes bins right-closed.
+    index = np.clip(np.searchsorted(edges[1:-1], confidence, side="left"), 0, bins - 1)
+    count = np.bincount(index, minlength=bins).astype(np.int64)
+    conf_sum = np.bincount(index, weights=confidence, minlength=bins)
+    correct_sum = np.bincount(index, weights=correct, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.where(count > 0, conf_sum / count, np.nan)
+        accuracy = np.where(count > 0, correct_sum / count, np.nan)
+    return {"lower": edges[:-1], "upper": edges[1:], "count": count, "confidence": mean_conf, "accuracy": accuracy}
+
+
+def ece(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error on the predicted-class confidence.
+
+    ``ECE = sum_b (n_b / n) * |accuracy_b - confidence_b|`` over the equal-width bins of
+    :func:`reliability_diagram` (empty bins contribute nothing). 0 for a perfectly calibrated
+    model; ``nan`` for an empty input.
+    """
+    stats = reliability_diagram(labels, prob, bins)
+    n = stats["count"].sum()
+    if n == 0:
+        return math.nan
+    filled = stats["count"] > 0
+    gap = np.abs(stats["accuracy"][filled] - stats["confidence"][filled])
+    return float((stats["count"][filled] * gap).sum() / n)
+
+
+def classification_metrics(labels: np.ndarray, prob: np.ndarray, positive: int = 1, bins: int = 10) -> dict[str, float]:
+    """All image-level metrics, keyed as in metrics.json without the ``cls/`` prefix."""
+    prob = _as_prob(prob)
+    pred = predicted_class(prob)
+    return {
+        "acc": acc(labels, pred),
+        "auc": auc(labels, prob, positive),
+        "kappa": kappa(labels, pred),
+        "sensitivity": sensitivity(labels, pred, positive),
+        "specificity": specificity(labels, pred, positive),
+        "f1": f1(labels, pred, positive, num_classes=prob.shape[1]),
+        "ece": ece(labels, prob, bins),
+    }
+
+
+# ------------------------------------------------------------------------- segmentation
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice ``2|P ∩ G| / (|P| + |G|)`` of two binary masks; 1.0 when both are empty."""
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"mask shapes differ: {pred.shape} vs {gt.shape}")
+    total = int(pred.sum()) + int(gt.sum())
+    if total == 0:
+        return 1.0
+    return float(2.0 * np.logical_and(pred, gt).sum() / total)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    # Surface = the mask minus its erosion with the cross (face-connected) structuring element,
+    # as MedPy does. border_value=0 makes pixels on the image border part of the surface.
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask ^ ndimage.binary_erosion(mask, structure=structure, iterations=1, border_value=0)
+
+
+def surface_distances(
+    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Directed surface distances ``(pred -> gt, gt -> pred)``.
+
+    For every surface pixel of one mask, the Euclidean distance to the nearest surface pixel of
+    the other (from ``scipy.ndimage.distance_transform_edt``). ``None`` when either mask is empty
+    (there is no surface to measure to); two empty masks give two empty arrays.
+    """
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"mask shapes differ: {pred.shape} vs {gt.shape}")
+    has_pred, has_gt = bool(pred.any()), bool(gt.any())
+    if not has_pred and not has_gt:
+        return np.zeros(0), np.zeros(0)
+    if has_pred != has_gt:
+        return None
+    surface_pred, surface_gt = _surface(pred), _surface(gt)
+    # EDT of the complement: each pixel's distance to the nearest surface pixel.
+    to_gt = ndimage.distance_transform_edt(~surface_gt, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~surface_pred, sampling=spacing)
+    return to_gt[surface_pred], to_pred[surface_gt]
+
+
+def assd(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+    """Average symmetric surface distance: the mean of the two directed mean surface distances.
+
+    (MedPy's definition.) 0.0 when both masks are empty, ``nan`` when only one is.
+    """
+    dists = surface_distances(pred, gt, spacing)
+    if dists is None:
+        return math.nan
+    a, b = dists
+    if a.size == 0:
+        return 0.0
+    return float((a.mean() + b.mean()) / 2.0)
+
+
+def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+    """95th-percentile symmetric Hausdorff distance: the larger of the two directed 95th percentiles.
+
+    0.0 when both masks are empty, ``nan`` when only one is.
+    """
+    dists = surface_distances(pred, gt, spacing)
+    if dists is None:
+        return math.nan
+    a, b = dists
+    if a.size == 0:
+        return 0.0
+    return float(max(np.percentile(a, 95), np.percentile(b, 95)))
+
+
+FUNDUS_MASK_CLASSES = ("background", "disc", "cup")
+
+
+def structures(mask_classes: Sequence[str]) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """The evaluated structures of a label mask: name -> ``label mask -> binary mask``.
+
+    Fundus masks (``background, disc, cup``: 1 is the disc rim, 2 the cup) give ``disc`` = rim ∪
+    cup (``mask >= 1``) and ``cup`` (``mask == 2``), as REFUGE evaluates them. Any other mask
+    layout gives one structure per foreground class (``mask == c``), named after the class.
+    """
+    if tuple(mask_classes) == FUNDUS_MASK_CLASSES:
+        return {"disc": lambda m: m >= 1, "cup": lambda m: m == 2}
+    return {name: (lambda m, c=c: m == c) for c, name in enumerate(mask_classes) if c > 0}
+
+
+# ----------------------------------------------------------------------------- clinical
+def vertical_cdr(mask: np.ndarray) -> float:
+    """Vertical cup-to-disc ratio of a fundus label mask (0 background, 1 rim, 2 cup).
+
+    The vertical extent of a structure is the number of rows from its top-most to its
+    bottom-most pixel (``max_row - min_row + 1``); vCDR = extent(cup) / extent(disc), with the
+    disc being rim ∪ cup. 0.0 when there is a disc but no cup, ``nan`` without a disc. As the cup
+    is part of the disc, the ratio is in [0, 1].
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a label mask must be 2-D (H, W), got shape {mask.shape}")
+
+    def extent(binary: np.ndarray) -> int:
+        rows = np.flatnonzero(binary.any(axis=1))
+        return int(rows[-1] - rows[0] + 1) if rows.size else 0
+
+    disc = extent(mask >= 1)
+    if disc == 0:
+        return math.nan
+    return extent(mask == 2) / disc
+
+
+def vcdr_mae(pred_vcdr: np.ndarray, gt_vcdr: np.ndarray) -> float:
+    """Mean absolute vCDR error over the images where both values are defined (``nan`` if none)."""
+    pred_vcdr, gt_vcdr = np.asarray(pred_vcdr, dtype=np.float64), np.asarray(gt_vcdr, dtype=np.float64)
+    valid = np.isfinite(pred_vcdr) & np.isfinite(gt_vcdr)
+    if not valid.any():
+        return math.nan
+    return float(np.abs(pred_vcdr[valid] - gt_vcdr[valid]).mean())
+
+
+def vcdr_auc(labels: np.ndarray, pred_vcdr: np.ndarray, positive: int = 1) -> float:
+    """AUC of the predicted vCDR as a glaucoma score; images without a predicted disc are left out."""
+    labels, pred_vcdr = np.asarray(labels), np.asarray(pred_vcdr, dtype=np.float64)
+    valid = np.isfinite(pred_vcdr)
+    return auc(labels[valid], pred_vcdr[valid], positive)
+
+
+# -------------------------------------------------------------------------- uncertainty
+def error_auroc(uncertainty: np.ndarray, error: np.ndarray) -> float:
+    """AUROC of uncertainty as a detector of errors (1 = every error is more uncertain than every hit).
+
+    ``error`` is boolean (True = misclassified). ``nan`` when all or none are errors.
+    """
+    uncertainty = np.asarray(uncertainty, dtype=np.float64).ravel()
+    error = np.asarray(error, dtype=bool).ravel()
+    if error.all() or not error.any():
+        return math.nan
+    return float(roc_auc_score(error, uncertainty))
+
+
+def pixel_error_auroc(
+    uncertainty: np.ndarray, error: np.ndarray, max_pixels: int = PIXEL_AUROC_MAX_PIXELS, seed: int = 0
+) -> float:
+    """:func:`error_auroc` over pixels, on a deterministic subset of ``max_pixels`` when larger."""
+    uncertainty = np.asarray(uncertainty, dtype=np.float64).ravel()
+    error = np.asarray(error, dtype=bool).ravel()
+    if uncertainty.shape != error.shape:
+        raise ValueError(f"uncertainty and error sizes differ: {uncertainty.size} vs {error.size}")
+    if uncertainty.size > max_pixels:
+        keep = np.random.default_rng(seed).choice(uncertainty.size, size=max_pixels, replace=False)
+        uncertainty, error = uncertainty[keep], error[keep]
+    return error_auroc(uncertainty, error)
+
+
+def referral_acc(correct: np.ndarray, uncertainty: np.ndarray, fraction: float) -> float:
+    """Accuracy on the cases kept after referring the ``fraction`` most uncertain ones to a doctor.
+
+    ``round(fraction * n)`` cases are referred (at least one case is always kept); ties in
+    uncertainty are broken by position (stable sort), so the result is deterministic.
+    """
+    correct = np.asarray(correct, dtype=bool).ravel()
+    uncertainty = np.asarray(uncertainty, dtype=np.float64).ravel()
+    if correct.shape != uncertainty.shape:
+        raise ValueError(f"correct and uncertainty sizes differ: {correct.size} vs {uncertainty.size}")
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    n = correct.size
+    if n == 0:
+        return math.nan
+    kept = max(1, n - int(round(fraction * n)))
+    order = np.argsort(uncertainty, kind="stable")
+    return float(correct[order[:kept]].mean())
+
+
+def referral_curve(correct: np.ndarray, uncertainty: np.ndarray, fractions: Sequence[float]) -> dict[str, np.ndarray]:
+    """:func:`referral_acc` at each referred fraction: arrays ``fraction``, ``accuracy``, ``retained`` (count)."""
+    n = np.asarray(correct).size
+    fractions = np.asarray(list(fractions), dtype=np.float64)
+    accuracy = np.array([referral_acc(correct, uncertainty, f) for f in fractions])
+    retained = np.array([max(1, n - int(round(f * n))) if n else 0 for f in fractions], dtype=np.int64)
+    return {"fraction": fractions, "accuracy": accuracy, "retained": retained}
