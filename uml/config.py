@@ -283,6 +283,14 @@ class Params(_Section):
             set_dotted(raw, dotted, value, source=source)
         return parse_params(raw, source=source)
 
+    def resolved(self) -> "Params":
+        """A copy with ``data.root`` and a local ``ray.storage_path`` made absolute against the
+        current directory, for shipping to Ray workers (Tune runs trials in their own directories)."""
+        overrides: dict[str, Any] = {"data.root": str(Path(self.data.root).expanduser().resolve())}
+        if self.ray.storage_path and "://" not in self.ray.storage_path:
+            overrides["ray.storage_path"] = str(Path(self.ray.storage_path).expanduser().resolve())
+        return self.with_overrides(overrides, source=self._source)
+
     def section_hash(self, *sections: str, extra: Any = None) -> str:
         """A short, stable hash of some sections (and any extra JSON-able value)."""
         payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}

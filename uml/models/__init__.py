@@ -11,7 +11,7 @@ from uml.errors import ModelFileError
 from uml.models.config import PRESETS, ModelConfig, resolve_config
 from uml.models.uml_net import UMLNet
 
-__all__ = ["PRESETS", "ModelConfig", "UMLNet", "build_model", "count_parameters", "load_model", "save_model"]
+__all__ = ["PRESETS", "ModelConfig", "UMLNet", "build_model", "count_parameters", "load_model", "read_model_file", "save_model"]
 
 MODEL_FILE_FORMAT = "uml-model/1"
 

@@ -50,20 +50,60 @@ def ray_session(params: Params) -> Iterator[None]:
     else:
         host = params.ray.host
         log.info("starting a local Ray instance on %s (%d CPUs)", host, os.cpu_count() or 1)
-        # address="local" never attaches to some other cluster that happens to run here.
-        ray.init(
-            address="local",
-            num_cpus=os.cpu_count(),
-            include_dashboard=params.ray.include_dashboard,
-            dashboard_host=host,
-            _node_ip_address=host,
-            runtime_env=runtime_env,
-            log_to_driver=True,
-        )
+        with _single_node_mode(loopback=_is_loopback(host)):
+            # address="local" never attaches to some other cluster that happens to run here.
+            ray.init(
+                address="local",
+                num_cpus=os.cpu_count(),
+                include_dashboard=params.ray.include_dashboard,
+                dashboard_host=host,
+                _node_ip_address=host,
+                runtime_env=runtime_env,
+                log_to_driver=True,
+            )
+        node_ip = ray.util.get_node_ip_address()
+        if _is_loopback(host) and not _is_loopback(node_ip):
+            log.warning("Ray chose node address %s: its services may listen beyond loopback", node_ip)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+# Ray binds its gRPC servers (GCS, raylet, workers) to the node address, and it only takes a
+# loopback node address in its single-node mode: the variable below, read when ray is imported.
+SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _single_node_mode(loopback: bool) -> Iterator[None]:
+    """Start a local instance whose services listen on loopback only.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is rewritten to the machine's address, so
+    every Ray server would listen on all interfaces. The processes that ray.init spawns read the
+    variable from the environment. This driver imported ray before we knew the params, so it
+    gets the same value through the constant; both are restored once the instance is up.
+    """
+    if not loopback:
+        yield
+        return
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(SINGLE_NODE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_NODE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(SINGLE_NODE_ENV, None)
+        else:
+            os.environ[SINGLE_NODE_ENV] = saved_env
 
 
 def _mount_type(path: Path) -> str | None:

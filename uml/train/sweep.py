@@ -42,6 +42,7 @@ from uml.train.worker import SCORE_KEY
 log = logging.getLogger(__name__)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+TRIAL_DRIVER_MEMORY = 64 * 1024**2  # bytes
 
 
 def _check_range(key: str, dist: str, args: Any) -> tuple[float, float]:
@@ -195,6 +196,7 @@ def plot_scores(table: pd.DataFrame, keys: list[str], path: Path) -> None:
 
 def sweep(params: Params) -> dict[str, Any]:
     """The ``tune`` stage; returns the best values (nested like params.yaml)."""
+    params = params.resolved()
     paths = Paths(params)
     space = build_search_space(params)
     keys = list(space)
@@ -205,8 +207,10 @@ def sweep(params: Params) -> dict[str, Any]:
     tp = params.tune
     with ray_session(params):
         trainable = tune.with_parameters(_trial, base=params.model_dump(mode="json"), experiment=name, model_cfg=cfg.to_dict())
-        # The trial function only waits on its TorchTrainer, whose workers hold the real resources.
-        trainable = tune.with_resources(trainable, {"cpu": 0.01})
+        # The trial function only waits on its TorchTrainer, whose workers hold the CPUs/GPUs. It
+        # asks for a little memory instead (a resource every node has): Tune refuses an empty
+        # request, and any CPU fraction would leave the last worker of a full node unplaceable.
+        trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
         if tune.Tuner.can_restore(experiment_path):
             log.info("restoring the interrupted sweep %s", experiment_path)
             tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -222,9 +226,10 @@ def sweep(params: Params) -> dict[str, Any]:
                     mode="max",
                     scheduler=ASHAScheduler(time_attr="training_iteration", max_t=tp.epochs,
                                             grace_period=min(tp.grace_period, tp.epochs), reduction_factor=tp.reduction_factor),
-                    search_alg=BasicVariantGenerator(random_state=tp.seed),
+                    # The random-search generator limits concurrency itself (Tune ignores
+                    # max_concurrent_trials for it).
+                    search_alg=BasicVariantGenerator(random_state=tp.seed, max_concurrent=concurrent),
                     num_samples=tp.num_samples,
-                    max_concurrent_trials=concurrent,
                 ),
                 run_config=tune.RunConfig(name=name, storage_path=paths.storage, verbose=1),
             )

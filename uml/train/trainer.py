@@ -148,7 +148,7 @@ def plot_progress(history: list[dict[str, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [int(r["epoch"]) for r in history]
+    epochs = [int(r["epoch"]) + 1 for r in history]  # 1-based, as the progress lines
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     for key, style in (("train/loss", "-"), ("train/loss_cls", "--"), ("train/loss_seg", "--"), ("train/loss_mut", ":")):
         if key in history[0]:
@@ -162,7 +162,7 @@ def plot_progress(history: list[dict[str, float]], path: Path) -> None:
     ax_val.plot(epochs, scores, "k-", linewidth=2, label="score")
     if any(not math.isnan(s) for s in scores):
         best = max(range(len(scores)), key=lambda i: -math.inf if math.isnan(scores[i]) else scores[i])
-        ax_val.axvline(epochs[best], color="grey", linestyle=":", label=f"best (epoch {epochs[best] + 1})")
+        ax_val.axvline(epochs[best], color="grey", linestyle=":", label=f"best (epoch {epochs[best]})")
     ax_val.set(xlabel="epoch", ylabel="value", title="Validation", ylim=(0, 1.02))
     ax_val.legend(fontsize="small", ncol=2)
     fig.tight_layout()
@@ -216,6 +216,7 @@ def best_state(result: ray.train.Result) -> tuple[dict[str, torch.Tensor], list[
 
 def train(params: Params) -> Path:
     """The ``train`` stage: write ``data/models/model.pt``; return its path."""
+    params = params.resolved()
     paths = Paths(params)
     data = open_prepared(paths.dataset)
     params, tuned = effective_params(params)

@@ -56,6 +56,24 @@ def selection_score(val: dict[str, float]) -> float:
     return float(np.mean(terms)) if terms else float("nan")
 
 
+def replica_drift(model: torch.nn.Module) -> float:
+    """Largest difference between ranks of per-tensor parameter checksums (0 when DDP keeps the
+    replicas identical, as it must): two small all-reduces, once per epoch."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return 0.0
+    with torch.no_grad():
+        sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()]).flatten()
+        high, low = sums.clone(), sums.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return float((high - low).abs().max())
+
+
+def validation_share(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's disjoint share of the validation split (the shares cover it exactly)."""
+    return indices[rank::world]
+
+
 def _autocast(device: torch.device, precision: str):
     if device.type != "cuda" or precision == "fp32":
         return nullcontext()
@@ -75,7 +93,7 @@ def validate(model: UMLNet, store: str, indices: np.ndarray, mask_classes: list[
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    share = indices[rank::world]
+    share = validation_share(indices, rank, world)
     dataset = SegClsDataset(store, share)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     structures = metrics.structures(mask_classes)
@@ -203,12 +221,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tensor = torch.tensor([train_metrics[k] for k in keys], device=device)
             dist.all_reduce(tensor)
             train_metrics = {k: float(v) / world for k, v in zip(keys, tensor.tolist())}
+        drift = replica_drift(model)
+        if drift > 1e-6 and rank == 0:
+            log.warning("DDP replicas diverged: parameter checksums differ by %.3g across ranks", drift)
         val = validate(_unwrap(model), store, val_idx, mask_classes, tp.batch_size, device, tp.precision)
         row = {
             "epoch": epoch,
             **train_metrics,
             **{f"val/{k}": v for k, v in val.items()},
             "lr": lr,
+            "ddp/param_drift": drift,
             "kl_weight": min(1.0, epoch / params.loss.kl_annealing_epochs),
             "epoch_seconds": time.perf_counter() - started,
             "images_per_second": steps * tp.batch_size * world / (time.perf_counter() - started),

@@ -1,0 +1,137 @@
+"""Ray Train on this CPU machine with 2 workers: learning, identical replicas, tuned loss weights,
+checkpoint resume after a crash, and recovery from a failing worker."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import ray.cloudpickle
+import torch
+import yaml
+
+from uml.config import Paths, load_params
+from uml.data.prepare import prepare
+from uml.data.store import open_prepared
+from uml.models import load_model
+from uml.train.cluster import ray_session
+from uml.train.trainer import model_config, read_history, run_trainer, train
+from uml.train.worker import SCORE_KEY, train_loop_per_worker
+
+from tests.train.tiny import write_tiny_params
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny prepared data set + params, and one local Ray instance for the module."""
+    root = tmp_path_factory.mktemp("train")
+    path = write_tiny_params(root)
+    params = load_params(path)
+    prepare(params)
+    with ray_session(params):
+        yield path, params
+
+
+def test_tiny_run_learns_with_identical_replicas_and_tuned_weights(tiny):
+    path, params = tiny
+    paths = Paths(params)
+    paths.tune_dir.mkdir(parents=True, exist_ok=True)
+    paths.best_params.write_text(yaml.safe_dump({"loss": {"cls_weight": 0.31, "seg_weight": 0.62, "mut_weight": 0.07}}))
+    model_path = train(params)
+
+    model = load_model(model_path)
+    assert model.cfg.image_size == 64 and model.extra["loss"]["cls_weight"] == 0.31
+    logged = yaml.safe_load((paths.train_dir / "params.yaml").read_text())
+    assert logged["loss"]["cls_weight"] == 0.31 and logged["loss"]["seg_weight"] == 0.62 and logged["tuned_from"]
+    history = json.loads((paths.train_dir / "metrics.json").read_text())
+    assert history["step"] == params.train.epochs - 1
+    tsv = (paths.train_dir / "plots" / "metrics" / "val" / "score.tsv").read_text().splitlines()
+    scores = [float(line.split("\t")[1]) for line in tsv[1:]]
+    assert len(scores) == params.train.epochs
+    assert max(scores[1:]) > scores[0], f"validation score did not improve on epoch 1: {scores}"
+    drift = [float(line.split("\t")[1]) for line in (paths.train_dir / "plots" / "metrics" / "ddp" / "param_drift.tsv").read_text().splitlines()[1:]]
+    assert drift == [0.0] * params.train.epochs  # DDP kept both replicas identical
+    assert (paths.train_dir / "progress.png").stat().st_size > 10_000
+    # The saved weights are those of the best epoch.
+    assert model.extra["best_metrics"][SCORE_KEY] == pytest.approx(max(scores))
+
+
+def _fail_once_after_first_epoch(config):
+    """The real training loop, whose rank 0 raises once after reporting its first epoch."""
+    import ray.train as ray_train
+
+    from uml.train import worker
+
+    marker = Path(config["params"]["data"]["root"]) / "failed-once"
+    real_report = ray_train.report
+
+    def report_then_fail(metrics, checkpoint=None, **kwargs):
+        real_report(metrics, checkpoint=checkpoint, **kwargs)
+        if metrics["epoch"] == 0 and ray_train.get_context().get_world_rank() == 0 and not marker.exists():
+            marker.write_text("rank 0 raised after epoch 1\n")
+            raise RuntimeError("injected worker failure")
+
+    ray_train.report = report_then_fail
+    try:
+        worker.train_loop_per_worker(config)
+    finally:
+        ray_train.report = real_report
+
+
+def test_a_worker_that_raises_once_is_recovered_from_its_checkpoint(tiny):
+    _, params = tiny
+    params = params.resolved().with_overrides({"ray.max_failures": 1})
+    data = open_prepared(Paths(params).dataset)
+    cfg = model_config(params, data.class_names, data.mask_classes, data.image_size)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        result = run_trainer(params, name="recover-once", model_cfg=cfg, epochs=3, train_loop=_fail_once_after_first_epoch)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert (Path(params.data.root) / "failed-once").exists()  # the failure did happen
+    history = read_history(result.checkpoint)
+    assert [int(r["epoch"]) for r in history] == [0, 1, 2]  # resumed after epoch 0, nothing repeated or lost
+    assert result.error is None
+
+
+def _checkpoints(storage: Path) -> list[Path]:
+    return sorted(storage.glob("train-*/checkpoint_*"))
+
+
+def test_a_crashed_run_resumes_from_its_last_checkpoint(tiny, tmp_path):
+    path, params = tiny
+    crash_params = tmp_path / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["train"].update(epochs=4, seed=7, use_tuned=False)  # its own run name
+    crash_params.write_text(yaml.safe_dump(raw))
+    storage = Paths(params).ray_storage
+    before = set(_checkpoints(storage))
+    cmd = [sys.executable, "-m", "pipeline.train", "--params", str(crash_params)]
+    env = {**os.environ, "RAY_ADDRESS": ""}  # its own local Ray instance, like a user's run
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while len(set(_checkpoints(storage)) - before) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert len(set(_checkpoints(storage)) - before) >= 2, "no checkpoints appeared"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # a crash: no cleanup, no graceful abort
+        proc.wait()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "resuming from the checkpoint of epoch" in log
+    assert "epoch   1/4" not in log.split("resuming from the checkpoint")[1]  # epoch 1 was not trained again
+    history = json.loads(Path(Paths(params).train_dir / "metrics.json").read_text())
+    assert history["step"] == 3
+    state = torch.load(Paths(params).model_pt, weights_only=True)
+    assert state["extra"]["run"].startswith("train-")

@@ -1,0 +1,28 @@
+"""Tiny params for tests that run real stages: 64 px synthetic images, a few epochs."""
+
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_tiny_params(root: Path, **sections) -> Path:
+    """Write a params.yaml under ``root`` (data under ``root/data``) and return its path.
+
+    ``sections`` update the defaults per section, e.g. ``train={"epochs": 2}``.
+    """
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"].update(root=str(root / "data"), image_size=64, split={"val": 0.25, "test": 0.25})
+    raw["data"]["synthetic"].update(num_images=48, render_size=128)
+    raw["train"].update(epochs=4, batch_size=4, constant_epochs=2, loader_workers=0)
+    raw["loss"].update(kl_annealing_epochs=2)
+    raw["ray"].update(num_workers=2, include_dashboard=True)
+    raw["tune"].update(num_samples=3, epochs=2, workers_per_trial=1)
+    raw["export"].update(parity_images=4)
+    raw["evaluate"].update(num_panels=2, gaussian_sigmas=[0.1], salt_pepper_amounts=[0.05])
+    for section, values in sections.items():
+        raw[section].update(values)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

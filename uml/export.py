@@ -1,0 +1,185 @@
+"""The ``export`` stage: ``model.pt`` -> one self-contained ``model.onnx`` + ``metadata.json``.
+
+The ONNX graph takes ``image`` float32 (B, 3, H, W) in [0, 1] with a dynamic batch and returns the
+deployment outputs by name: ``class_prob`` (alpha/S), ``class_uncertainty`` (K/S), ``seg_prob``
+and ``seg_uncertainty`` (the single-task ablations export only the outputs they have). The stage
+checks the graph with ``onnx.checker``, runs it in onnxruntime against torch on validation
+images and random inputs, and fails if they differ by more than ``export.parity_atol``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import warnings
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from uml.config import Params, Paths
+from uml.data.store import load_split
+from uml.errors import ModelFileError, UMLError
+from uml.models import UMLNet, load_model
+from uml.models import read_model_file
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_ORDER = ("class_prob", "class_uncertainty", "seg_prob", "seg_uncertainty")
+METADATA_FORMAT = "uml-onnx/1"
+# protobuf's hard limit on one serialised message; beyond it ONNX needs external data files.
+PROTOBUF_LIMIT = 2 * 1024**3
+
+
+class DeploymentGraph(nn.Module):
+    """``UMLNet.infer`` as a tuple in a fixed order, which is what ONNX export traces."""
+
+    def __init__(self, model: UMLNet):
+        super().__init__()
+        self.model = model
+        with torch.no_grad():
+            probe = model.infer(torch.zeros(1, 3, model.cfg.image_size, model.cfg.image_size))
+        self.output_names = [name for name in OUTPUT_ORDER if name in probe]
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model.infer(image)
+        return tuple(out[name] for name in self.output_names)
+
+
+def export_onnx(model: UMLNet, path: str | Path, opset: int = 18) -> list[str]:
+    """Write ``model`` (eval mode) as a single ONNX file; returns the output names."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    graph = DeploymentGraph(model).eval()
+    size = model.cfg.image_size
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = param_bytes > PROTOBUF_LIMIT * 0.9
+    tmp = path.with_name(path.name + ".tmp")
+    with warnings.catch_warnings():
+        # The TorchScript exporter warns that it is deprecated; it is the one that traces this
+        # model (dynamic batch through reshape/bmm in the attention) into a single plain file.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph,
+            (torch.rand(2, 3, size, size),),
+            str(tmp),
+            input_names=[INPUT_NAME],
+            output_names=graph.output_names,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in graph.output_names}},
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+    if external:
+        onnx.save_model(onnx.load(str(tmp)), str(tmp), save_as_external_data=True, location=path.name + ".data")
+    onnx.checker.check_model(str(tmp), full_check=True)
+    tmp.replace(path)
+    return graph.output_names
+
+
+def session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def parity(model: UMLNet, onnx_path: str | Path, images: np.ndarray) -> dict[str, float]:
+    """Max absolute difference per output between onnxruntime and eager torch on ``images``
+    (float32, (N, 3, H, W) in [0, 1]), run with the batch size of the input."""
+    sess = session(onnx_path)
+    names = [o.name for o in sess.get_outputs()]
+    ort_out = dict(zip(names, sess.run(names, {INPUT_NAME: images.astype(np.float32)})))
+    with torch.no_grad():
+        torch_out = model.eval().infer(torch.from_numpy(images.astype(np.float32)))
+    return {name: float(np.abs(ort_out[name] - torch_out[name].numpy()).max()) for name in names}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib_metadata.version(package)
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+def build_metadata(model: UMLNet, extra: dict[str, Any], outputs: list[str], params: Params,
+                   parity_diff: dict[str, float], opset: int) -> dict[str, Any]:
+    cfg = model.cfg
+    size = cfg.image_size
+    shapes = {
+        "class_prob": ["batch", cfg.num_classes],
+        "class_uncertainty": ["batch", 1],
+        "seg_prob": ["batch", cfg.num_mask_classes, size, size],
+        "seg_uncertainty": ["batch", 1, size, size],
+    }
+    meaning = {
+        "class_prob": "expected class probability alpha/S of the image-level Dirichlet" if cfg.uncertainty else "softmax probability",
+        "class_uncertainty": "image uncertainty K/S (1 = no evidence)" if cfg.uncertainty else "normalised entropy of the softmax",
+        "seg_prob": "per-pixel expected class probability alpha/S" if cfg.uncertainty else "per-pixel softmax probability",
+        "seg_uncertainty": ("per-pixel uncertainty C/S of the mutual branch (the map that steers the navigator)"
+                            if cfg.uncertainty and "cls" in cfg.tasks else
+                            "per-pixel uncertainty C/S" if cfg.uncertainty else "per-pixel normalised entropy"),
+    }
+    class_names = list(extra.get("class_names") or [f"class_{k}" for k in range(cfg.num_classes)])
+    positive = next((i for i, n in enumerate(class_names) if n.lower() in ("glaucoma", "positive", "malignant")), cfg.num_classes - 1)
+    return {
+        "format": METADATA_FORMAT,
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, size, size], "range": [0.0, 1.0]},
+        "outputs": {name: {"dtype": "float32", "shape": shapes[name], "range": [0.0, 1.0], "meaning": meaning[name]}
+                    for name in outputs},
+        "class_names": class_names,
+        "mask_classes": list(extra.get("mask_classes") or [f"class_{c}" for c in range(cfg.num_mask_classes)]),
+        "positive_class": positive,
+        "tasks": list(cfg.tasks),
+        "uncertainty": cfg.uncertainty,
+        "preprocessing": {
+            "image_size": size, "channels": "RGB", "layout": "NCHW", "dtype": "float32",
+            "scale": 1.0 / 255.0, "resize": "area",
+            "note": "RGB uint8 image resized to image_size x image_size (area when shrinking, linear when enlarging), divided by 255",
+        },
+        "model": {"config": cfg.to_dict(), "run": extra.get("run"), "best_epoch": extra.get("best_epoch"),
+                  "best_metrics": extra.get("best_metrics"), "loss": extra.get("loss")},
+        "hashes": {"data": extra.get("data_hash"), "params": params.section_hash("model", "loss", "train")},
+        "export": {"opset": opset, "parity_max_abs_diff": parity_diff, "parity_atol": params.export.parity_atol},
+        "versions": {"uml": _version("uml"), "torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": ort.__version__, "timm": _version("timm"), "python": platform.python_version()},
+    }
+
+
+def export(params: Params) -> Path:
+    """The ``export`` stage: write ``model.onnx`` and ``metadata.json``; return the ONNX path."""
+    paths = Paths(params)
+    extra = read_model_file(paths.model_pt).get("extra", {})
+    model = load_model(paths.model_pt)
+    opset = params.export.opset
+    log.info("exporting %s (%s, %d px) to ONNX opset %d", paths.model_pt, "+".join(model.cfg.tasks), model.cfg.image_size, opset)
+    outputs = export_onnx(model, paths.model_onnx, opset)
+    images, _, _, _ = load_split(paths.dataset, "val", limit=params.export.parity_images)
+    if images.shape[1] != model.cfg.image_size:
+        raise ModelFileError(f"{paths.model_pt} expects {model.cfg.image_size} px images but {paths.dataset} holds "
+                             f"{images.shape[1]} px: retrain after changing data.image_size")
+    data = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    rng = np.random.default_rng(0)
+    random_inputs = rng.random((3, 3, model.cfg.image_size, model.cfg.image_size), dtype=np.float32)
+    diffs = [parity(model, paths.model_onnx, data), parity(model, paths.model_onnx, data[:1]), parity(model, paths.model_onnx, random_inputs)]
+    worst = {name: max(d[name] for d in diffs) for name in outputs}
+    log.info("onnxruntime vs torch, max |diff| over %d validation + 3 random images: %s", len(data),
+             ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
+    if max(worst.values()) > params.export.parity_atol:
+        paths.model_onnx.unlink(missing_ok=True)
+        raise UMLError(f"ONNX parity check failed: max |onnxruntime - torch| = {max(worst.values()):.3e} > "
+                       f"export.parity_atol {params.export.parity_atol:g} ({worst}); model.onnx was removed")
+    meta = build_metadata(model, extra, outputs, params, worst, opset)
+    tmp = paths.metadata.with_name(paths.metadata.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(paths.metadata)
+    log.info("wrote %s (%.1f MB) and %s", paths.model_onnx, paths.model_onnx.stat().st_size / 1e6, paths.metadata)
+    return paths.model_onnx
