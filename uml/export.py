@@ -161,25 +161,31 @@ def export(params: Params) -> Path:
     model = load_model(paths.model_pt)
     opset = params.export.opset
     log.info("exporting %s (%s, %d px) to ONNX opset %d", paths.model_pt, "+".join(model.cfg.tasks), model.cfg.image_size, opset)
-    outputs = export_onnx(model, paths.model_onnx, opset)
+    # Export under a staging name: model.onnx appears only once it has passed the parity check.
+    staging = paths.model_onnx.with_name(paths.model_onnx.name + ".partial")
+    outputs = export_onnx(model, staging, opset)
     images, _, _, _ = load_split(paths.dataset, "val", limit=params.export.parity_images)
     if images.shape[1] != model.cfg.image_size:
+        staging.unlink(missing_ok=True)
         raise ModelFileError(f"{paths.model_pt} expects {model.cfg.image_size} px images but {paths.dataset} holds "
                              f"{images.shape[1]} px: retrain after changing data.image_size")
     data = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
     rng = np.random.default_rng(0)
     random_inputs = rng.random((3, 3, model.cfg.image_size, model.cfg.image_size), dtype=np.float32)
-    diffs = [parity(model, paths.model_onnx, data), parity(model, paths.model_onnx, data[:1]), parity(model, paths.model_onnx, random_inputs)]
+    diffs = [parity(model, staging, data), parity(model, staging, data[:1]), parity(model, staging, random_inputs)]
     worst = {name: max(d[name] for d in diffs) for name in outputs}
     log.info("onnxruntime vs torch, max |diff| over %d validation + 3 random images: %s", len(data),
              ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
     if max(worst.values()) > params.export.parity_atol:
-        paths.model_onnx.unlink(missing_ok=True)
+        # Neither the new graph nor an older model.onnx/metadata.json pair, which would not match model.pt.
+        for stale in (staging, paths.model_onnx, paths.metadata):
+            stale.unlink(missing_ok=True)
         raise UMLError(f"ONNX parity check failed: max |onnxruntime - torch| = {max(worst.values()):.3e} > "
-                       f"export.parity_atol {params.export.parity_atol:g} ({worst}); model.onnx was removed")
+                       f"export.parity_atol {params.export.parity_atol:g} ({worst}); no model.onnx was written")
     meta = build_metadata(model, extra, outputs, params, worst, opset)
     tmp = paths.metadata.with_name(paths.metadata.name + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(paths.metadata)
+    staging.replace(paths.model_onnx)
     log.info("wrote %s (%.1f MB) and %s", paths.model_onnx, paths.model_onnx.stat().st_size / 1e6, paths.metadata)
     return paths.model_onnx

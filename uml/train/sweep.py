@@ -212,7 +212,7 @@ def sweep(params: Params) -> dict[str, Any]:
         # request, and any CPU fraction would leave the last worker of a full node unplaceable.
         trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
         if tune.Tuner.can_restore(experiment_path):
-            log.info("restoring the interrupted sweep %s", experiment_path)
+            log.info("restoring sweep %s: finished trials are kept, unfinished ones resume", experiment_path)
             tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
             concurrent = max_concurrent(params)

@@ -1,0 +1,93 @@
+"""ONNX export: contract (names, dynamic batch, ranges), parity with torch, the stage's metadata
+and its refusal to keep a model that does not match."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from uml.config import Paths, load_params
+from uml.data.prepare import prepare
+from uml.data.store import load_split
+from uml.errors import UMLError
+from uml.export import INPUT_NAME, export, export_onnx, parity, session
+from uml.models import build_model, save_model
+from uml.predict import OnnxModel
+
+from tests.train.tiny import write_tiny_params
+
+
+@pytest.mark.parametrize("overrides, outputs", [
+    ({}, ["class_prob", "class_uncertainty", "seg_prob", "seg_uncertainty"]),
+    ({"uncertainty": False}, ["class_prob", "class_uncertainty", "seg_prob", "seg_uncertainty"]),
+    ({"tasks": ["seg"]}, ["seg_prob", "seg_uncertainty"]),
+    ({"tasks": ["cls"]}, ["class_prob", "class_uncertainty"]),
+])
+def test_export_contract_and_parity_on_random_inputs(tmp_path, overrides, outputs):
+    model = build_model("small", image_size=64, **overrides).eval()
+    path = tmp_path / "model.onnx"
+    assert export_onnx(model, path) == outputs
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph)
+    assert [i.name for i in graph.graph.input] == [INPUT_NAME] and [o.name for o in graph.graph.output] == outputs
+    assert not list(tmp_path.glob("*.data"))  # one self-contained file
+    rng = np.random.default_rng(0)
+    for batch in (1, 3):  # dynamic batch
+        diffs = parity(model, path, rng.random((batch, 3, 64, 64), dtype=np.float32))
+        assert set(diffs) == set(outputs) and max(diffs.values()) < 1e-4
+    out = dict(zip(outputs, session(path).run(None, {INPUT_NAME: rng.random((2, 3, 64, 64), dtype=np.float32)})))
+    for name, value in out.items():
+        assert value.shape[0] == 2 and value.min() >= 0.0 and value.max() <= 1.0 + 1e-6
+    if "class_prob" in out:
+        np.testing.assert_allclose(out["class_prob"].sum(1), 1.0, atol=1e-5)
+    if "seg_prob" in out:
+        np.testing.assert_allclose(out["seg_prob"].sum(1), 1.0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    params = load_params(write_tiny_params(root))
+    prepare(params)
+    paths = Paths(params)
+    torch.manual_seed(0)
+    model = build_model("small", image_size=64).eval()
+    save_model(model, paths.model_pt, extra={"class_names": ["non-glaucoma", "glaucoma"],
+                                             "mask_classes": ["background", "disc", "cup"], "data_hash": "abc", "run": "r"})
+    export(params)
+    return params, model
+
+
+def test_stage_writes_metadata_that_predict_accepts(exported):
+    params, model = exported
+    paths = Paths(params)
+    meta = json.loads(paths.metadata.read_text())
+    assert meta["input"] == {"name": "image", "dtype": "float32", "shape": ["batch", 3, 64, 64], "range": [0.0, 1.0]}
+    assert meta["outputs"]["seg_prob"]["shape"] == ["batch", 3, 64, 64]
+    assert meta["outputs"]["class_uncertainty"]["shape"] == ["batch", 1]
+    assert meta["class_names"] == ["non-glaucoma", "glaucoma"] and meta["positive_class"] == 1
+    assert meta["preprocessing"]["image_size"] == 64 and meta["hashes"]["data"] == "abc"
+    assert max(meta["export"]["parity_max_abs_diff"].values()) < params.export.parity_atol
+    assert meta["versions"]["onnxruntime"] and meta["versions"]["torch"]
+    onnx_model = OnnxModel(paths.model_onnx)  # the deployment reader's contract checks pass
+    assert onnx_model.image_size == 64 and onnx_model.has_cls and onnx_model.has_seg
+
+
+def test_parity_on_data_set_images(exported):
+    params, model = exported
+    images, _, _, _ = load_split(Paths(params).dataset, "test")
+    batch = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    assert max(parity(model, Paths(params).model_onnx, batch).values()) < 1e-4
+
+
+def test_stage_fails_and_removes_the_model_when_parity_is_off(exported):
+    params, _ = exported
+    strict = params.with_overrides({"export.parity_atol": 1e-12})
+    with pytest.raises(UMLError, match="parity check failed"):
+        export(strict)
+    assert not Paths(params).model_onnx.exists() and not Paths(params).metadata.exists()
+    assert not list(Paths(params).models_dir.glob("*.partial"))
+    export(params)  # restore for other tests
+    assert Paths(params).model_onnx.exists()

@@ -1,0 +1,114 @@
+"""`ray job submit` of the train stage to a head node that this test starts on 127.0.0.1."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from uml.config import Paths, load_params
+from uml.data.prepare import prepare
+from uml.models import load_model
+
+from tests.train.tiny import write_tiny_params
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _stop(pids: set[int]) -> None:
+    """Stop exactly the processes `ray start` created (and whatever they spawned since):
+    SIGTERM, then SIGKILL after a grace period, as `ray stop` does, but nothing else on the machine."""
+    procs = set()
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            procs.add(proc)
+            procs.update(proc.children(recursive=True))
+        except psutil.Error:
+            continue
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=8)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+@pytest.fixture
+def head_node():
+    """A one-node cluster listening on loopback only, with the ports it picks; stopped even on failure."""
+    # A short path: Ray's unix sockets live under it and AF_UNIX paths are limited to ~107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="umlray", dir="/tmp"))
+    before = {p.pid for p in psutil.process_iter()}
+    # Single-node mode is what makes Ray take 127.0.0.1 as the node address and bind to it.
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    started: set[int] = set()
+    try:
+        out = subprocess.run(
+            [RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--port=0", "--dashboard-host=127.0.0.1",
+             "--dashboard-port=0", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            env=env, capture_output=True, text=True, timeout=180,
+        )
+        started = {p.pid for p in psutil.process_iter()} - before
+        log = out.stdout + out.stderr
+        assert out.returncode == 0, log[-3000:]
+        address = re.search(r"http://127\.0\.0\.1:\d+", log)
+        assert address, log[-3000:]
+        yield address.group(0), started
+    finally:
+        _stop(started | ({p.pid for p in psutil.process_iter()} - before if started else set()))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _listening_addresses(pids: set[int]) -> set[str]:
+    addresses = set()
+    for pid in pids:
+        try:
+            for conn in psutil.Process(pid).net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    addresses.add(conn.laddr.ip)
+        except psutil.Error:
+            continue
+    return addresses
+
+
+def test_ray_job_submit_trains_on_a_loopback_head(head_node, tmp_path):
+    address, started = head_node
+    # Every service of the head listens on loopback only.
+    assert _listening_addresses(started) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+    params_path = write_tiny_params(tmp_path, train={"epochs": 2, "use_tuned": False})
+    params = load_params(params_path)
+    prepare(params)
+    # Current Ray enables token authentication; the CLI reads the head's token in this mode.
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    job = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+         sys.executable, "-m", "pipeline.train", "--params", str(params_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-4000:]
+    assert "joining Ray cluster" in log and "succeeded" in log
+    paths = Paths(params)
+    model = load_model(paths.model_pt)
+    assert model.extra["best_epoch"] in (0, 1)
+    metrics = json.loads((paths.train_dir / "metrics.json").read_text())  # dvclive nests "val/score"
+    assert metrics["step"] == 1 and 0.0 <= metrics["val"]["score"] <= 1.0
+    assert torch.load(paths.model_pt, weights_only=True)["format"] == "uml-model/1"
