@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -35,25 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
+from _machine import command_line, cpu_name  # noqa: E402
 from uml.config import LossParams  # noqa: E402
 from uml.losses import uml_loss  # noqa: E402
 from uml.models import PRESETS, build_model, count_parameters  # noqa: E402
 
 PARTS = ("cls_encoder", "seg_encoder", "mixers", "mutual_decoder", "navigator", "instructor")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
 def forward_latency(model: torch.nn.Module, batch: int, size: int, warmup: int, iters: int) -> float:

@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
-import shlex
 import shutil
 import statistics
 import sys
@@ -51,26 +49,13 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from _machine import command_line, cpu_name  # noqa: E402
 from uml.config import Params, Paths, load_params  # noqa: E402
 from uml.data.prepare import prepare  # noqa: E402
 from uml.data.store import open_prepared  # noqa: E402
 from uml.models import PRESETS  # noqa: E402
 from uml.train.cluster import cluster_address, ray_session  # noqa: E402
 from uml.train.trainer import model_config, read_history, run_trainer  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
 def gpu_name() -> str:
