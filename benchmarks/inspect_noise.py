@@ -4,10 +4,15 @@ uncertainty U and the navigator's gate exp(-U) change from clean to noisy test i
     python benchmarks/inspect_noise.py data          # data.root of a finished `dvc repro`
 
 Reads ``<root>/models/model.pt`` and the test split of ``<root>/prepared/dataset.zarr`` and
-prints a markdown table (one column per input corruption; the noise is seeded).
+prints a markdown table (one column per input corruption; the noise is seeded). Dice uses the
+evaluate stage's structures (disc = rim ∪ cup for fundus masks).
 """
+
+from __future__ import annotations
+
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -16,45 +21,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import uml.models as M  # noqa: E402
-from uml.data.store import load_split  # noqa: E402
+from uml import metrics  # noqa: E402
+from uml.data.store import load_split, open_prepared  # noqa: E402
+from uml.models import load_model  # noqa: E402
 from uml.noise import gaussian_noise, salt_and_pepper  # noqa: E402
 
-if len(sys.argv) != 2:
-    raise SystemExit("usage: python benchmarks/inspect_noise.py DATA_ROOT")
-root = Path(sys.argv[1])
-model = M.load_model(root / "models" / "model.pt").eval()
-images, masks, labels, _ = load_split(root / "prepared" / "dataset.zarr", "test")
-x01 = images.astype(np.float32) / 255.0
-rng = np.random.default_rng(0)
 
-def dice(pred, gt):
-    inter = (pred & gt).sum((1, 2)); den = pred.sum((1, 2)) + gt.sum((1, 2))
-    return float(np.mean(np.where(den > 0, 2 * inter / np.maximum(den, 1), 1.0)))
+def mean_dice(logits: torch.Tensor, gt_masks: np.ndarray, structure: Callable[[np.ndarray], np.ndarray]) -> float:
+    pred = structure(logits.argmax(1).numpy())
+    return float(np.mean([metrics.dice(p, g) for p, g in zip(pred, structure(gt_masks))]))
 
-rows = {}
-for name, fn in [("clean", lambda a: a), ("gauss0.1", lambda a: gaussian_noise(a, 0.1, rng)),
-                 ("gauss0.2", lambda a: gaussian_noise(a, 0.2, rng)), ("s&p0.1", lambda a: salt_and_pepper(a, 0.1, rng))]:
-    xb = torch.from_numpy(fn(x01)).permute(0, 3, 1, 2).contiguous()
+
+def probe(model: torch.nn.Module, images01: np.ndarray, gt_masks: np.ndarray, mask_classes: list[str]) -> dict[str, float]:
+    x = torch.from_numpy(images01).permute(0, 3, 1, 2).contiguous()
     with torch.no_grad():
-        out = model(xb)
-    if "seg_logits" not in out:
-        raise SystemExit(f"{root}/models/model.pt has no segmentation head (model.tasks without seg)")
-    r = {}
-    seg = out["seg_logits"].argmax(1).numpy()
-    r["dice_disc"] = dice(seg >= 1, masks >= 1); r["dice_cup"] = dice(seg == 2, masks == 2)
-    if "mutual_logits" in out:
-        mut = out["mutual_logits"].argmax(1).numpy()
-        r["mutual_dice_disc"] = dice(mut >= 1, masks >= 1); r["mutual_dice_cup"] = dice(mut == 2, masks == 2)
+        out = model(x)
+    row: dict[str, float] = {}
+    for name, structure in metrics.structures(mask_classes).items():
+        row[f"dice_{name}"] = mean_dice(out["seg_logits"], gt_masks, structure)
+        if "mutual_logits" in out:
+            row[f"mutual_dice_{name}"] = mean_dice(out["mutual_logits"], gt_masks, structure)
     if "uncertainty_map" in out:
-        U = out["uncertainty_map"]
-        r["mean_U"] = float(U.mean()); r["mean_gate_exp(-U)"] = float(torch.exp(-U).mean())
-        r["mean_mutual_evidence_sum"] = float(out["mutual_evidence"].sum(1).mean())
-        r["p99_mutual_evidence_sum"] = float(out["mutual_evidence"].sum(1).flatten().quantile(0.99))
-    if "class_logits" in out:
-        r["class_prob_pos_mean"] = float(torch.softmax(out["class_logits"], 1)[:, 1].mean())
-    rows[name] = r
-keys = sorted({k for r in rows.values() for k in r})
-print("| measure | " + " | ".join(rows) + " |"); print("|---|" + "---:|" * len(rows))
-for k in keys:
-    print(f"| {k} | " + " | ".join(f"{rows[n].get(k, float('nan')):.3f}" for n in rows) + " |")
+        u, evidence_sum = out["uncertainty_map"], out["mutual_evidence"].sum(1)
+        row["mean_U"] = float(u.mean())
+        row["mean_gate_exp(-U)"] = float(torch.exp(-u).mean())
+        row["mean_mutual_evidence_sum"] = float(evidence_sum.mean())
+        row["p99_mutual_evidence_sum"] = float(evidence_sum.flatten().quantile(0.99))
+    return row
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 1:
+        raise SystemExit("usage: python benchmarks/inspect_noise.py DATA_ROOT")
+    root = Path(argv[0])
+    model = load_model(root / "models" / "model.pt").eval()
+    if not model.has_seg:
+        raise SystemExit(f"{root / 'models' / 'model.pt'} has no segmentation head (model.tasks without seg)")
+    data = open_prepared(root / "prepared" / "dataset.zarr")
+    images, gt_masks, _, _ = load_split(data, "test")
+    images01 = images.astype(np.float32) / 255.0
+    rng = np.random.default_rng(0)
+    corruptions = {
+        "clean": lambda a: a,
+        "gauss0.1": lambda a: gaussian_noise(a, 0.1, rng),
+        "gauss0.2": lambda a: gaussian_noise(a, 0.2, rng),
+        "s&p0.1": lambda a: salt_and_pepper(a, 0.1, rng),
+    }
+    rows = {name: probe(model, corrupt(images01), gt_masks, data.mask_classes) for name, corrupt in corruptions.items()}
+    keys = sorted({k for row in rows.values() for k in row})
+    print("| measure | " + " | ".join(rows) + " |")
+    print("|---|" + "---:|" * len(rows))
+    for key in keys:
+        print(f"| {key} | " + " | ".join(f"{rows[n].get(key, float('nan')):.3f}" for n in rows) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -13,7 +13,7 @@ What is measured, per preset (``small`` at its default 128 px, ``paper`` at 256 
 - training throughput: images/s of full steps (forward, ``uml_loss``, backward, Adam step) in
   train mode, after ``--warmup`` untimed steps.
 
-The paper preset trains at well under 1 img/s on a 2-core CPU (DESIGN §2: ~0.07 img/s at batch 4),
+The paper preset trains at well under 1 img/s on a 2-core CPU (measured: 0.13 img/s at batch 2),
 so it has its own, minimal iteration counts (``--paper-*``; default 1 warm-up + 2 timed steps at
 batch 2). Everything runs with ``torch.set_num_threads(--threads)``. The last column of each table
 is the ratio paper / small measured in the same run (the machine is noisy; compare ratios).

@@ -22,7 +22,7 @@ gets a fresh name, so nothing resumes an older run; the temporary folder is remo
 Notes on what ``images_per_second`` covers: ``train.batch_size`` is per worker (2 workers process
 twice the images per step), training images are counted as steps x batch x workers (DDP pads the
 shards and drops the last partial batch), and the epoch time includes the epoch's validation pass
-(kept small here with ``--max-val-images``). The paper preset at 256 px trains at ~0.1 img/s on a
+(kept small here with ``--max-val-images``). The paper preset at 256 px trains at ~0.13 img/s on a
 2-core CPU (``benchmarks/model.py``), so ``--preset paper`` is for many-core hosts (raise ``--cpus``)
 or patient users: lower ``--images`` and ``--batch-size`` as above (about 15 minutes on 2 cores,
 estimated from the per-step cost) and expect ~4 GB of memory per worker at batch 2. The layouts
