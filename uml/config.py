@@ -29,14 +29,29 @@ class _Section(BaseModel):
 # --------------------------------------------------------------------------------------- data
 class SyntheticParams(_Section):
     num_images: int = Field(320, ge=3)
+    # Expected share of glaucoma labels (after label noise); the vCDR population is shifted to
+    # reach it exactly in expectation. REFUGE: 0.1.
+    positive_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     # Probability that a label is flipped after it is drawn from the cup-to-disc ratio.
     label_noise: float = Field(0.05, ge=0.0, lt=0.5)
     # Vertical cup-to-disc ratio at which glaucoma becomes more likely than not, and the width
     # of the soft (logistic) boundary around it.
     vcdr_threshold: float = Field(0.6, gt=0.0, lt=1.0)
     vcdr_softness: float = Field(0.04, gt=0.0)
+    # Standard deviation of the drawn vCDR population (wider: fewer images near the threshold).
+    vcdr_spread: float = Field(0.10, gt=0.0, le=0.5)
     # Size of the generated photographs before they are resized to ``data.image_size``.
     render_size: int = Field(256, ge=32)
+
+    @model_validator(mode="after")
+    def _reachable_positive_fraction(self) -> "SyntheticParams":
+        # Flips alone make a share of label_noise positives (and negatives), whatever the vCDR.
+        if not self.label_noise < self.positive_fraction < 1.0 - self.label_noise:
+            raise ValueError(
+                f"positive_fraction ({self.positive_fraction}) must lie strictly between label_noise and "
+                f"1 - label_noise ({self.label_noise}, {1.0 - self.label_noise}): label flips alone give that share"
+            )
+        return self
 
 
 class AffineParams(_Section):

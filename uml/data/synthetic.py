@@ -6,10 +6,38 @@ optic disc, and an optic disc ellipse with a paler cup ellipse inside it. Masks:
 1 disc rim, 2 cup.
 
 The glaucoma label comes from the vertical cup-to-disc ratio (vCDR = vertical cup height /
-vertical disc height) through a soft logistic boundary,
-``P(glaucoma) = sigmoid((vCDR - vcdr_threshold) / vcdr_softness)``, followed by ``label_noise``
-flips. vCDR is drawn from ``Normal(vcdr_threshold - 0.12, 0.10)`` clipped to [0.15, 0.92], which
-puts about 20 % of images on the glaucoma side (REFUGE: 10 %) whatever the threshold is.
+vertical disc height) in two steps:
+
+1. ``P(glaucoma | vCDR) = sigmoid((vCDR - vcdr_threshold) / vcdr_softness)``, a soft logistic
+   boundary: the label is drawn from it, so images near the threshold go either way.
+2. Label noise: with probability ``label_noise`` the drawn label is flipped (symmetric, independent
+   of the image), as a grader's mistakes would be. A flipped label contradicts the image, so no
+   model can predict it: even a model that knew the true vCDR and the boundary gets at most
+   ``1 - label_noise`` of the labels right (less with a soft boundary), and its AUC drops too.
+
+vCDR is drawn from ``Normal(mean, vcdr_spread)`` clipped to [0.15, 0.92]. The mean is not a free
+parameter: :func:`vcdr_population_mean` solves (once per parameter set, by root finding on a
+numerical integral, not per image) for the mean at which the expected share of glaucoma labels
+after the flips is exactly ``positive_fraction``: with ``q = E[sigmoid((vCDR - threshold) /
+softness)]`` and flip probability ``e``, ``E[label] = e + (1 - 2e) q``. Reachable shares are
+``label_noise < positive_fraction < 1 - label_noise``.
+
+The ceiling this implies (measured on 400k draws): "vCDR AUC" is the AUC of the true vCDR as a
+score for the (noisy) label, "Bayes accuracy" the accuracy of predicting the more likely label from
+the true vCDR; no image model can do better on average. ``evaluate`` writes the test split's value
+of the first, from the ground-truth masks, as ``reference/vcdr_auc``.
+
+==================  =====  ========  ======  ==========  ==============
+positive_fraction   noise  softness  spread  vCDR AUC    Bayes accuracy
+==================  =====  ========  ======  ==========  ==============
+0.5                 0.05   0.04      0.10    0.86        0.78
+0.5                 0.02   0.02      0.15    0.96        0.91
+0.1                 0.05   0.04      0.10    0.72        0.91
+0.1                 0.02   0.02      0.15    0.90        0.95
+==================  =====  ========  ======  ==========  ==============
+
+(With few positives, symmetric flips weigh heavily: at a 10 % share and 5 % noise, flipped
+negatives make up almost half of the positive labels.)
 
 What keeps the task learnable but not trivial: the cup edge is soft and its contrast against the
 rim varies from faint to clear, vessels cross the disc, some images show peripapillary atrophy
@@ -29,13 +57,13 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from scipy import integrate, optimize, stats
 
 from uml.config import SyntheticParams
 from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, Record
+from uml.errors import ConfigError
 
-# vCDR population, relative to the threshold (see module docstring).
-VCDR_OFFSET = -0.12
-VCDR_SPREAD = 0.10
+# Drawn vCDR values are clipped to this range (a cup is never absent nor as large as the disc).
 VCDR_RANGE = (0.15, 0.92)
 
 
@@ -159,6 +187,50 @@ def glaucoma_probability(vcdr: float | np.ndarray, threshold: float, softness: f
     return float(out) if out.ndim == 0 else out
 
 
+def _glaucoma_share_before_noise(mean: float, threshold: float, softness: float, spread: float) -> float:
+    """``E[P(glaucoma | vCDR)]`` for vCDR ~ ``Normal(mean, spread)`` clipped to :data:`VCDR_RANGE`.
+
+    The clipped tails are point masses at the range ends; the inside is integrated numerically.
+    """
+    lo, hi = VCDR_RANGE
+    inside, _ = integrate.quad(
+        lambda v: stats.norm.pdf(v, mean, spread) * glaucoma_probability(v, threshold, softness),
+        lo, hi, points=[threshold] if lo < threshold < hi else None, limit=200,
+    )
+    below, above = stats.norm.cdf(lo, mean, spread), stats.norm.sf(hi, mean, spread)
+    return below * glaucoma_probability(lo, threshold, softness) + above * glaucoma_probability(hi, threshold, softness) + inside
+
+
+@functools.lru_cache(maxsize=32)
+def _solve_population_mean(fraction: float, noise: float, threshold: float, softness: float, spread: float) -> float:
+    target = (fraction - noise) / (1.0 - 2.0 * noise)  # the share needed before the flips
+    lo, hi = VCDR_RANGE
+
+    def excess(mean: float) -> float:
+        return _glaucoma_share_before_noise(mean, threshold, softness, spread) - target
+
+    # Far outside the range all draws clip to one end: the share is the boundary's value there.
+    left, right = lo - 10.0 * spread, hi + 10.0 * spread
+    if not excess(left) < 0.0 < excess(right):
+        raise ConfigError(
+            f"data.synthetic.positive_fraction: {fraction} is out of reach with vcdr_threshold {threshold}, "
+            f"vcdr_softness {softness} and label_noise {noise}: vCDR values in {list(VCDR_RANGE)} give shares "
+            f"between {noise + (1 - 2 * noise) * (target + excess(left)):.4f} and "
+            f"{noise + (1 - 2 * noise) * (target + excess(right)):.4f}"
+        )
+    return float(optimize.brentq(excess, left, right, xtol=1e-10))
+
+
+def vcdr_population_mean(params: SyntheticParams) -> float:
+    """The mean of the drawn vCDR population at which ``E[label] = params.positive_fraction``.
+
+    See the module docstring; computed once per parameter set (cached). Raises
+    :class:`~uml.errors.ConfigError` when the share cannot be reached inside :data:`VCDR_RANGE`.
+    """
+    return _solve_population_mean(params.positive_fraction, params.label_noise, params.vcdr_threshold,
+                                  params.vcdr_softness, params.vcdr_spread)
+
+
 def _resize_square(image: np.ndarray, size: int, *, is_mask: bool) -> np.ndarray:
     if image.shape[0] == size and image.shape[1] == size:
         return image
@@ -178,7 +250,7 @@ def generate_sample(index: int, params: SyntheticParams, image_size: int, seed: 
     yy, xx = _grid(size)
 
     # Label first, so that the label stream does not depend on rendering details.
-    vcdr = float(np.clip(rng.normal(params.vcdr_threshold + VCDR_OFFSET, VCDR_SPREAD), *VCDR_RANGE))
+    vcdr = float(np.clip(rng.normal(vcdr_population_mean(params), params.vcdr_spread), *VCDR_RANGE))
     prob = float(glaucoma_probability(vcdr, params.vcdr_threshold, params.vcdr_softness))
     label = int(rng.random() < prob)
     if rng.random() < params.label_noise:
@@ -290,6 +362,7 @@ class SyntheticSource:
     name = "synthetic"
 
     def __init__(self, params: SyntheticParams, image_size: int, seed: int = 0, num_images: int | None = None):
+        vcdr_population_mean(params)  # an unreachable positive_fraction fails here, before any image
         self.params = params
         self.image_size = image_size
         self.seed = seed
