@@ -2,14 +2,19 @@
 
 Every stage reads its parameters through :func:`load_params`. Unknown keys, wrong types and
 out-of-range values stop with a :class:`ConfigError` that names the file and the dotted key, so a
-typo in ``params.yaml`` never silently falls back to a default.
+typo in ``params.yaml`` never silently falls back to a default. Types are strict (``true`` is not
+an int, ``"5"`` is not a number, ``"yes"`` is not a bool); an int is accepted where a float is
+expected. A file that is not UTF-8, not YAML or not a mapping of sections is a ``ConfigError``
+naming the file.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import ipaddress
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,10 +25,15 @@ from uml.errors import ConfigError
 
 DEFAULT_PARAMS = "params.yaml"
 
+log = logging.getLogger(__name__)
+
 
 class _Section(BaseModel):
     # extra="forbid" is what turns a misspelt key into an error instead of a silent default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: no coercion, so `epochs: true` (YAML's bool), `epochs: "5"` and `use_tuned: "yes"`
+    # are errors instead of 1, 5 and true. An int is still accepted for a float field, and YAML
+    # lists and mappings still validate into list/dict fields and nested sections.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 # --------------------------------------------------------------------------------------- data
@@ -224,6 +234,33 @@ class RayParams(_Section):
             raise ValueError(f"resources must be positive, got {bad}")
         return v
 
+    @model_validator(mode="after")
+    def _warn_when_reachable(self) -> "RayParams":
+        # Only a local instance (no ray.address) listens on ray.host. Params are validated again
+        # in every worker and for every override, so each host is warned about once per process.
+        if self.address is None and not is_loopback_host(self.host) and self.host not in _WARNED_HOSTS:
+            _WARNED_HOSTS.add(self.host)
+            log.warning(
+                "ray.host is %s, not a loopback address: a local run's Ray services (GCS, raylet, object "
+                "manager, worker gRPC ports), its dashboard and job API (port 8265, which runs submitted code) "
+                "and the training processes' DDP rendezvous store and gloo sockets will accept connections from "
+                "every network that reaches %s. Keep 127.0.0.1 unless other machines must join.", self.host,
+                "this machine" if self.host in ("0.0.0.0", "::") else self.host)
+        return self
+
+
+_WARNED_HOSTS: set[str] = set()
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
 
 # --------------------------------------------------------------------------------------- tune
 class TuneParams(_Section):
@@ -318,6 +355,21 @@ def _key_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc)
 
 
+def _yaml_number_hint(error_type: str, got: Any) -> str:
+    """Why a number-looking string was not a number, and how to write it."""
+    if error_type not in ("float_type", "int_type") or not isinstance(got, str):
+        return ""
+    try:
+        float(got)
+    except ValueError:
+        return ""
+    mantissa = got.lower().split("e")[0]
+    if "e" in got.lower() and "." not in mantissa:
+        # YAML 1.1 (PyYAML) wants a dot in the mantissa of an exponent number.
+        return f"; YAML reads {got} as text: write {mantissa}.0e{got.lower().split('e')[1]}"
+    return "; quoted values are text: write the number without quotes"
+
+
 def parse_params(raw: dict[str, Any] | None, source: str = "<params>") -> Params:
     """Validate a raw mapping into :class:`Params`, naming the offending key on error."""
     if raw is None:
@@ -335,7 +387,7 @@ def parse_params(raw: dict[str, Any] | None, source: str = "<params>") -> Params
             else:
                 got = err.get("input")
                 got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-                lines.append(f"{source}: {key}: {err['msg']}{got_text}")
+                lines.append(f"{source}: {key}: {err['msg']}{got_text}{_yaml_number_hint(err['type'], got)}")
         raise ConfigError("\n".join(lines)) from None
     params._source = source
     return params
@@ -347,7 +399,14 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                          "save the params file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the params file: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_params(raw, source=str(path))

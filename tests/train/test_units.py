@@ -120,3 +120,28 @@ def test_run_name_is_deterministic_and_tracks_what_matters():
 
 def test_flatten_nested_params():
     assert flatten({"loss": {"cls_weight": 0.3, "x": {"y": 1}}}) == {"loss.cls_weight": 0.3, "loss.x.y": 1}
+
+
+def test_workers_get_params_that_validate_strictly_again(tmp_path, monkeypatch):
+    """Ray ships the params to the workers as a dict that they validate again (strict types):
+    data.mask_values' int keys must arrive as ints, which a JSON-mode dump would make strings."""
+    from types import SimpleNamespace
+
+    from uml.config import parse_params
+    from uml.train import trainer
+
+    shipped = {}
+
+    class CapturingTrainer:
+        def __init__(self, loop, *, train_loop_config, **kwargs):
+            shipped.update(train_loop_config)
+
+        def fit(self):
+            raise RuntimeError("captured")
+
+    monkeypatch.setattr(trainer, "TorchTrainer", CapturingTrainer)
+    monkeypatch.setattr(trainer, "alive_nodes", lambda: 1)
+    params = parse_params({"data": {"root": str(tmp_path), "mask_values": {0: 0, 128: 1, 255: 2}}})
+    with pytest.raises(RuntimeError, match="captured"):
+        trainer.run_trainer(params, name="x", model_cfg=SimpleNamespace(to_dict=dict), epochs=1)
+    assert parse_params(shipped["params"], source="train config").model_dump() == params.model_dump()

@@ -183,7 +183,9 @@ def run_trainer(params: Params, *, name: str, model_cfg: ModelConfig, epochs: in
         paths.ray_storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"params": params.model_dump(mode="json"), "model": model_cfg.to_dict(),
+        # Python-mode dump: strict validation in the workers must get back the same types (a JSON
+        # dump would turn data.mask_values' int keys into strings).
+        train_loop_config={"params": params.model_dump(), "model": model_cfg.to_dict(),
                            "store": str(paths.dataset), "epochs": epochs},
         torch_config=TorchConfig(backend="nccl" if params.ray.use_gpu else "gloo"),
         scaling_config=scaling_config(params, num_workers),

@@ -1,0 +1,106 @@
+"""uml.config: strict types, unreadable params files, and the warning for a reachable ray.host."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from uml.config import Params, is_loopback_host, load_params, parse_params
+from uml.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("train", "epochs", True, r"train\.epochs: Input should be a valid integer \(got True\)"),
+        ("train", "epochs", "5", r"train\.epochs: Input should be a valid integer \(got '5'\); quoted values are text"),
+        ("train", "use_tuned", "yes", r"train\.use_tuned: Input should be a valid boolean \(got 'yes'\)"),
+        ("train", "use_tuned", 1, r"train\.use_tuned: Input should be a valid boolean \(got 1\)"),
+        ("train", "lr", "1e-4", r"train\.lr: .*YAML reads 1e-4 as text: write 1\.0e-4"),
+        ("loss", "cls_weight", "0.5", r"loss\.cls_weight: Input should be a valid number"),
+        ("tune", "num_samples", 4.0, r"tune\.num_samples: Input should be a valid integer"),
+        ("ray", "host", 127, r"ray\.host: Input should be a valid string"),
+    ],
+)
+def test_wrong_types_are_rejected_not_coerced(section, key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_params({section: {key: value}}, source="p.yaml")
+
+
+def test_int_for_float_lists_and_mappings_still_validate():
+    params = parse_params({
+        "loss": {"cls_weight": 1, "seg_weight": 0},  # ints where floats are declared
+        "tune": {"reduction_factor": 3, "search_space": {"loss.cls_weight": {"uniform": [0, 1]}}},
+        "ray": {"resources_per_worker": {"CPU": 2}},
+        "data": {"mask_values": {0: 0, 128: 1, 255: 2}, "mask_classes": ["bg", "disc", "cup"],
+                 "split": {"val": 0.1, "test": 0.2}},
+        "evaluate": {"gaussian_sigmas": [1, 0.5]},
+    })
+    assert params.loss.cls_weight == 1.0 and isinstance(params.loss.cls_weight, float)
+    assert params.tune.reduction_factor == 3.0 and params.ray.resources_per_worker == {"CPU": 2.0}
+    assert params.data.mask_values == {0: 0, 128: 1, 255: 2} and params.evaluate.gaussian_sigmas == [1.0, 0.5]
+    # What with_overrides and the Ray workers go through: a dump validates again.
+    assert parse_params(params.model_dump()) == params
+
+
+def test_the_shipped_params_files_validate(tmp_path):
+    # Every section of the real params.yaml but model (whose fields another change is reworking)
+    # must pass strict validation: YAML gives ints, floats, bools, lists and mappings as such.
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw.pop("model")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_params(path).train.epochs == raw["train"]["epochs"]
+
+
+def test_a_params_file_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes("train:\n  epochs: 3  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"{path}: not UTF-8 text \(byte 25: b'\\xe9'\)"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("text", ["- data\n- model\n", "just a string\n", "42\n"])
+def test_a_params_file_whose_top_level_is_not_a_mapping_names_the_file(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"{path}: the top level must be a mapping of sections"):
+        load_params(path)
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: {epochs: [\n")
+    with pytest.raises(ConfigError, match=rf"{path}: not valid YAML"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True),
+                                                  ("localhost", True), ("0.0.0.0", False), ("::", False),
+                                                  ("10.0.0.5", False), ("myhost", False)])
+def test_loopback_hosts(host, loopback):
+    assert is_loopback_host(host) is loopback
+
+
+def test_a_reachable_ray_host_warns_once_naming_what_listens(caplog):
+    with caplog.at_level(logging.WARNING, logger="uml.config"):
+        parse_params({"ray": {"host": "127.0.0.1"}})
+        assert caplog.text == ""
+        params = parse_params({"ray": {"host": "192.0.2.7"}})
+        params.with_overrides({"loss.cls_weight": 0.3})  # validated again: no second warning
+    assert caplog.text.count("ray.host is 192.0.2.7, not a loopback address") == 1
+    for what in ("GCS", "dashboard", "8265", "DDP rendezvous store", "gloo"):
+        assert what in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="uml.config"):
+        parse_params({"ray": {"host": "192.0.2.8", "address": "ray://head:10001"}})  # a cluster: host unused
+    assert caplog.text == ""
+
+
+def test_defaults_are_valid():
+    assert Params().train.use_tuned is True
