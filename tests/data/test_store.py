@@ -244,3 +244,76 @@ def test_prepared_data_survives_fork_and_pickle(tmp_path: Path) -> None:
     got = queue.get(timeout=60)
     proc.join(timeout=60)
     assert proc.exitcode == 0 and got == int(records[5].image.sum())
+
+
+# ------------------------------------------------------------------------------ integrity
+def _sixteen_per_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "SHARD_BYTES", 16 * SIZE * SIZE * 3)  # 40 images: shards of 16, 16, 8
+
+
+def test_a_missing_shard_is_a_data_error_naming_the_array_and_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _sixteen_per_shard(monkeypatch)
+    out = tmp_path / "ds.zarr"
+    write(make_records(40), out)
+    (out / "images" / "c" / "1" / "0" / "0" / "0").unlink()
+    # What zarr itself does: the lost shard reads as black images, silently.
+    assert not zarr.open_group(str(out), mode="r")["images"][16:32].any()
+    with pytest.raises(DataError, match=r"ds\.zarr: array 'images' shard 1 \(images 16-31\): file images/c/1/0/0/0 "
+                                        r"is missing .*re-run `python -m pipeline\.prepare`"):
+        open_prepared(out)
+
+
+def test_a_corrupt_shard_is_a_data_error_naming_the_array_and_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _sixteen_per_shard(monkeypatch)
+    out = tmp_path / "ds.zarr"
+    write(make_records(40), out)
+    shard = out / "masks" / "c" / "2" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"array 'masks' shard 2 \(images 32-39\): file masks/c/2/0/0 is corrupt"):
+        open_prepared(out)
+    with pytest.raises(DataError, match="masks/c/2/0/0 is corrupt"):
+        load_split(out, "train")  # every reader goes through the check
+
+
+def test_missing_labels_and_split_chunks_and_metadata_are_named(tmp_path: Path) -> None:
+    out = tmp_path / "ds.zarr"
+    write(make_records(20), out)
+    (out / "labels" / "c" / "0").rename(tmp_path / "labels-chunk")
+    # zarr alone: every label becomes 0.
+    assert zarr.open_group(str(out), mode="r")["labels"][:].tolist() == [0] * 20
+    with pytest.raises(DataError, match=r"array 'labels' chunk 0 \(entries 0-19\): file labels/c/0 is missing"):
+        open_prepared(out)
+    (tmp_path / "labels-chunk").rename(out / "labels" / "c" / "0")
+    open_prepared(out)  # restored: passes
+    (out / "splits" / "val" / "c" / "0").unlink()
+    with pytest.raises(DataError, match=r"array 'splits/val' chunk 0 \(entries 0-3\): file splits/val/c/0 is missing"):
+        open_prepared(out)
+    write(make_records(20), out)
+    meta = out / "images" / "zarr.json"
+    meta.write_text(meta.read_text().replace('"dimension_names"', ' "dimension_names"'))
+    with pytest.raises(DataError, match=r"metadata of 'images': file images/zarr.json is corrupt"):
+        open_prepared(out)
+
+
+def test_checksums_cover_every_file_but_the_group_metadata(tmp_path: Path) -> None:
+    out = tmp_path / "ds.zarr"
+    attrs = write(make_records(20), out)
+    import hashlib
+
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert sorted(attrs["checksums"]) == [f for f in files if f != "zarr.json"]
+    for rel, digest in attrs["checksums"].items():
+        assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest
+
+
+def test_a_store_without_checksums_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "ds.zarr"
+    write(make_records(10), out)
+    meta = json.loads((out / "zarr.json").read_text())
+    del meta["attributes"]["checksums"]
+    (out / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="has no file checksums .*re-run `python -m pipeline.prepare`"):
+        open_prepared(out)
+    assert open_prepared(out, verify=False).num_images == 10

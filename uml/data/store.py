@@ -20,6 +20,16 @@ it from a store.
 The writer builds the store in a hidden sibling folder and renames it into place only when it is
 complete, so an interrupted or failed run leaves no half-written store, and an existing store is
 replaced only by a finished one.
+
+Integrity: the writer records the sha256 of every file it wrote (shard and chunk files, array
+metadata) in the ``checksums`` attr, and :func:`open_prepared` checks them before anything is
+read. zarr reads a missing chunk or shard file as the fill value (black images, background masks,
+label 0) without complaint, and a damaged one as garbage or a bare codec error; with the check,
+either is a :class:`DataError` that names the array, the shard and the image indices it holds.
+The check hashes the compressed files, not the decoded pixels: about 10 ms for the default data
+set (320 images of 128 px, 8 MB on disk), and disk-read speed (roughly 1 s per GB) for larger
+ones. ``content_hash`` is not recomputed at open (that decodes every image, several times slower);
+:func:`compute_content_hash` does it on demand.
 """
 
 from __future__ import annotations
@@ -49,6 +59,9 @@ log = logging.getLogger(__name__)
 FORMAT = "uml-prepared/1"
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 REQUIRED_ATTRS: tuple[str, ...] = ("class_names", "mask_classes", "source", "image_size", "fingerprint", "content_hash")
+# The group's own metadata file holds the attrs (checksums included), so it is the one file not checksummed.
+_ROOT_METADATA = "zarr.json"
+_CHUNK_PREFIX = "/c/"  # zarr v3's default chunk key encoding: <array>/c/<i>/<j>/...
 # Images per shard: about this many bytes of raw pixels per shard file.
 SHARD_BYTES = 32 * 1024 * 1024
 _RERUN = "run `python -m pipeline.prepare` first"
@@ -284,8 +297,22 @@ def _write(records: Iterable[Record], n: int, path: Path, *, class_names: list[s
                                          mask_classes=mask_classes, image_size=s),
         "ids": ids,
     }
+    attrs["checksums"] = file_checksums(path)
     group.update_attributes(attrs)
     return attrs
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def file_checksums(path: Path) -> dict[str, str]:
+    """sha256 of every file of the store at ``path`` (relative POSIX path -> hex digest), except
+    the group metadata that will hold them."""
+    return {rel: _sha256(path / rel)
+            for rel in sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+            if rel != _ROOT_METADATA}
 
 
 # ------------------------------------------------------------------------------------ reader
@@ -297,7 +324,7 @@ class PreparedData:
     when pickled, so a handle is never shared across processes.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], verify: bool = True):
         self.path = Path(path).expanduser().absolute()
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
@@ -305,6 +332,8 @@ class PreparedData:
         group = self._open()
         self.attrs: dict[str, Any] = dict(group.attrs)
         self._validate(group)
+        if verify:
+            self._verify_files(group)
         self._splits = {name: np.asarray(group[f"splits/{name}"][:], dtype=np.int64) for name in SPLIT_NAMES}
         self._validate_splits()
 
@@ -362,6 +391,37 @@ class PreparedData:
         for name in SPLIT_NAMES:
             if name not in split_members:
                 raise self._fail(f"missing array 'splits/{name}'")
+
+    def _verify_files(self, group: zarr.Group) -> None:
+        """Check every file against the checksums recorded when the store was written."""
+        checksums = self.attrs.get("checksums")
+        if not isinstance(checksums, dict) or not checksums:
+            raise self._fail("has no file checksums (written by an older uml), so a missing or damaged chunk "
+                             "would go unnoticed")
+        for rel, digest in checksums.items():
+            file = self.path / rel
+            if not file.is_file():
+                raise self._fail(f"{self._describe_file(group, rel)}: file {rel} is missing (zarr would read it "
+                                 "as zeros)")
+            if _sha256(file) != digest:
+                raise self._fail(f"{self._describe_file(group, rel)}: file {rel} is corrupt (its sha256 differs "
+                                 "from the one recorded when the store was written)")
+
+    @staticmethod
+    def _describe_file(group: zarr.Group, rel: str) -> str:
+        """``array 'images' shard 1 (images 16-31)`` for a chunk file, ``metadata of 'labels'`` otherwise."""
+        if _CHUNK_PREFIX not in f"/{rel}":
+            return f"metadata of '{rel.rsplit('/', 1)[0] if '/' in rel else rel}'"
+        name, key = f"/{rel}".split(_CHUNK_PREFIX, 1)
+        name = name.lstrip("/")
+        coords = tuple(int(part) for part in key.split("/"))
+        array = group[name]
+        per_file = (array.shards or array.chunks)[0]
+        first = coords[0] * per_file
+        last = min(array.shape[0], first + per_file) - 1
+        kind = "shard" if array.shards else "chunk"
+        what = "images" if name in ("images", "masks") else "entries"
+        return f"array '{name}' {kind} {coords[0]} ({what} {first}-{last})"
 
     def _validate_splits(self) -> None:
         n = self.num_images
@@ -422,12 +482,15 @@ class PreparedData:
         return f"PreparedData({str(self.path)!r}, n={self.num_images}, size={self.image_size}, splits={sizes})"
 
 
-def open_prepared(path: str | os.PathLike[str]) -> PreparedData:
-    """Open and validate the prepared store at ``path`` (a :class:`DataError` says what is wrong)."""
+def open_prepared(path: str | os.PathLike[str], verify: bool = True) -> PreparedData:
+    """Open and validate the prepared store at ``path`` (a :class:`DataError` says what is wrong).
+
+    ``verify`` checks every file against its recorded sha256 (see the module docstring for what it
+    catches and costs); only code that has just verified the same store may skip it."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise DataError(f"{p}: prepared data set not found; {_RERUN}")
-    return PreparedData(p)
+    return PreparedData(p, verify=verify)
 
 
 def load_split(path: str | os.PathLike[str] | PreparedData, name: str,
