@@ -1,11 +1,13 @@
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy.special import digamma, softmax
 
 from uml.config import LossParams
 from uml.evidential import one_hot
-from uml.losses import kl_annealing, segmentation_loss, soft_log_dice, uml_loss
+from uml.losses import kl_annealing, mutual_loss, segmentation_loss, soft_log_dice, uml_loss
 
 
 def test_kl_annealing_schedule():
@@ -38,11 +40,55 @@ def test_segmentation_loss_averages_deep_supervision_at_full_size():
     good[:, 0][mask == 0] = 20.0
     good[:, 1][mask == 1] = 20.0
     bad_low_res = torch.zeros(1, 2, 2, 2)  # uninformative side output, upsampled to 8x8
-    only_good = segmentation_loss([good], mask, evidential=False)
-    mixed = segmentation_loss([good, bad_low_res], mask, evidential=False)
-    alone_bad = segmentation_loss([bad_low_res], mask, evidential=False)
+    only_good = segmentation_loss([good], mask)
+    mixed = segmentation_loss([good, bad_low_res], mask)
+    alone_bad = segmentation_loss([bad_low_res], mask)
     assert float(only_good) < 1e-3
     assert float(mixed) == pytest.approx((float(only_good) + float(alone_bad)) / 2, rel=1e-5)
+
+
+def _numpy_log_dice(prob: np.ndarray, mask: np.ndarray, num_classes: int) -> float:
+    """The published soft log-Dice written out in numpy: sums over batch and pixels per class."""
+    terms = []
+    for k in range(num_classes):
+        g = (mask == k).astype(np.float64)
+        p = prob[:, k].astype(np.float64)
+        terms.append(-math.log((2 * (p * g).sum() + 1e-5) / (p.sum() + g.sum() + 1e-5)))
+    return float(np.mean(terms))
+
+
+def test_segmentation_loss_is_dice_on_the_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, 6) * 2
+    mask = torch.randint(0, 3, (2, 6, 6))
+    expected = _numpy_log_dice(softmax(logits.numpy(), axis=1), mask.numpy(), 3)
+    assert float(segmentation_loss([logits], mask)) == pytest.approx(expected, rel=1e-5)
+    # Not the Dirichlet mean of softplus evidence, which an evidential navigator would use.
+    evidence = np.log1p(np.exp(logits.numpy()))
+    dirichlet_mean = (evidence + 1) / (evidence + 1).sum(axis=1, keepdims=True)
+    assert abs(_numpy_log_dice(dirichlet_mean, mask.numpy(), 3) - expected) > 0.01
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.7])
+def test_mutual_loss_dice_on_softmax_of_evidence_plus_evidential_terms(kl_weight):
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 5, 5) * 2
+    mask = torch.randint(0, 3, (2, 5, 5))
+    z, y = logits.numpy().astype(np.float64), mask.numpy()
+    evidence = np.log1p(np.exp(z))
+    dice = _numpy_log_dice(softmax(evidence, axis=1), y, 3)  # softmax of the evidence (authors' code)
+    alpha = evidence + 1
+    strength = alpha.sum(axis=1)
+    alpha_true = np.take_along_axis(alpha, y[:, None], axis=1)[:, 0]
+    cross_entropy = (digamma(strength) - digamma(alpha_true)).mean()
+    # KL(Dir(alpha~) || Dir(1)) with the true class's evidence removed, from scipy's lgamma/digamma.
+    from scipy.special import gammaln
+    onehot = np.eye(3)[y].transpose(0, 3, 1, 2)
+    at = onehot + (1 - onehot) * alpha
+    st = at.sum(axis=1)
+    kl = gammaln(st) - gammaln(3) - gammaln(at).sum(axis=1) + ((at - 1) * (digamma(at) - digamma(st)[:, None])).sum(axis=1)
+    expected = dice + cross_entropy + kl_weight * kl.mean()
+    assert float(mutual_loss(logits, mask, kl_weight, evidential=True)) == pytest.approx(expected, rel=1e-5)
 
 
 def _outputs(keys, b=2, k=2, c=3, size=8):
@@ -83,5 +129,5 @@ def test_single_task_losses():
     cls_only = uml_loss(_outputs({"cls"}), None, torch.tensor([0, 1]), weights, 1, True)[1]
     assert set(cls_only) == {"cls"}
     seg_only = uml_loss(_outputs({"seg"}), torch.randint(0, 3, (2, 8, 8)), None, weights, 1, True)[1]
-    # No mutual decoder: the L_mut formula applies to the final segmentation instead.
-    assert set(seg_only) == {"seg", "mut"}
+    # No mutual decoder, no L_mut: a U-Net with deep supervision.
+    assert set(seg_only) == {"seg"}

@@ -138,18 +138,25 @@ class ModelParams(_Section):
     uncertainty: bool = True
     # Single-task baselines: [cls] or [seg].
     tasks: list[Literal["cls", "seg"]] = ["cls", "seg"]
+    # Encoders start from timm's ImageNet weights (downloaded once by timm into its cache; the
+    # published recipe). false: random initialisation. A local file below takes precedence.
+    pretrained: bool = False
+    # Local weight files (a timm state dict of the full backbone).
+    cls_weights: str | None = None
+    seg_weights: str | None = None
     # Anything below overrides the preset when set (null keeps the preset's value).
     cls_encoder: str | None = None
     seg_encoder: str | None = None
     feature_strides: list[int] | None = None
+    mixer_width: int | None = Field(None, ge=1)
     mixer_widths: list[int] | None = None
     decoder_widths: list[int] | None = None
-    instructor_width: int | None = Field(None, ge=1)
-    embed_width: int | None = Field(None, ge=1)
+    mutual_head_width: int | None = Field(None, ge=1)
+    instructor_widths: list[int] | None = None
+    instructor_dilation: int | None = Field(None, ge=1)
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
-    # Local weight files (a timm state dict); never downloaded at run time.
-    cls_weights: str | None = None
-    seg_weights: str | None = None
+    # Frozen encoder BatchNorm (statistics and affine fixed), as published with pretrained encoders.
+    frozen_encoder_bn: bool | None = None
 
     @field_validator("tasks")
     @classmethod
@@ -158,7 +165,7 @@ class ModelParams(_Section):
             raise ValueError(f"must be a non-empty list of distinct tasks from [cls, seg], got {v}")
         return v
 
-    @field_validator("feature_strides", "mixer_widths", "decoder_widths")
+    @field_validator("feature_strides", "mixer_widths", "decoder_widths", "instructor_widths")
     @classmethod
     def _four_levels(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and (len(v) != 4 or any(x < 1 for x in v)):
@@ -167,9 +174,7 @@ class ModelParams(_Section):
 
     def overrides(self) -> dict[str, Any]:
         """The architecture overrides for :func:`uml.models.build_model` (unset keys dropped)."""
-        keys = ("uncertainty", "tasks", "cls_encoder", "seg_encoder", "feature_strides", "mixer_widths",
-                "decoder_widths", "instructor_width", "embed_width", "dropout", "cls_weights", "seg_weights")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
 
 
 # --------------------------------------------------------------------------------------- loss

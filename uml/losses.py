@@ -1,12 +1,12 @@
-"""The UML training objective (DESIGN §2).
+"""The UML training objective (DESIGN §2, as the authors' 2023 code computes it).
 
 ``total = cls_weight * L_cls + seg_weight * L_seg + mut_weight * L_mut`` with
 
 - ``L_cls``: evidential cross-entropy + annealed KL on the image-level evidence;
-- ``L_mut``: soft log-Dice + mean pixel evidential cross-entropy + annealed mean KL on the mutual
-  decoder's pixel evidence;
-- ``L_seg``: soft log-Dice averaged over the navigator's deep-supervision outputs, each upsampled
-  to full size.
+- ``L_mut``: soft log-Dice on the softmax of the mutual evidence + mean pixel evidential
+  cross-entropy + annealed mean KL on the Dirichlet ``alpha = e_m + 1``;
+- ``L_seg``: soft log-Dice on the softmax of the navigator's logits, averaged over ``S_0`` and the
+  three side outputs, each upsampled to full size.
 
 ``lambda_t = min(1, epoch / kl_annealing_epochs)`` weights the KL terms, epoch counted from 0.
 With ``model.uncertainty: false`` the same structure uses softmax probabilities, plain
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from uml.config import LossParams
-from uml.evidential import dirichlet, evidential_terms, one_hot
+from uml.evidential import evidence_from_logits, evidential_terms, one_hot
+from uml.models.blocks import resize
 
 DICE_EPS = 1e-5
 
@@ -57,40 +58,32 @@ def soft_log_dice(prob: torch.Tensor, target_one_hot: torch.Tensor, eps: float =
         return -torch.log((2.0 * intersection + eps) / (denominator + eps)).mean()
 
 
-def to_full_size(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear upsampling of logits to the mask size (no-op when already there)."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def pixel_probability(logits: torch.Tensor, evidential: bool) -> torch.Tensor:
-    """Per-pixel class probability: Dirichlet mean of softplus evidence, or softmax."""
-    if evidential:
-        return dirichlet(F.softplus(logits), dim=1)[1]
-    return torch.softmax(logits, dim=1)
-
-
 def mutual_loss(logits: torch.Tensor, mask: torch.Tensor, kl_weight: float, evidential: bool) -> torch.Tensor:
-    """``L_mut``: soft log-Dice + mean pixel (evidential) cross-entropy (+ annealed mean KL)."""
-    logits = to_full_size(logits, mask.shape[-2:])
-    dice = soft_log_dice(pixel_probability(logits, evidential), one_hot(mask, logits.shape[1]))
+    """``L_mut``: soft log-Dice + mean pixel (evidential) cross-entropy (+ annealed mean KL).
+
+    Evidential: the Dice term is on ``softmax(e_m)`` with ``e_m = softplus(logits)`` (the
+    authors' code), the cross-entropy and KL on ``alpha = e_m + 1``. Ablation: softmax Dice + CE.
+    """
+    logits = resize(logits, mask.shape[-2:])
+    target = one_hot(mask, logits.shape[1])
     if evidential:
-        return dice + evidential_loss(F.softplus(logits), mask, kl_weight)
-    return dice + F.cross_entropy(logits.float(), mask)
+        evidence = evidence_from_logits(logits)
+        return soft_log_dice(torch.softmax(evidence, dim=1), target) + evidential_loss(evidence, mask, kl_weight)
+    return soft_log_dice(torch.softmax(logits, dim=1), target) + F.cross_entropy(logits.float(), mask)
 
 
-def segmentation_loss(outputs: Sequence[torch.Tensor], mask: torch.Tensor, evidential: bool) -> torch.Tensor:
-    """``L_seg``: soft log-Dice averaged over the deep-supervision outputs, each at full size."""
+def segmentation_loss(outputs: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """``L_seg``: soft log-Dice on the softmax of each navigator output (``S_0`` and the side
+    outputs), each upsampled to full size, averaged over the outputs."""
     target = one_hot(mask, outputs[0].shape[1])
-    terms = [soft_log_dice(pixel_probability(to_full_size(o, mask.shape[-2:]), evidential), target) for o in outputs]
+    terms = [soft_log_dice(torch.softmax(resize(o, mask.shape[-2:]), dim=1), target) for o in outputs]
     return torch.stack(terms).mean()
 
 
 def classification_loss(logits: torch.Tensor, label: torch.Tensor, kl_weight: float, evidential: bool) -> torch.Tensor:
     """``L_cls``: evidential cross-entropy + annealed KL (or plain cross-entropy)."""
     if evidential:
-        return evidential_loss(F.softplus(logits), label, kl_weight)
+        return evidential_loss(evidence_from_logits(logits), label, kl_weight)
     return F.cross_entropy(logits.float(), label)
 
 
@@ -107,9 +100,7 @@ def uml_loss(
 
     - joint model: ``cls_weight * L_cls + seg_weight * L_seg + mut_weight * L_mut``;
     - ``tasks: [cls]``: ``cls_weight * L_cls``;
-    - ``tasks: [seg]``: ``seg_weight * L_seg`` plus, having no mutual decoder, ``mut_weight`` x the
-      ``L_mut`` formula on the final segmentation, so that its pixel uncertainty is trained as in
-      the joint model.
+    - ``tasks: [seg]``: ``seg_weight * L_seg`` (a U-Net with deep supervision: no mutual branch).
     """
     kl_weight = kl_annealing(epoch, weights.kl_annealing_epochs)
     parts: dict[str, torch.Tensor] = {}
@@ -123,9 +114,9 @@ def uml_loss(
     if "class_logits" in outputs:
         add("cls", weights.cls_weight, classification_loss(outputs["class_logits"], label, kl_weight, evidential))
     if "seg_logits" in outputs:
-        add("seg", weights.seg_weight, segmentation_loss([outputs["seg_logits"], *outputs["side_logits"]], mask, evidential))
-        mutual = outputs.get("mutual_logits", outputs["seg_logits"])
-        add("mut", weights.mut_weight, mutual_loss(mutual, mask, kl_weight, evidential))
+        add("seg", weights.seg_weight, segmentation_loss([outputs["seg_logits"], *outputs["side_logits"]], mask))
+    if "mutual_logits" in outputs:
+        add("mut", weights.mut_weight, mutual_loss(outputs["mutual_logits"], mask, kl_weight, evidential))
     if total is None:
         raise ValueError("the model produced neither class nor segmentation logits")
     return total, parts

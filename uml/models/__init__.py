@@ -13,7 +13,8 @@ from uml.models.uml_net import UMLNet
 
 __all__ = ["PRESETS", "ModelConfig", "UMLNet", "build_model", "count_parameters", "load_model", "read_model_file", "save_model"]
 
-MODEL_FILE_FORMAT = "uml-model/1"
+# 2: the architecture of the authors' 2023 code (softmax navigator, two reliable masks, ...).
+MODEL_FILE_FORMAT = "uml-model/2"
 
 
 def build_model(preset: str = "paper", **overrides: Any) -> UMLNet:
@@ -35,8 +36,9 @@ def save_model(model: UMLNet, path: str | Path, extra: dict[str, Any] | None = N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = model.cfg.to_dict()
-    # Pretrained weight paths only matter at first build; the state dict supersedes them.
-    config.update(cls_weights=None, seg_weights=None)
+    # Where the initial encoder weights came from only matters at first build; the state dict
+    # supersedes it (and a reload must never download).
+    config.update(pretrained=False, cls_weights=None, seg_weights=None)
     payload = {
         "format": MODEL_FILE_FORMAT,
         "config": config,

@@ -10,22 +10,33 @@ from uml.errors import ConfigError
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a model; stored as plain types inside ``model.pt``."""
+    """Everything needed to rebuild a model; stored as plain types inside ``model.pt``.
+
+    Widths follow the authors' 2023 code (DESIGN §2): each encoder feature is projected to
+    ``mixer_width`` channels, the mixer's outputs ``f_m`` have ``mixer_widths`` channels (fine to
+    coarse), the navigator's decoder ``decoder_widths``, the mutual decoder's 1x1 head
+    ``mutual_head_width`` and the instructor's four separable convolutions ``instructor_widths``
+    (all with dilation ``instructor_dilation``).
+    """
 
     cls_encoder: str
     seg_encoder: str
     feature_strides: list[int]
+    mixer_width: int
     mixer_widths: list[int]
     decoder_widths: list[int]
-    instructor_width: int
-    instructor_dilations: list[int]
-    embed_width: int
+    mutual_head_width: int
+    instructor_widths: list[int]
+    instructor_dilation: int = 2
     dropout: float = 0.1
+    frozen_encoder_bn: bool = True
     uncertainty: bool = True
     tasks: list[str] = field(default_factory=lambda: ["cls", "seg"])
     num_classes: int = 2
     num_mask_classes: int = 3
     image_size: int = 256
+    # Where the encoders' initial weights come from (only used when a model is first built).
+    pretrained: bool = False
     cls_weights: str | None = None
     seg_weights: str | None = None
 
@@ -33,11 +44,17 @@ class ModelConfig:
         self.tasks = sorted(set(self.tasks))
         if not self.tasks or any(t not in ("cls", "seg") for t in self.tasks):
             raise ConfigError(f"model.tasks must be a non-empty subset of [cls, seg], got {self.tasks}")
-        for name in ("feature_strides", "mixer_widths", "decoder_widths"):
+        for name in ("feature_strides", "mixer_widths", "decoder_widths", "instructor_widths"):
             value = list(getattr(self, name))
             if len(value) != 4 or any(int(v) < 1 for v in value):
                 raise ConfigError(f"model.{name} must list four positive values, got {value}")
             setattr(self, name, [int(v) for v in value])
+        for name in ("mixer_width", "mutual_head_width", "instructor_dilation"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if (2 * self.mixer_width) % FEATURE_MIXER_SHUFFLE_GROUP:
+            raise ConfigError(f"model.mixer_width must make 2 * mixer_width divisible by {FEATURE_MIXER_SHUFFLE_GROUP} "
+                              f"(channel shuffle), got {self.mixer_width}")
         s = self.feature_strides
         if any(b != 2 * a for a, b in zip(s, s[1:])) or s[0] & (s[0] - 1):
             raise ConfigError(f"model.feature_strides must be four doubling powers of two (e.g. [1, 2, 4, 8]), got {s}")
@@ -60,34 +77,44 @@ class ModelConfig:
         return cls(**raw)
 
 
+# The channel shuffle of the published mixer works on groups of four channels.
+FEATURE_MIXER_SHUFFLE_GROUP = 4
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # The published configuration: Res2Net-50 26w x 4s (stride-1 stem, layer4 unused) and
-    # VGG16-BN (conv1_2..conv4_3), four levels at strides 1, 2, 4, 8, 256 x 256 inputs.
+    # The published configuration (authors' 2023 code): Res2Net-50 v1b 26w x 4s (deep stem kept
+    # at stride 1, layer4 unused; timm res2net50d) and VGG16-BN (conv1_2..conv4_3), four levels at
+    # strides 1, 2, 4, 8, frozen encoder BatchNorm, 256 x 256 inputs.
     "paper": dict(
-        cls_encoder="res2net50_26w_4s",
+        cls_encoder="res2net50d",
         seg_encoder="vgg16_bn",
         feature_strides=[1, 2, 4, 8],
+        mixer_width=256,
         mixer_widths=[64, 128, 256, 512],
         decoder_widths=[64, 128, 256, 512],
-        instructor_width=512,
-        instructor_dilations=[2, 4],
-        embed_width=32,
+        mutual_head_width=32,
+        instructor_widths=[1024, 512, 512, 1024],
+        instructor_dilation=2,
         dropout=0.1,
+        frozen_encoder_bn=True,
         image_size=256,
     ),
     # The same architecture for CPU runs: two lighter encoders with levels at strides 2..16 and a
-    # narrower mixer and decoders. ResNet-18 replaces VGG as the segmentation encoder because
-    # VGG's full-resolution first block alone halves CPU training throughput (README).
+    # narrower mixer, decoders and instructor. ResNet-18 replaces VGG as the segmentation encoder
+    # because VGG's full-resolution first block alone halves CPU training throughput (README).
+    # Encoders trained from scratch keep learnable BatchNorm: frozen statistics of a randomly
+    # initialised encoder would be an identity, i.e. no normalisation at all.
     "small": dict(
         cls_encoder="resnet18",
         seg_encoder="resnet18",
         feature_strides=[2, 4, 8, 16],
-        mixer_widths=[16, 32, 64, 128],
+        mixer_width=32,
+        mixer_widths=[16, 32, 64, 64],
         decoder_widths=[16, 32, 64, 128],
-        instructor_width=128,
-        instructor_dilations=[2, 4],
-        embed_width=8,
+        mutual_head_width=8,
+        instructor_widths=[128, 64, 64, 128],
+        instructor_dilation=2,
         dropout=0.1,
+        frozen_encoder_bn=False,
         image_size=128,
     ),
 }

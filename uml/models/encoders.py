@@ -2,11 +2,21 @@
 
 timm reports each feature level's ``reduction`` (its stride). VGG's levels start at stride 1,
 ResNet/Res2Net's at stride 2. The published model takes both encoders' features at strides
-1, 2, 4, 8, using Res2Net with a stride-1 stem. So we select levels by stride. When an encoder's
-finest level is coarser than the finest requested stride, we set its stem's first stride-2
-convolution to stride 1, which halves every level's stride.
+1, 2, 4, 8, with a Res2Net whose deep stem keeps stride 1. So we select levels by stride. When an
+encoder's finest level is coarser than the finest requested stride, we set its stem's first
+stride-2 convolution to stride 1, which halves every level's stride.
 
-Weights come only from a local file (a timm state dict of the full model); nothing is downloaded.
+Weights, in order of precedence:
+
+- a local file (``model.cls_weights`` / ``model.seg_weights``: a timm state dict of the full
+  model), loaded by timm without consulting any hub;
+- ``model.pretrained: true``: timm's ImageNet weights through timm's own download and cache
+  (Hugging Face hub; nothing is fetched when the cache already holds them);
+- otherwise random initialisation.
+
+``frozen_bn`` turns every BatchNorm of the encoder into timm's/torchvision's ``FrozenBatchNorm2d``
+after the weights are loaded: statistics and affine parameters stay fixed, as in the published
+model, whose encoders are ImageNet-pretrained.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from uml._compat import import_timm
 from uml.errors import ConfigError
 
 timm = import_timm()
+from timm.layers.norm_act import freeze_batch_norm_2d  # noqa: E402  (after the torchvision shim)
 
 
 def _first_strided_conv(model: nn.Module) -> nn.Conv2d | None:
@@ -32,7 +43,8 @@ def _first_strided_conv(model: nn.Module) -> nn.Conv2d | None:
 class TimmEncoder(nn.Module):
     """Features of a timm backbone at exactly ``strides`` (four increasing powers of two)."""
 
-    def __init__(self, name: str, strides: list[int], weights: str | None = None):
+    def __init__(self, name: str, strides: list[int], weights: str | None = None, *, pretrained: bool = False,
+                 frozen_bn: bool = False, weights_key: str = "model.cls_weights"):
         super().__init__()
         if name not in timm.list_models():
             raise ConfigError(f"model encoder '{name}' is not a timm model name (see timm.list_models())")
@@ -50,26 +62,40 @@ class TimmEncoder(nn.Module):
                 f"(or {[r // 2 for r in reductions]} with a stride-1 stem); pick model.feature_strides from {available}"
             )
         out_indices = [reductions.index(w) for w in wanted]
-        kwargs: dict = {"features_only": True, "out_indices": out_indices}
-        if weights:
-            path = Path(weights).expanduser()
-            if not path.is_file():
-                raise ConfigError(f"encoder weights file not found: {path}")
-            # pretrained_cfg_overlay(file=...) makes timm load the local file (remapping keys for
-            # the feature wrapper) instead of consulting any hub.
-            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-        else:
-            kwargs["pretrained"] = False
-        self.body = timm.create_model(name, **kwargs)
+        self.body = self._create(name, out_indices, weights, pretrained, weights_key)
         if stem_factor == 2:
             conv = _first_strided_conv(self.body)
             if conv is None:
                 raise ConfigError(f"encoder '{name}': no stride-2 stem convolution to make stride 1 for stride {min(strides)}")
             conv.stride = (1, 1)
+        if frozen_bn:
+            self.body = freeze_batch_norm_2d(self.body)
         self.name = name
         self.strides = list(strides)
         self.channels = list(self.body.feature_info.channels())
         self._check_strides()
+
+    @staticmethod
+    def _create(name: str, out_indices: list[int], weights: str | None, pretrained: bool, weights_key: str) -> nn.Module:
+        kwargs: dict = {"features_only": True, "out_indices": out_indices}
+        if weights:
+            path = Path(weights).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"{weights_key}: encoder weights file not found: {path}")
+            # pretrained_cfg_overlay(file=...) makes timm load the local file (remapping keys for
+            # the feature wrapper) instead of consulting any hub.
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        if not pretrained:
+            return timm.create_model(name, pretrained=False, **kwargs)
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:  # hub, network and cache errors come in many types
+            raise ConfigError(
+                f"model.pretrained: could not load timm's ImageNet weights for encoder '{name}' "
+                f"({type(exc).__name__}: {exc}). timm downloads them once into its cache (Hugging Face hub), "
+                f"which needs the network: run once on a machine that is online, or download the weights and set "
+                f"{weights_key} to the local state dict file, or set model.pretrained: false"
+            ) from None
 
     @torch.no_grad()
     def _check_strides(self) -> None:

@@ -1,4 +1,5 @@
-"""The UML network (Ren et al., MICCAI 2023), read top to bottom.
+"""The UML network (Ren et al., MICCAI 2023), read top to bottom, wired as the authors' 2023 code
+wires it (DESIGN §2).
 
 ::
 
@@ -7,18 +8,22 @@
                                        │        │
                                        │  mutual decoder ─ pixel evidence e_m, uncertainty U
                                        │        │
-               navigator(f_s, f_m, e_m, U): gated by exp(-U), reliable masks ─ S_4..S_1, S_0, eta
-               instructor(f_c, f_m, eta):  h + h * eta' ─ pool ─ linear ─ class evidence
+       navigator(f_s, f_m[3], e_m, U): bottom gated by exp(-U↓), bottom reliable mask,
+                                       U-Net decoder ─ S_3, S_2, S_1, S_0; top reliable mask ─ eta
+       instructor(f_c[3], f_m[3], eta): h + h * eta' ─ pool ─ linear ─ class evidence
 
 Levels are indexed 0..3 from fine to coarse (strides ``feature_strides``, published 1, 2, 4, 8).
-The side outputs ``S_4..S_1`` of the paper are the navigator's outputs at levels 3..0, and
-``S_0`` is the final segmentation at full resolution.
+``S_0`` is the navigator's full-resolution output and ``S_3..S_1`` its side outputs at levels
+3..1; all four are plain logits (softmax segmentation). Only the mutual decoder (per pixel) and
+the classifier (per image) are evidential. Reliable masks ``R = (S + e_m↓) * exp(-U↓)`` exist at
+two levels: the bottom one feeds the decoder; the top one is built from ``S_0`` after it is
+produced and feeds only ``eta``.
 
 Ablations switch wiring off rather than adding loss tricks:
 
 - ``uncertainty=False``: softmax heads. The navigator is not gated (``exp(-U)`` becomes 1) and
-  its reliable masks use the mutual softmax probability in place of evidence. There is no
-  instructor: the classifier pools ``h`` alone.
+  its bottom reliable mask uses the mutual softmax probability in place of evidence. There is no
+  instructor (no ``eta``, no top reliable mask): the classifier pools ``h`` alone.
 - ``tasks=("seg",)``: segmentation encoder and navigator only. No mutual branch, so no gating
   and no reliable masks: a U-Net decoder with deep supervision.
 - ``tasks=("cls",)``: classification encoder and the instructor's head over ``f_c`` only.
@@ -27,31 +32,27 @@ Ablations switch wiring off rather than adding loss tricks:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from uml.evidential import dirichlet, evidence_from_logits, normalized_entropy
-from uml.models.blocks import ConvBNReLU, DoubleConv, FeatureMixer, SeparableConv, UpBlock
+from uml.models.blocks import (DoubleConv, FeatureMixer, ReliableMask, SeparableConvBNReLU, UpBlock, conv1x1,
+                               resize)
 from uml.models.config import ModelConfig
 from uml.models.encoders import TimmEncoder
 
 
-def _downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Average-pool a level-0 map down to a coarser level (U↓, e_m↓)."""
-    return x if factor == 1 else F.avg_pool2d(x, kernel_size=factor, stride=factor)
-
-
-def _upsample_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
 class MutualDecoder(nn.Module):
-    """U-Net decoder over the mutual features -> pixel logits at level-0 resolution."""
+    """U-Net decoder over the mutual features -> pixel logits at level-0 resolution.
 
-    def __init__(self, widths: list[int], num_classes: int, dropout: float):
+    Each up block doubles the resolution, convolves to the next finer mixer width and appends
+    that level's ``f_m``; two plain 1x1 convolutions make the logits.
+    """
+
+    def __init__(self, widths: list[int], head_width: int, num_classes: int, dropout: float):
         super().__init__()
-        self.ups = nn.ModuleList(UpBlock(widths[i + 1], widths[i], widths[i], dropout) for i in range(3))
-        self.head = nn.Conv2d(widths[0], num_classes, 1)
+        # Channels entering level l's up block: f_m[3] at the bottom, then (f_m[l+1] + up output).
+        self.ups = nn.ModuleList(UpBlock(widths[3] if i == 2 else 2 * widths[i + 1], widths[i], dropout) for i in range(3))
+        self.head = nn.Sequential(conv1x1(2 * widths[0], head_width), conv1x1(head_width, num_classes))
 
     def forward(self, f_m: list[torch.Tensor]) -> torch.Tensor:
         x = f_m[3]
@@ -61,75 +62,74 @@ class MutualDecoder(nn.Module):
 
 
 class UncertaintyNavigator(nn.Module):
-    """Segmentation decoder steered by the mutual branch.
+    """Segmentation decoder steered by the mutual branch (see the module docstring).
 
-    At the bottom, ``[f_s[3]; f_m[3]] * exp(-U↓)`` gives the first side output. Going up, every
-    level embeds a reliable mask ``R = (S + e_m↓) * exp(-U↓)`` into the features before
-    upsampling with the segmentation encoder's skip feature. The top feature gives ``S_0``. Pooled
-    to the coarsest level, it is ``eta``, handed to the instructor.
+    Bottom: ``[f_s[3]; f_m[3]] * exp(-U↓)`` -> 1x1 -> side output ``S_3``; the bottom reliable
+    mask from ``S_3`` is fused into the feature. Then three up blocks with the segmentation
+    encoder's skips, a side output after each (``S_2``, ``S_1``, and ``S_0`` at level 0). With
+    ``with_eta``, the top reliable mask from ``S_0`` is fused into the top feature, which,
+    resized to the coarsest level, is ``eta``.
     """
 
-    def __init__(self, cfg: ModelConfig, seg_channels: list[int], mutual_widths: list[int] | None):
+    def __init__(self, cfg: ModelConfig, seg_channels: list[int], mutual_width: int | None, with_eta: bool):
         super().__init__()
-        self.mutual = mutual_widths is not None
-        widths, num_classes, drop = cfg.decoder_widths, cfg.num_mask_classes, cfg.dropout
-        embed = cfg.embed_width if self.mutual else 0
-        bottom_in = seg_channels[3] + (mutual_widths[3] if self.mutual else 0)
-        self.bottom = DoubleConv(bottom_in, widths[3], drop)
-        # embeds[l] turns the reliable mask at level l into `embed` channels.
-        self.embeds = nn.ModuleList(
-            ConvBNReLU(num_classes, embed, kernel=1, dropout=drop) if self.mutual else nn.Identity() for _ in range(4)
-        )
-        self.ups = nn.ModuleList(UpBlock(widths[i + 1] + embed, seg_channels[i], widths[i], drop) for i in range(3))
-        self.sides = nn.ModuleList(nn.Conv2d(widths[i], num_classes, 1) for i in range(4))
-        self.top = ConvBNReLU(widths[0] + embed, widths[0], kernel=3, dropout=drop)
-        self.final = nn.Conv2d(widths[0], num_classes, 1)
-        self.out_channels = widths[0]
+        self.mutual = mutual_width is not None
+        w, num_classes, drop = cfg.decoder_widths, cfg.num_mask_classes, cfg.dropout
+        self.bottom = conv1x1(seg_channels[3] + (mutual_width or 0), w[3])
+        # Channels after each level: w[3] at the bottom; w[l] + seg_channels[l] after level l's up block.
+        after = [w[l] + seg_channels[l] for l in range(3)] + [w[3]]
+        self.ups = nn.ModuleList(UpBlock(after[i + 1], w[i], drop) for i in range(3))
+        self.sides = nn.ModuleList(conv1x1(after[i], num_classes) for i in range(4))
+        self.bottom_mask = ReliableMask(num_classes, w[3], drop) if self.mutual else None
+        self.top_mask = ReliableMask(num_classes, after[0], drop) if self.mutual and with_eta else None
+        self.out_channels = after[0]
 
-    def _with_reliable_mask(self, level: int, feature: torch.Tensor, side: torch.Tensor,
-                            mutual_down: list[torch.Tensor] | None, gates: list[torch.Tensor] | None) -> torch.Tensor:
-        if not self.mutual:
-            return feature
-        reliable = side + mutual_down[level]
-        if gates is not None:
-            reliable = reliable * gates[level]
-        return torch.cat([feature, self.embeds[level](reliable)], dim=1)
-
-    def forward(self, f_s: list[torch.Tensor], f_m: list[torch.Tensor] | None, mutual_down: list[torch.Tensor] | None,
-                gates: list[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """Returns ``(S_0 logits at level 0, [S_4, S_3, S_2, S_1] logits, top feature)``."""
-        x = torch.cat([f_s[3], f_m[3]], dim=1) if self.mutual else f_s[3]
-        if gates is not None:
-            x = x * gates[3]
+    def forward(self, f_s: list[torch.Tensor], f_m_bottom: torch.Tensor | None, mutual: torch.Tensor | None,
+                uncertainty: torch.Tensor | None) -> dict[str, torch.Tensor | list[torch.Tensor] | None]:
+        """``mutual`` (evidence, or softmax probability in the ablation) and ``uncertainty`` (U, or
+        None: no gating) are at level-0 resolution. Returns ``s0``, ``sides`` ([S_3, S_2, S_1]),
+        ``eta`` (None without the top mask) and the reliable masks ``bottom_mask``/``top_mask``."""
+        bottom_size = f_s[3].shape[-2:]
+        x = torch.cat([f_s[3], f_m_bottom], dim=1) if self.mutual else f_s[3]
+        gate_bottom = torch.exp(-resize(uncertainty, bottom_size)) if uncertainty is not None else None
+        if gate_bottom is not None:
+            x = x * gate_bottom
         x = self.bottom(x)
         sides = [self.sides[3](x)]
+        bottom_mask = top_mask = eta = None
+        if self.bottom_mask is not None:
+            x, bottom_mask = self.bottom_mask(x, sides[0], resize(mutual, bottom_size), gate_bottom)
         for level in (2, 1, 0):
-            x = self._with_reliable_mask(level + 1, x, sides[-1], mutual_down, gates)
             x = self.ups[level](x, f_s[level])
             sides.append(self.sides[level](x))
-        top = self.top(self._with_reliable_mask(0, x, sides[-1], mutual_down, gates))
-        return self.final(top), sides, top
+        s0 = sides.pop()
+        if self.top_mask is not None:
+            gate_top = torch.exp(-uncertainty) if uncertainty is not None else None
+            top, top_mask = self.top_mask(x, s0, resize(mutual, x.shape[-2:]), gate_top)
+            eta = resize(top, bottom_size)
+        return {"s0": s0, "sides": sides, "eta": eta, "bottom_mask": bottom_mask, "top_mask": top_mask}
 
 
 class UncertaintyInstructor(nn.Module):
-    """Classification head: separable dilated convs over ``[f_c[3]; f_m[3]]`` -> ``h``;
-    ``eta' = doubleconv(eta)``; ``f = h + h * eta'``; global average pool; bias-free linear."""
+    """Classification head: four separable dilated 3x3 convs (BN-ReLU) over ``[f_c[3]; f_m[3]]``
+    -> ``h``; ``eta' = doubleconv(eta)`` to ``h``'s width; ``f = h + h * eta'``; global average
+    pool; bias-free linear."""
 
     def __init__(self, cfg: ModelConfig, cls_channels: int, mutual_width: int, eta_channels: int | None):
         super().__init__()
-        width = cfg.instructor_width
-        dilations = cfg.instructor_dilations
-        layers = [SeparableConv(cls_channels + mutual_width, width, dilations[0])]
-        layers += [SeparableConv(width, width, d) for d in dilations[1:]]
+        widths, layers, cin = cfg.instructor_widths, [], cls_channels + mutual_width
+        for width in widths:
+            layers.append(SeparableConvBNReLU(cin, width, cfg.instructor_dilation))
+            cin = width
         self.head = nn.Sequential(*layers)
-        self.eta_conv = DoubleConv(eta_channels, width, cfg.dropout) if eta_channels is not None else None
-        self.classifier = nn.Linear(width, cfg.num_classes, bias=False)
+        self.eta_conv = DoubleConv(eta_channels, widths[-1], cfg.dropout) if eta_channels is not None else None
+        self.classifier = nn.Linear(widths[-1], cfg.num_classes, bias=False)
 
     def forward(self, f_c: torch.Tensor, f_m: torch.Tensor | None, eta: torch.Tensor | None) -> torch.Tensor:
         h = self.head(torch.cat([f_c, f_m], dim=1) if f_m is not None else f_c)
         if self.eta_conv is not None:
             h = h + h * self.eta_conv(eta)
-        return self.classifier(F.adaptive_avg_pool2d(h, 1).flatten(1))
+        return self.classifier(h.mean(dim=(2, 3)))
 
 
 class UMLNet(nn.Module):
@@ -142,35 +142,54 @@ class UMLNet(nn.Module):
         self.has_cls, self.has_seg = "cls" in cfg.tasks, "seg" in cfg.tasks
         self.joint = self.has_cls and self.has_seg
         self.evidential = cfg.uncertainty
-        self.cls_encoder = TimmEncoder(cfg.cls_encoder, strides, cfg.cls_weights) if self.has_cls else None
-        self.seg_encoder = TimmEncoder(cfg.seg_encoder, strides, cfg.seg_weights) if self.has_seg else None
+        # The encoders are built first only to learn their channel counts; they keep their own
+        # (or pretrained) initialisation, the rest is initialised below, as published.
+        encoder_args = dict(pretrained=cfg.pretrained, frozen_bn=cfg.frozen_encoder_bn)
+        self.cls_encoder = (TimmEncoder(cfg.cls_encoder, strides, cfg.cls_weights, weights_key="model.cls_weights", **encoder_args)
+                            if self.has_cls else None)
+        self.seg_encoder = (TimmEncoder(cfg.seg_encoder, strides, cfg.seg_weights, weights_key="model.seg_weights", **encoder_args)
+                            if self.has_seg else None)
+        # The instructor (and with it eta and the top reliable mask) exists only where
+        # uncertainty and segmentation both do.
+        with_eta = self.joint and self.evidential
         if self.joint:
             self.mixers = nn.ModuleList(
-                FeatureMixer(c, s, w) for c, s, w in zip(self.cls_encoder.channels, self.seg_encoder.channels, cfg.mixer_widths)
+                FeatureMixer(c, s, cfg.mixer_width, w)
+                for c, s, w in zip(self.cls_encoder.channels, self.seg_encoder.channels, cfg.mixer_widths)
             )
-            self.mutual_decoder = MutualDecoder(cfg.mixer_widths, cfg.num_mask_classes, cfg.dropout)
+            self.mutual_decoder = MutualDecoder(cfg.mixer_widths, cfg.mutual_head_width, cfg.num_mask_classes, cfg.dropout)
         if self.has_seg:
-            self.navigator = UncertaintyNavigator(cfg, self.seg_encoder.channels, cfg.mixer_widths if self.joint else None)
+            self.navigator = UncertaintyNavigator(cfg, self.seg_encoder.channels, cfg.mixer_widths[3] if self.joint else None,
+                                                  with_eta)
         if self.has_cls:
-            # The instructor exists only where uncertainty and segmentation both do.
-            eta_channels = self.navigator.out_channels if (self.joint and self.evidential) else None
-            self.instructor = UncertaintyInstructor(
-                cfg, self.cls_encoder.channels[3], cfg.mixer_widths[3] if self.joint else 0, eta_channels
-            )
+            self.instructor = UncertaintyInstructor(cfg, self.cls_encoder.channels[3], cfg.mixer_widths[3] if self.joint else 0,
+                                                    self.navigator.out_channels if with_eta else None)
+        self._init_weights()
 
-    # The navigator is a separate method so that tests can drive it with a chosen U.
+    def _init_weights(self) -> None:
+        """Every non-encoder conv Kaiming-normal (fan_out, ReLU gain), every BN weight 1 and bias
+        0; linear layers and conv biases keep PyTorch's defaults (the authors' code)."""
+        encoder_modules = {id(m) for enc in (self.cls_encoder, self.seg_encoder) if enc is not None for m in enc.modules()}
+        for module in self.modules():
+            if id(module) in encoder_modules:
+                continue
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
     def navigate(self, f_s: list[torch.Tensor], f_m: list[torch.Tensor] | None, mutual: torch.Tensor | None,
-                 uncertainty: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """Run the navigator on level-0-resolution mutual evidence (softmax probability in the
-        ablation) and uncertainty map U (None: no gating). Returns ``(S_0, [S_4..S_1], eta)``."""
-        factors = [s // self.cfg.feature_strides[0] for s in self.cfg.feature_strides]
-        mutual_down = [_downsample(mutual, f) for f in factors] if mutual is not None else None
-        gates = [torch.exp(-_downsample(uncertainty, f)) for f in factors] if uncertainty is not None else None
-        s0, sides, top = self.navigator(f_s, f_m, mutual_down, gates)
-        eta = _downsample(top, factors[3])
-        return s0, sides, eta
+                 uncertainty: torch.Tensor | None) -> dict[str, torch.Tensor | list[torch.Tensor] | None]:
+        """The navigator on level-0-resolution mutual evidence (softmax probability in the
+        ablation) and uncertainty map U (None: no gating); a method so that tests can drive it
+        with a chosen U. See :meth:`UncertaintyNavigator.forward` for the result."""
+        return self.navigator(f_s, f_m[3] if f_m is not None else None, mutual, uncertainty)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Logits of every head (``class_logits``; ``seg_logits`` = S_0 at input size,
+        ``side_logits`` = [S_3, S_2, S_1] at their levels; ``mutual_logits`` at input size) and,
+        for evidential models, ``class_evidence``, ``mutual_evidence`` and ``uncertainty_map`` U."""
         size = tuple(image.shape[-2:])
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
         f_c = self.cls_encoder(image) if self.has_cls else None
@@ -179,22 +198,22 @@ class UMLNet(nn.Module):
         if self.joint:
             f_m = [mix(c, s) for mix, c, s in zip(self.mixers, f_c, f_s)]
             mutual_logits = self.mutual_decoder(f_m)  # level-0 resolution
-            out["mutual_logits"] = _upsample_to(mutual_logits, size)
+            out["mutual_logits"] = resize(mutual_logits, size)
             if self.evidential:
                 mutual = evidence_from_logits(mutual_logits)
                 uncertainty = dirichlet(mutual, dim=1)[2]
             else:
                 mutual = torch.softmax(mutual_logits, dim=1)
         if self.has_seg:
-            s0, sides, eta = self.navigate(f_s, f_m, mutual, uncertainty)
-            out["seg_logits"], out["side_logits"] = _upsample_to(s0, size), sides
+            nav = self.navigate(f_s, f_m, mutual, uncertainty)
+            out["seg_logits"], out["side_logits"], eta = resize(nav["s0"], size), nav["sides"], nav["eta"]
         if self.has_cls:
             out["class_logits"] = self.instructor(f_c[3], f_m[3] if self.joint else None, eta)
         if self.evidential:
-            for name in ("class", "seg", "mutual"):
-                if f"{name}_logits" in out:
-                    out[f"{name}_evidence"] = evidence_from_logits(out[f"{name}_logits"])
-            if "mutual_evidence" in out:
+            if "class_logits" in out:
+                out["class_evidence"] = evidence_from_logits(out["class_logits"])
+            if "mutual_logits" in out:
+                out["mutual_evidence"] = evidence_from_logits(out["mutual_logits"])
                 out["uncertainty_map"] = dirichlet(out["mutual_evidence"], dim=1)[2]
         return out
 
@@ -203,21 +222,26 @@ class UMLNet(nn.Module):
         ``class_prob`` (B,K), ``class_uncertainty`` (B,1), ``seg_prob`` (B,C,H,W) and
         ``seg_uncertainty`` (B,1,H,W).
 
-        Evidential heads give ``alpha / S`` and ``K / S``. The pixel uncertainty is the mutual
-        map U that steers the navigator, or the segmentation's own ``C / S`` without a mutual
-        branch. Softmax heads give the softmax and its normalised entropy.
+        ``class_prob``/``class_uncertainty``: ``alpha / S`` and ``K / S`` of an evidential head,
+        the softmax and its normalised entropy otherwise. ``seg_prob`` is ``softmax(S_0)``.
+        ``seg_uncertainty`` is the mutual branch's map (U = C/S, or the normalised entropy of the
+        mutual softmax in the ablation), or the normalised entropy of ``seg_prob`` without a
+        mutual branch.
         """
         out = self.forward(image)
         result: dict[str, torch.Tensor] = {}
-        for name, key in (("class", "class"), ("seg", "seg")):
-            if f"{key}_logits" not in out:
-                continue
+        if "class_logits" in out:
             if self.evidential:
-                _, prob, unc = dirichlet(out[f"{key}_evidence"], dim=1)
+                _, result["class_prob"], result["class_uncertainty"] = dirichlet(out["class_evidence"], dim=1)
             else:
-                prob = torch.softmax(out[f"{key}_logits"], dim=1)
-                unc = normalized_entropy(prob, dim=1)
-            result[f"{name}_prob"], result[f"{name}_uncertainty"] = prob, unc
-        if "uncertainty_map" in out:
-            result["seg_uncertainty"] = out["uncertainty_map"]
+                result["class_prob"] = torch.softmax(out["class_logits"], dim=1)
+                result["class_uncertainty"] = normalized_entropy(result["class_prob"], dim=1)
+        if "seg_logits" in out:
+            result["seg_prob"] = torch.softmax(out["seg_logits"], dim=1)
+            if "uncertainty_map" in out:
+                result["seg_uncertainty"] = out["uncertainty_map"]
+            elif "mutual_logits" in out:
+                result["seg_uncertainty"] = normalized_entropy(torch.softmax(out["mutual_logits"], dim=1), dim=1)
+            else:
+                result["seg_uncertainty"] = normalized_entropy(result["seg_prob"], dim=1)
         return result

@@ -178,6 +178,10 @@ def run_trainer(params: Params, *, name: str, model_cfg: ModelConfig, epochs: in
     """Fit a ``TorchTrainer`` (Ray must be initialised). Reusing ``name`` in the same storage
     resumes that run from its last checkpoint."""
     paths = Paths(params)
+    workers = num_workers or params.ray.num_workers
+    if params.train.batch_size % workers:
+        raise ConfigError(f"train.batch_size ({params.train.batch_size}) is the global batch and must be divisible by the "
+                          f"number of training workers ({workers}: ray.num_workers, or tune.workers_per_trial in a sweep)")
     check_storage(params, alive_nodes())
     if not paths.ray_storage_uri:
         paths.ray_storage.mkdir(parents=True, exist_ok=True)

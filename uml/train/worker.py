@@ -182,13 +182,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Our own DistributedSampler (Ray keeps a sampler that is already distributed) so that the
     # shuffle follows train.seed; it pads the shards to equal length, as DDP needs.
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=tp.seed, drop_last=False)
-    loader = DataLoader(train_set, batch_size=tp.batch_size, sampler=sampler, drop_last=True,
+    # train.batch_size is the global batch; the driver checked that the workers divide it.
+    batch_size = tp.batch_size // world
+    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=tp.loader_workers, worker_init_fn=worker_init_fn,
                         persistent_workers=False, pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise ValueError(
-            f"the training split ({len(train_idx)} images over {world} workers) is smaller than one batch of "
-            f"train.batch_size={tp.batch_size}: lower the batch size or the number of workers"
+            f"the training split ({len(train_idx)} images over {world} workers) is smaller than one global batch of "
+            f"train.batch_size={tp.batch_size}: lower the batch size"
         )
     loader = ray.train.torch.prepare_data_loader(loader)
     evidential = _unwrap(model).evidential
@@ -224,7 +226,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         drift = replica_drift(model)
         if drift > 1e-6 and rank == 0:
             log.warning("DDP replicas diverged: parameter checksums differ by %.3g across ranks", drift)
-        val = validate(_unwrap(model), store, val_idx, mask_classes, tp.batch_size, device, tp.precision)
+        val = validate(_unwrap(model), store, val_idx, mask_classes, batch_size, device, tp.precision)
         row = {
             "epoch": epoch,
             **train_metrics,
@@ -233,7 +235,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "ddp/param_drift": drift,
             "kl_weight": min(1.0, epoch / params.loss.kl_annealing_epochs),
             "epoch_seconds": time.perf_counter() - started,
-            "images_per_second": steps * tp.batch_size * world / (time.perf_counter() - started),
+            "images_per_second": steps * batch_size * world / (time.perf_counter() - started),
         }
         history.append(row)
         if rank == 0:
