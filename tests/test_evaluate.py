@@ -15,13 +15,16 @@ from sklearn.metrics import roc_auc_score
 from tests.toy_onnx import RATIOS, export_toy, fundus_set
 from uml import metrics
 from uml.config import EvaluateParams, Paths, parse_params
-from uml.errors import ModelFileError
-from uml.evaluate import evaluate, evaluate_arrays
+from uml.errors import ConfigError, ModelFileError
+from uml.evaluate import evaluate, evaluate_arrays, run_pass
 from uml.predict import OnnxModel
 
 # Few noise levels keep the module fast; the keys for each are still all checked.
 CFG = EvaluateParams(batch_size=8, gaussian_sigmas=[0.05, 0.2], salt_pepper_amounts=[0.1], num_panels=3)
 ROBUST = ["gaussian_0.05", "gaussian_0.2", "salt_pepper_0.1"]
+# The metrics that get bootstrap intervals (a joint fundus model has them all).
+INTERVAL_KEYS = ["cls/auc", "cls/acc", "cls/f1", "cls/sensitivity", "cls/ece", "seg/dice_disc", "seg/dice_cup",
+                 "unc/error_auroc", "unc/pixel_error_auroc", "clinical/vcdr_auc", "reference/vcdr_auc"]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +74,72 @@ def test_metric_values_on_the_toy_model(evaluated, data):
     assert 0.0 < result["unc/mean_pixel_uncertainty"] < 0.2
     # No pixel errors at all: the pixel AUROC is undefined, not invented.
     assert np.isnan(result["unc/pixel_error_auroc"])
+
+
+def test_reference_keys_on_the_toy_model(evaluated):
+    result, _ = evaluated
+    assert result["reference/positive_fraction"] == 0.5  # 10 of the 20 labels
+    # Ground-truth vCDR as the score, 10 x 10 pairs: the flipped pair (ratio 0.48, label 1, vCDR 0.50;
+    # ratio 0.53, label 0, vCDR 0.55) is ordered wrong, and ratio 0.57 (label 1) rounds to the same
+    # 0.55 rows as 0.53: a tie, half a pair. (100 - 1 - 0.5) / 100.
+    assert result["reference/vcdr_auc"] == pytest.approx(0.985)
+    assert result["clinical/vcdr_auc"] == pytest.approx(0.985)  # the toy segments perfectly
+
+
+def test_bootstrap_intervals_on_the_toy_model(evaluated):
+    result, _ = evaluated
+    for key in INTERVAL_KEYS:
+        low, high = result[f"{key}_ci95_low"], result[f"{key}_ci95_high"]
+        if key == "unc/pixel_error_auroc":
+            assert np.isnan(low) and np.isnan(high)  # no pixel errors: undefined in every resample
+        else:
+            assert low <= result[key] <= high, key
+    # 18 of 20 correct: a resample's accuracy is Binomial(20, 0.9) / 20, whose 2.5 % and 97.5 %
+    # quantiles are 15/20 (P(X <= 14) = 0.011, P(X <= 15) = 0.043) and 20/20 (P(X = 20) = 0.12).
+    assert (result["cls/acc_ci95_low"], result["cls/acc_ci95_high"]) == (0.75, 1.0)
+    # Every image has Dice 1, and the two mistakes are always the most uncertain images.
+    for key in ("seg/dice_disc", "seg/dice_cup", "unc/error_auroc"):
+        assert (result[f"{key}_ci95_low"], result[f"{key}_ci95_high"]) == (1.0, 1.0), key
+    # Each interval sits right after its metric.
+    keys = list(result)
+    position = keys.index("cls/auc")
+    assert keys[position + 1 : position + 3] == ["cls/auc_ci95_low", "cls/auc_ci95_high"]
+
+
+def test_noise_detection_auroc(toy_dir, data, evaluated):
+    result, _ = evaluated
+    images, masks, _ = data
+    for level in ROBUST:
+        assert f"unc/noise_auroc_{level}" in result and f"unc/pixel_noise_auroc_{level}" in result
+    # The toy's pixel uncertainty grows as brightness nears its thresholds (0.45, 0.75). Gaussian
+    # noise pushes pixels of every image towards them: each corrupted copy is more uncertain than
+    # any clean image. Salt (1.0) and pepper (0.0) move pixels away from them: each copy is less.
+    assert result["unc/pixel_noise_auroc_gaussian_0.2"] == 1.0
+    assert result["unc/pixel_noise_auroc_salt_pepper_0.1"] == 0.0
+    # The image-level value is the AUROC of the clean and corrupted passes' class uncertainties.
+    model = OnnxModel(toy_dir / "model.onnx")
+    clean = run_pass(model, images, 8, seed=CFG.seed).class_uncertainty
+    noisy = run_pass(model, images, 8, noise=("gaussian", 0.2), seed=CFG.seed).class_uncertainty
+    expected = roc_auc_score(np.r_[np.zeros(20), np.ones(20)], np.r_[clean, noisy])
+    assert result["unc/noise_auroc_gaussian_0.2"] == pytest.approx(expected)
+    assert 0.5 < expected < 1.0
+
+
+def test_noise_that_changes_nothing_is_not_detected(toy_dir, data):
+    # sigma 1e-9 is below float32 resolution at these brightnesses: the copies equal the clean
+    # images, every (clean, copy) pair is tied, the AUROC is 1/2.
+    cfg = CFG.model_copy(update={"gaussian_sigmas": [1e-9], "salt_pepper_amounts": [], "num_panels": 0,
+                                 "bootstrap_samples": 0})
+    result = evaluate_arrays(OnnxModel(toy_dir / "model.onnx"), *data, cfg)
+    assert result["unc/noise_auroc_gaussian_1e-09"] == pytest.approx(0.5)
+    assert result["unc/pixel_noise_auroc_gaussian_1e-09"] == pytest.approx(0.5)
+    assert not any("_ci95_" in key for key in result)  # bootstrap_samples: 0 turns the intervals off
+
+
+def test_bootstrap_samples_param_is_checked():
+    with pytest.raises(ConfigError, match=r"evaluate\.bootstrap_samples: .*at least 100.*got 50"):
+        parse_params({"evaluate": {"bootstrap_samples": 50}})
+    assert parse_params({"evaluate": {"bootstrap_samples": 0}}).evaluate.bootstrap_samples == 0
 
 
 def test_robustness_keys_and_trends(evaluated):
@@ -137,6 +206,8 @@ def test_pixel_uncertainty_flags_boundary_errors(toy_dir, data):
     cfg = CFG.model_copy(update={"gaussian_sigmas": [], "salt_pepper_amounts": [], "num_panels": 0})
     result = evaluate_arrays(OnnxModel(toy_dir / "model.onnx"), blurred.round().astype(np.uint8), masks, labels, cfg)
     assert result["unc/pixel_error_auroc"] > 0.9
+    # Resampling images (and pooling their pixels) gives an interval around it.
+    assert result["unc/pixel_error_auroc_ci95_low"] < result["unc/pixel_error_auroc"] < result["unc/pixel_error_auroc_ci95_high"]
     assert 0.9 < result["seg/dice_disc"] < 1.0
     assert 0.5 <= result["seg/hd95_disc"] <= 2.0  # boundaries move by about a pixel
     assert not any(k.startswith("robust/") for k in result)
@@ -154,6 +225,10 @@ def test_single_task_models_get_the_metrics_they_allow(tasks, data, tmp_path):
     assert ("unc/mean_pixel_uncertainty" in result) == ("seg" in tasks)
     assert ("robust/gaussian_0.2/cls/acc" in result) == ("cls" in tasks)
     assert ("robust/gaussian_0.2/seg/dice_cup" in result) == ("seg" in tasks)
+    # The ceiling needs only the fundus masks and labels, whatever the model predicts.
+    assert "reference/vcdr_auc_ci95_low" in result and "reference/positive_fraction" in result
+    assert ("cls/f1_ci95_high" in result) == ("unc/noise_auroc_gaussian_0.2" in result) == ("cls" in tasks)
+    assert ("seg/dice_cup_ci95_low" in result) == ("unc/pixel_noise_auroc_gaussian_0.2" in result) == ("seg" in tasks)
     assert (tmp_path / "plots" / "roc.csv").exists() == ("cls" in tasks)
     assert (tmp_path / "plots" / "robustness_gaussian.csv").exists()
     assert len(list((tmp_path / "plots" / "panels").glob("*.png"))) == 3
@@ -235,6 +310,12 @@ def test_stage_writes_flat_metrics_json_and_plots(tmp_path, toy_dir, data):
     assert written["unc/pixel_error_auroc"] is None  # nan -> null
     assert written["seg/dice_disc"] == 1.0
     assert "robust/gaussian_0.1/cls/acc" in written and "robust/salt_pepper_0.05/seg/dice_cup" in written
+    new_keys = ["reference/vcdr_auc", "reference/positive_fraction", "unc/noise_auroc_gaussian_0.1",
+                "unc/pixel_noise_auroc_gaussian_0.1", "unc/noise_auroc_salt_pepper_0.05",
+                "unc/pixel_noise_auroc_salt_pepper_0.05"]
+    new_keys += [f"{key}_ci95_{end}" for key in INTERVAL_KEYS for end in ("low", "high")]
+    assert [key for key in new_keys if key not in written] == []
+    assert written["unc/pixel_error_auroc_ci95_low"] is None  # undefined interval -> null
     assert not (paths.plots / "stale.csv").exists()
     assert (paths.plots / "roc.csv").exists() and len(list((paths.plots / "panels").glob("*.png"))) == 2
 

@@ -227,3 +227,152 @@ def test_referral_accuracy():
     np.testing.assert_allclose(curve["accuracy"], [0.6, 0.75, 1.0, 1.0])
     # Ties are broken by position: referring 1 of two equally uncertain cases keeps the first.
     assert metrics.referral_acc(np.array([True, False]), np.array([0.5, 0.5]), 0.5) == 1.0
+
+
+def test_noise_auroc_hand_computed():
+    # Pairs (noisy, clean) where the noisy copy is more uncertain: 0.25 beats 0.1 and 0.2, 0.4 beats all: 5 / 6.
+    assert metrics.noise_auroc(np.array([0.1, 0.2, 0.3]), np.array([0.25, 0.4])) == pytest.approx(5 / 6)
+    assert metrics.noise_auroc(np.array([0.5, 0.5]), np.array([0.5])) == 0.5  # ties count one half
+    assert metrics.noise_auroc(np.array([0.9]), np.array([0.1, 0.2])) == 0.0
+    assert math.isnan(metrics.noise_auroc(np.array([]), np.array([0.3])))
+
+
+# ----------------------------------------------------------------------------- bootstrap
+def _mean_statistic(values: np.ndarray) -> metrics.ResampledStatistic:
+    return metrics.resampled_ratio(values, np.ones_like(values))
+
+
+def test_bootstrap_interval_of_a_mean_is_the_normal_interval():
+    rng = np.random.default_rng(11)
+    x = rng.normal(3.0, 2.0, 400)
+    low, high = metrics.bootstrap_ci(_mean_statistic(x), x.size, samples=4000, seed=0)
+    # The bootstrap distribution of a mean is ~ Normal(mean, s / sqrt(n)) with the plug-in s (ddof=0).
+    se = x.std() / math.sqrt(x.size)
+    z = 1.959964
+    assert low == pytest.approx(x.mean() - z * se, abs=0.15 * se)
+    assert high == pytest.approx(x.mean() + z * se, abs=0.15 * se)
+    # Same seed, same interval; another seed moves it only by Monte Carlo error.
+    assert metrics.bootstrap_ci(_mean_statistic(x), x.size, samples=4000, seed=0) == (low, high)
+    other = metrics.bootstrap_ci(_mean_statistic(x), x.size, samples=4000, seed=1)
+    assert other != (low, high) and other[0] == pytest.approx(low, abs=0.2 * se)
+
+
+def test_bootstrap_interval_covers_the_true_mean_95_percent_of_the_time():
+    rng = np.random.default_rng(12)
+    trials, n = 300, 40
+    covered = 0
+    for trial in range(trials):
+        x = rng.normal(0.0, 1.0, n)
+        low, high = metrics.bootstrap_ci(_mean_statistic(x), n, samples=1000, seed=trial)
+        covered += low <= 0.0 <= high
+    # Percentile intervals under-cover slightly at n = 40 (about 93-94 %); the binomial sd of the
+    # observed coverage is 1.3 points. Intervals of the wrong width (e.g. off by sqrt(2)) miss this.
+    assert 0.89 <= covered / trials <= 0.98, covered / trials
+
+
+def test_bootstrap_auc_interval_matches_the_delong_standard_error():
+    rng = np.random.default_rng(13)
+    positive = rng.random(300) < 0.5
+    score = rng.normal(1.2 * positive, 1.0)
+    auc = roc_auc_score(positive, score)
+    # DeLong's structural components: each positive's (negative's) share of pairs it wins (loses).
+    wins = (score[positive][:, None] > score[~positive][None, :]).astype(float)
+    se = math.sqrt(wins.mean(axis=1).var(ddof=1) / positive.sum() + wins.mean(axis=0).var(ddof=1) / (~positive).sum())
+    low, high = metrics.bootstrap_ci(metrics.resampled_auc(score, positive), positive.size, samples=2000, seed=0)
+    assert high - low == pytest.approx(2 * 1.959964 * se, rel=0.15)
+    assert low < auc < high
+
+
+def test_bootstrap_undefined_resamples_and_bad_input():
+    # Two items with values 0 and 1: resampled means are 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4.
+    assert metrics.bootstrap_ci(_mean_statistic(np.array([0.0, 1.0])), 2, samples=1000, seed=0) == (0.0, 1.0)
+    # Undefined resamples are left out: an AUC of one positive among 20 exists only when it is drawn
+    # (1 - 0.95**20 = 64 % of resamples), and then it is 1 here.
+    positive = np.arange(20) == 0
+    assert metrics.bootstrap_ci(metrics.resampled_auc(np.arange(20.0)[::-1], positive), 20, 500, 0) == (1.0, 1.0)
+    # Of two items, the first is drawn twice in 1/4 of the resamples and at least once in 3/4: a
+    # statistic defined only then has no interval (fewer than half defined), respectively one.
+    drawn_twice = lambda counts: np.where(counts[:, 0] == 2, 1.0, np.nan)  # noqa: E731
+    drawn = lambda counts: np.where(counts[:, 0] >= 1, 1.0, np.nan)  # noqa: E731
+    assert all(math.isnan(v) for v in metrics.bootstrap_ci(drawn_twice, 2, samples=1000, seed=0))
+    assert metrics.bootstrap_ci(drawn, 2, samples=1000, seed=0) == (1.0, 1.0)
+    # Never defined (there are no positives): no interval.
+    low, high = metrics.bootstrap_ci(metrics.resampled_auc(np.arange(20.0), np.zeros(20, bool)), 20, 500, 0)
+    assert math.isnan(low) and math.isnan(high)
+    with pytest.raises(ValueError, match="n=0"):
+        metrics.bootstrap_ci(_mean_statistic(np.array([])), 0)
+    with pytest.raises(ValueError, match="samples must be >= 1, got 0"):
+        metrics.bootstrap_ci(_mean_statistic(np.ones(3)), 3, samples=0)
+    with pytest.raises(ValueError, match="sizes differ: 3 vs 2"):
+        metrics.resampled_auc(np.ones(3), np.ones(2, bool))
+
+
+def _resample(counts: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
+    index = np.repeat(np.arange(counts.size), counts.astype(int))
+    return [np.asarray(a)[index] for a in arrays]
+
+
+def test_resampled_statistics_equal_the_metrics_on_resampled_arrays(binary_case):
+    labels, prob = binary_case
+    pred = prob.argmax(1)
+    n = labels.size
+    rng = np.random.default_rng(14)
+    counts = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=4)]).astype(float)
+    uncertainty = np.round(rng.random(n), 2)  # ties
+    vcdr = np.where(rng.random(n) < 0.1, np.nan, np.round(prob[:, 1], 1))  # ties and undefined values
+    correct = pred == labels
+    stats = {
+        "auc": metrics.resampled_class_auc(labels, prob, 1),
+        "acc": metrics.resampled_ratio(correct, np.ones(n)),
+        "f1": metrics.resampled_f1(labels, pred, 1),
+        "sensitivity": metrics.resampled_ratio(correct & (labels == 1), labels == 1),
+        "ece": metrics.resampled_ece(labels, prob, 10),
+        "error_auroc": metrics.resampled_auc(uncertainty, ~correct),
+        "vcdr_auc": metrics.resampled_auc(vcdr, labels == 1),
+    }
+    values = {key: stat(counts) for key, stat in stats.items()}
+    for b, row in enumerate(counts):
+        y, p, u, v = _resample(row, labels, prob, uncertainty, vcdr)
+        yhat = p.argmax(1)
+        assert values["auc"][b] == pytest.approx(roc_auc_score(y, p[:, 1]))
+        assert values["acc"][b] == pytest.approx(np.mean(yhat == y))
+        assert values["f1"][b] == pytest.approx(f1_score(y, yhat))
+        assert values["sensitivity"][b] == pytest.approx(recall_score(y, yhat))
+        assert values["ece"][b] == pytest.approx(metrics.ece(y, p, 10))
+        assert values["error_auroc"][b] == pytest.approx(roc_auc_score(yhat != y, u))
+        keep = np.isfinite(v)
+        assert values["vcdr_auc"][b] == pytest.approx(roc_auc_score(y[keep], v[keep]))
+
+
+def test_resampled_multiclass_auc_and_f1_follow_sklearn():
+    rng = np.random.default_rng(15)
+    labels = rng.integers(0, 3, 90)
+    prob = rng.dirichlet(np.ones(3), 90) + np.eye(3)[labels]
+    prob /= prob.sum(axis=1, keepdims=True)
+    pred = prob.argmax(1)
+    counts = rng.multinomial(90, np.full(90, 1 / 90), size=3).astype(float)
+    auc = metrics.resampled_class_auc(labels, prob)(counts)
+    f1 = metrics.resampled_f1(labels, pred, num_classes=3)(counts)
+    for b, row in enumerate(counts):
+        y, p = _resample(row, labels, prob)
+        assert auc[b] == pytest.approx(roc_auc_score(y, p, multi_class="ovr"))
+        assert f1[b] == pytest.approx(f1_score(y, p.argmax(1), average="macro"))
+    # A resample without class 2 has no one-vs-rest AUC.
+    assert np.isnan(metrics.resampled_class_auc(labels, prob)(np.where(labels == 2, 0.0, 1.0)[None]))[0]
+
+
+def test_resampled_pixel_auc_pools_the_pixels_of_resampled_images():
+    rng = np.random.default_rng(16)
+    images, per_image = 12, 50
+    error = rng.random((images, per_image)) < 0.2
+    uncertainty = np.round(np.where(error, rng.beta(3, 2, error.shape), rng.beta(2, 3, error.shape)), 2)
+    image_of_pixel = np.repeat(np.arange(images), per_image)
+    stat = metrics.resampled_auc(uncertainty.ravel(), error.ravel(), group=image_of_pixel, n_groups=images)
+    counts = np.vstack([np.ones(images), rng.multinomial(images, np.full(images, 1 / images), size=4)])
+    values = stat(counts)
+    for b, row in enumerate(counts):
+        e, u = _resample(row, error, uncertainty)
+        assert values[b] == pytest.approx(roc_auc_score(e.ravel(), u.ravel()))
+    # More errors than hits swaps the roles inside; the result is the same AUC.
+    flipped = metrics.resampled_auc(-uncertainty.ravel(), ~error.ravel(), group=image_of_pixel, n_groups=images)
+    np.testing.assert_allclose(flipped(counts), values)

@@ -303,7 +303,17 @@ class EvaluateParams(_Section):
     referral_fractions: list[float] = [0.1, 0.2, 0.3]
     calibration_bins: int = Field(10, ge=2)
     num_panels: int = Field(6, ge=0)
+    # Seeds the corruptions, the pixel sample of the pixel AUROC and the bootstrap resamples.
     seed: int = 0
+    # Resamples of the test images for the 95 % intervals of the headline metrics (0: none).
+    bootstrap_samples: int = Field(1000, ge=0)
+
+    @field_validator("bootstrap_samples")
+    @classmethod
+    def _enough_resamples(cls, v: int) -> int:
+        if 0 < v < 100:
+            raise ValueError(f"must be 0 (no intervals) or at least 100 to place the 2.5 % and 97.5 % percentiles, got {v}")
+        return v
 
     @field_validator("gaussian_sigmas")
     @classmethod

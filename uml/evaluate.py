@@ -13,12 +13,27 @@ Keys (each only when the model has the outputs it needs; ``<s>`` is a structure 
 - ``seg/dice_<s>``, ``seg/assd_<s>``, ``seg/hd95_<s>``: per-image values averaged over the test
   images (distances in pixels at model resolution); ``seg/dist_undefined_<s>``: how many images
   were left out of the distance means because exactly one of prediction and ground truth is empty
-- ``clinical/vcdr_mae``, ``clinical/vcdr_auc`` (fundus masks only)
+- ``clinical/vcdr_mae``, ``clinical/vcdr_auc`` (fundus masks only): the vCDR of the predicted
+  masks against that of the ground truth, and as a glaucoma score
+- ``reference/vcdr_auc`` (fundus masks only, any model): the AUC of the ground-truth masks' vCDR
+  for the label, i.e. the ceiling of a vCDR-based classifier on this test split (on the synthetic
+  data the label is drawn from the vCDR, so it is close to the best possible ``cls/auc``);
+  ``reference/positive_fraction``: the share of the positive class among the test labels
 - ``unc/error_auroc``, ``unc/referral_acc_<pct>`` (one per ``evaluate.referral_fractions``),
   ``unc/mean_class_uncertainty``, ``unc/pixel_error_auroc``, ``unc/mean_pixel_uncertainty``
+- ``unc/noise_auroc_<kind>_<level>`` and ``unc/pixel_noise_auroc_<kind>_<level>`` (``<kind>`` is
+  ``gaussian`` or ``salt_pepper``, one per level): the AUROC of the image's class uncertainty,
+  respectively its mean pixel uncertainty, separating the corrupted copies from the clean images
+  (1: every corrupted copy is more uncertain; 0.5: uncertainty ignores the noise)
 - ``robust/gaussian_<sigma>/...`` and ``robust/salt_pepper_<amount>/...``: ``cls/acc``,
   ``cls/auc``, ``seg/dice_<s>``, ``unc/mean_class_uncertainty``, ``unc/mean_pixel_uncertainty``
   on corrupted copies of the test images.
+- ``<key>_ci95_low`` and ``<key>_ci95_high`` beside each of ``cls/auc``, ``cls/acc``, ``cls/f1``,
+  ``cls/sensitivity``, ``cls/ece``, ``seg/dice_<s>``, ``unc/error_auroc``,
+  ``unc/pixel_error_auroc``, ``clinical/vcdr_auc`` and ``reference/vcdr_auc`` that is present: the
+  95 % percentile bootstrap interval over ``evaluate.bootstrap_samples`` resamples of the test
+  images (0 disables them), seeded by ``evaluate.seed`` and shared by all metrics (paired). The
+  pixel AUROC resamples images and pools their sampled pixels. See :func:`uml.metrics.bootstrap_ci`.
 
 Noise is drawn per image from a generator seeded by ``(evaluate.seed, noise kind, level, image
 index)``: the corrupted images do not depend on the batch size or on which other levels run.
@@ -77,6 +92,7 @@ class PassOutputs:
     mean_pixel_uncertainty: np.ndarray | None = None  # (n,)
     pixel_uncertainty_sample: np.ndarray | None = None  # subsample for the pixel-error AUROC
     pixel_error_sample: np.ndarray | None = None
+    pixel_sample_image: np.ndarray | None = None  # position of each sampled pixel's image
     panel_uncertainty: dict[int, np.ndarray] = field(default_factory=dict)  # position -> (S, S)
 
 
@@ -108,7 +124,7 @@ def run_pass(
     n = len(images)
     ids = np.arange(n) if ids is None else np.asarray(ids)
     out = PassOutputs()
-    probs, class_unc, masks, pix_mean, pix_unc, pix_err = [], [], [], [], [], []
+    probs, class_unc, masks, pix_mean, pix_unc, pix_err, pix_image = [], [], [], [], [], [], []
     panel_set = set(int(p) for p in panel_positions)
     per_image_pixels = max(1, pixel_budget // max(n, 1))
     with tqdm(total=n, desc=f"evaluate [{desc}]", unit="img", leave=False, mininterval=1.0) as bar:
@@ -143,6 +159,7 @@ def run_pass(
                             flat_unc, flat_err = flat_unc[keep], flat_err[keep]
                         pix_unc.append(flat_unc)
                         pix_err.append(flat_err)
+                        pix_image.append(np.full(flat_unc.size, position))
             bar.update(stop - start)
     if probs:
         out.class_prob = np.concatenate(probs)
@@ -155,17 +172,25 @@ def run_pass(
     if pix_unc:
         out.pixel_uncertainty_sample = np.concatenate(pix_unc)
         out.pixel_error_sample = np.concatenate(pix_err)
+        out.pixel_sample_image = np.concatenate(pix_image)
     return out
 
 
 # ------------------------------------------------------------------------------ metrics
+def _dice_per_image(pred_masks: np.ndarray, gt_masks: np.ndarray, mask_classes: Sequence[str]) -> dict[str, np.ndarray]:
+    """Structure name -> the Dice of each image (n,)."""
+    return {name: np.array([metrics.dice(p, g) for p, g in zip(select(pred_masks), select(gt_masks))])
+            for name, select in metrics.structures(mask_classes).items()}
+
+
 def _segmentation(pred_masks: np.ndarray, gt_masks: np.ndarray, mask_classes: Sequence[str], distances: bool) -> dict[str, float]:
     result: dict[str, float] = {}
+    for name, dice in _dice_per_image(pred_masks, gt_masks, mask_classes).items():
+        result[f"seg/dice_{name}"] = float(dice.mean())
+    if not distances:
+        return result
     for name, select in metrics.structures(mask_classes).items():
         pred_bin, gt_bin = select(pred_masks), select(gt_masks)
-        result[f"seg/dice_{name}"] = float(np.mean([metrics.dice(p, g) for p, g in zip(pred_bin, gt_bin)]))
-        if not distances:
-            continue
         assd = np.array([metrics.assd(p, g) for p, g in zip(pred_bin, gt_bin)])
         hd95 = np.array([metrics.hd95(p, g) for p, g in zip(pred_bin, gt_bin)])
         defined = np.isfinite(assd)
@@ -236,13 +261,17 @@ def evaluate_arrays(
     if clean.class_prob is not None:
         cls = metrics.classification_metrics(labels, clean.class_prob, model.positive_class, cfg.calibration_bins)
         result.update({f"cls/{k}": v for k, v in cls.items()})
+    gt_vcdr = np.array([metrics.vertical_cdr(m) for m in masks]) if fundus else None
+    pred_vcdr = None
     if clean.pred_masks is not None:
         result.update(_segmentation(clean.pred_masks, masks, model.mask_classes, distances=True))
         if fundus:
-            gt_vcdr = np.array([metrics.vertical_cdr(m) for m in masks])
             pred_vcdr = np.array([metrics.vertical_cdr(m) for m in clean.pred_masks])
             result["clinical/vcdr_mae"] = metrics.vcdr_mae(pred_vcdr, gt_vcdr)
             result["clinical/vcdr_auc"] = metrics.vcdr_auc(labels, pred_vcdr, model.positive_class)
+    if gt_vcdr is not None:
+        result["reference/vcdr_auc"] = metrics.vcdr_auc(labels, gt_vcdr, model.positive_class)
+    result["reference/positive_fraction"] = float(np.mean(labels == model.positive_class))
     if clean.class_uncertainty is not None and clean.class_prob is not None:
         correct = metrics.predicted_class(clean.class_prob) == labels
         result["unc/error_auroc"] = metrics.error_auroc(clean.class_uncertainty, ~correct)
@@ -262,12 +291,76 @@ def evaluate_arrays(
                              desc=f"{kind} {level_name(level)}")
             values = _robust_metrics(model, noisy, labels, masks)
             result.update({f"robust/{kind}_{level_name(level)}/{k}": v for k, v in values.items()})
+            result.update(_noise_detection(clean, noisy, f"{kind}_{level_name(level)}"))
             table.append({"level": float(level), **_columns(values)})
         robust_tables[kind] = table
 
+    if cfg.bootstrap_samples:
+        intervals = _bootstrap_intervals(model, clean, masks, labels, gt_vcdr, pred_vcdr, cfg)
+        result = _with_intervals(result, intervals)
     if plots_dir is not None:
         write_plots(Path(plots_dir), model, clean, images, masks, labels, cfg, panels, robust_tables)
     return result
+
+
+def _noise_detection(clean: PassOutputs, noisy: PassOutputs, noise: str) -> dict[str, float]:
+    """``unc/noise_auroc_<noise>`` and ``unc/pixel_noise_auroc_<noise>``: do the corrupted copies
+    carry more (image, mean pixel) uncertainty than the clean images?"""
+    result: dict[str, float] = {}
+    if clean.class_uncertainty is not None:
+        result[f"unc/noise_auroc_{noise}"] = metrics.noise_auroc(clean.class_uncertainty, noisy.class_uncertainty)
+    if clean.mean_pixel_uncertainty is not None:
+        result[f"unc/pixel_noise_auroc_{noise}"] = metrics.noise_auroc(clean.mean_pixel_uncertainty,
+                                                                       noisy.mean_pixel_uncertainty)
+    return result
+
+
+def _bootstrap_intervals(
+    model: OnnxModel,
+    clean: PassOutputs,
+    masks: np.ndarray,
+    labels: np.ndarray,
+    gt_vcdr: np.ndarray | None,
+    pred_vcdr: np.ndarray | None,
+    cfg: EvaluateParams,
+) -> dict[str, tuple[float, float]]:
+    """Metric key -> 95 % bootstrap interval, for the headline metrics the model has (see the module docstring)."""
+    n = len(labels)
+    every_image = np.ones(n)
+    positive = labels == model.positive_class
+    statistics: dict[str, metrics.ResampledStatistic] = {}
+    if clean.class_prob is not None:
+        pred = metrics.predicted_class(clean.class_prob)
+        correct = pred == labels
+        statistics["cls/auc"] = metrics.resampled_class_auc(labels, clean.class_prob, model.positive_class)
+        statistics["cls/acc"] = metrics.resampled_ratio(correct, every_image)
+        statistics["cls/f1"] = metrics.resampled_f1(labels, pred, model.positive_class, clean.class_prob.shape[1])
+        statistics["cls/sensitivity"] = metrics.resampled_ratio(positive & correct, positive)
+        statistics["cls/ece"] = metrics.resampled_ece(labels, clean.class_prob, cfg.calibration_bins)
+        if clean.class_uncertainty is not None:
+            statistics["unc/error_auroc"] = metrics.resampled_auc(clean.class_uncertainty, ~correct)
+    if clean.pred_masks is not None:
+        for name, dice in _dice_per_image(clean.pred_masks, masks, model.mask_classes).items():
+            statistics[f"seg/dice_{name}"] = metrics.resampled_ratio(dice, every_image)
+    if clean.pixel_uncertainty_sample is not None:
+        statistics["unc/pixel_error_auroc"] = metrics.resampled_auc(
+            clean.pixel_uncertainty_sample, clean.pixel_error_sample, group=clean.pixel_sample_image, n_groups=n)
+    if pred_vcdr is not None:
+        statistics["clinical/vcdr_auc"] = metrics.resampled_auc(pred_vcdr, positive)
+    if gt_vcdr is not None:
+        statistics["reference/vcdr_auc"] = metrics.resampled_auc(gt_vcdr, positive)
+    return {key: metrics.bootstrap_ci(statistic, n, cfg.bootstrap_samples, cfg.seed, confidence=0.95)
+            for key, statistic in statistics.items()}
+
+
+def _with_intervals(result: dict[str, float], intervals: dict[str, tuple[float, float]]) -> dict[str, float]:
+    # Each interval right after its metric, so that metrics.json reads "value, low, high".
+    out: dict[str, float] = {}
+    for key, value in result.items():
+        out[key] = value
+        if key in intervals:
+            out[f"{key}_ci95_low"], out[f"{key}_ci95_high"] = intervals[key]
+    return out
 
 
 def _columns(values: dict[str, float]) -> dict[str, float]:

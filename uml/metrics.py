@@ -23,6 +23,12 @@ one empty                   0.0     nan (no surface to measure to)
 
 The evaluation averages distances with ``nanmean`` and reports how many images were left out
 (``seg/dist_undefined_<structure>``), rather than inventing a penalty distance.
+
+Confidence intervals: :func:`bootstrap_ci` is a percentile bootstrap over the test images. Its
+statistics are vectorised over resamples: a resample is given as how often each image was drawn
+(a row of counts), and the ``resampled_*`` functions build, from per-image data, the statistic that
+computes a metric on every row at once (an AUC from a table of ordered positive/negative pairs, a
+ratio from count-weighted sums), equal to the metric function applied to the resampled arrays.
 """
 
 from __future__ import annotations
@@ -133,6 +139,18 @@ def f1(labels: np.ndarray, pred: np.ndarray, positive: int = 1, num_classes: int
     return float(f1_score(_binary(labels, positive), _binary(pred, positive), zero_division=0))
 
 
+def _calibration_bins(labels: np.ndarray, prob: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: its bin index (see :func:`reliability_diagram`), confidence and correctness (0/1)."""
+    prob = _as_prob(prob)
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    confidence = prob.max(axis=1)
+    correct = (prob.argmax(axis=1) == np.asarray(labels)).astype(np.float64)
+    # searchsorted(side="left") on the inner edges makes bins right-closed.
+    index = np.clip(np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], confidence, side="left"), 0, bins - 1)
+    return index, confidence, correct
+
+
 def reliability_diagram(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> dict[str, np.ndarray]:
     """Per-bin calibration statistics on the predicted-class confidence.
 
@@ -144,15 +162,8 @@ def reliability_diagram(labels: np.ndarray, prob: np.ndarray, bins: int = 10) ->
     ``confidence`` (mean confidence in the bin) and ``accuracy`` (fraction correct); the last two
     are ``nan`` for empty bins.
     """
-    prob = _as_prob(prob)
-    labels = np.asarray(labels)
-    if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
-    confidence = prob.max(axis=1)
-    correct = (prob.argmax(axis=1) == labels).astype(np.float64)
+    index, confidence, correct = _calibration_bins(labels, prob, bins)
     edges = np.linspace(0.0, 1.0, bins + 1)
-    # searchsorted(side="left") on the inner edges makes bins right-closed.
-    index = np.clip(np.searchsorted(edges[1:-1], confidence, side="left"), 0, bins - 1)
     count = np.bincount(index, minlength=bins).astype(np.int64)
     conf_sum = np.bincount(index, weights=confidence, minlength=bins)
     correct_sum = np.bincount(index, weights=correct, minlength=bins)
@@ -331,6 +342,21 @@ def error_auroc(uncertainty: np.ndarray, error: np.ndarray) -> float:
     return float(roc_auc_score(error, uncertainty))
 
 
+def noise_auroc(clean_uncertainty: np.ndarray, noisy_uncertainty: np.ndarray) -> float:
+    """AUROC of uncertainty as a detector of corrupted inputs (1 = every corrupted copy is more
+    uncertain than every clean image; 0.5 = uncertainty does not react to the noise).
+
+    The two arrays are per-image uncertainties of the clean images and of their corrupted copies
+    (any lengths; ``nan`` when either is empty).
+    """
+    clean = np.asarray(clean_uncertainty, dtype=np.float64).ravel()
+    noisy = np.asarray(noisy_uncertainty, dtype=np.float64).ravel()
+    if clean.size == 0 or noisy.size == 0:
+        return math.nan
+    is_noisy = np.concatenate([np.zeros(clean.size, bool), np.ones(noisy.size, bool)])
+    return float(roc_auc_score(is_noisy, np.concatenate([clean, noisy])))
+
+
 def pixel_error_auroc(
     uncertainty: np.ndarray, error: np.ndarray, max_pixels: int = PIXEL_AUROC_MAX_PIXELS, seed: int = 0
 ) -> float:
@@ -372,3 +398,165 @@ def referral_curve(correct: np.ndarray, uncertainty: np.ndarray, fractions: Sequ
     accuracy = np.array([referral_acc(correct, uncertainty, f) for f in fractions])
     retained = np.array([max(1, n - int(round(f * n))) if n else 0 for f in fractions], dtype=np.int64)
     return {"fraction": fractions, "accuracy": accuracy, "retained": retained}
+
+
+# ---------------------------------------------------------------------------- bootstrap
+# A statistic for bootstrap_ci: (resamples, n) counts -> (resamples,) values.
+ResampledStatistic = Callable[[np.ndarray], np.ndarray]
+# Resamples are drawn and evaluated in blocks of at most this many counts (memory stays ~32 MB).
+_BOOTSTRAP_BLOCK = 1 << 22
+
+
+def bootstrap_ci(
+    statistic: ResampledStatistic, n: int, samples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a statistic of ``n`` items (images) resampled with replacement.
+
+    ``samples`` resamples are drawn from ``numpy.random.default_rng(seed)`` as multinomial counts:
+    ``statistic`` gets a float array ``counts`` of shape (resamples, n) whose row ``b`` says how
+    often each item is in resample ``b`` (rows sum to ``n``), and returns one value per row (see
+    the ``resampled_*`` functions). Equal ``n``, ``samples`` and ``seed`` give the same resamples,
+    so intervals of different metrics of one evaluation are paired.
+
+    The interval is the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` percentiles of the
+    resampled values. Resamples where the statistic is undefined (``nan``: an AUC of a resample
+    without positives) are left out; ``(nan, nan)`` when fewer than half of them are defined.
+    """
+    if n < 1:
+        raise ValueError(f"bootstrap needs at least one item, got n={n}")
+    if samples < 1:
+        raise ValueError(f"bootstrap samples must be >= 1, got {samples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    rng = np.random.default_rng(seed)
+    block = max(1, _BOOTSTRAP_BLOCK // n)
+    values = []
+    for start in range(0, samples, block):
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=min(block, samples - start)).astype(np.float64)
+        values.append(np.asarray(statistic(counts), dtype=np.float64).reshape(len(counts)))
+    resampled = np.concatenate(values)
+    defined = resampled[np.isfinite(resampled)]
+    if defined.size < 0.5 * samples:
+        return math.nan, math.nan
+    tail = 50.0 * (1.0 - confidence)
+    low, high = np.percentile(defined, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def _divide_where_positive(num: np.ndarray, den: np.ndarray, empty: float) -> np.ndarray:
+    """``num / den`` elementwise, ``empty`` where ``den`` is 0."""
+    return np.divide(num, den, out=np.full(np.shape(num), empty, dtype=np.float64), where=den > 0)
+
+
+def _macro_average(per_class: Sequence[ResampledStatistic]) -> ResampledStatistic:
+    """The unweighted mean of per-class statistics, per resample (``nan`` if any class's is)."""
+    return lambda counts: np.mean([stat(counts) for stat in per_class], axis=0)
+
+
+def resampled_ratio(numerator: np.ndarray, denominator: np.ndarray, empty: float = math.nan) -> ResampledStatistic:
+    """``sum(counts * numerator) / sum(counts * denominator)`` per resample; ``empty`` where the
+    denominator sums to 0.
+
+    With per-image 0/1 indicators this is accuracy (correct / 1), sensitivity (TP / positive) or a
+    per-image mean (value / 1, e.g. Dice).
+    """
+    numerator = np.asarray(numerator, dtype=np.float64).ravel()
+    denominator = np.asarray(denominator, dtype=np.float64).ravel()
+    if numerator.shape != denominator.shape:
+        raise ValueError(f"numerator and denominator sizes differ: {numerator.size} vs {denominator.size}")
+
+    def statistic(counts: np.ndarray) -> np.ndarray:
+        return _divide_where_positive(counts @ numerator, counts @ denominator, empty)
+
+    return statistic
+
+
+def resampled_f1(labels: np.ndarray, pred: np.ndarray, positive: int = 1, num_classes: int = 2) -> ResampledStatistic:
+    """:func:`f1` per resample: ``2TP / (2TP + FP + FN)`` of the positive class (macro over all
+    classes for K > 2), 0.0 where a class has neither labels nor predictions."""
+    labels, pred = np.asarray(labels), np.asarray(pred)
+    classes = range(num_classes) if num_classes > 2 else [positive]
+    per_class = []
+    for k in classes:
+        tp = (labels == k) & (pred == k)
+        wrong = (labels == k) ^ (pred == k)  # a false positive or a false negative of class k
+        per_class.append(resampled_ratio(2.0 * tp, 2.0 * tp + wrong, empty=0.0))
+    return _macro_average(per_class)
+
+
+def resampled_ece(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> ResampledStatistic:
+    """:func:`ece` per resample: ``sum_b |sum_{i in b} (correct_i - confidence_i)| / n`` weighted by counts."""
+    index, confidence, correct = _calibration_bins(labels, prob, bins)
+    gap_per_bin = np.zeros((index.size, bins))
+    gap_per_bin[np.arange(index.size), index] = correct - confidence
+
+    def statistic(counts: np.ndarray) -> np.ndarray:
+        return np.abs(counts @ gap_per_bin).sum(axis=1) / counts.sum(axis=1)
+
+    return statistic
+
+
+def _ordered_pair_table(score: np.ndarray, positive: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """``T[i, j]``: pairs (positive element of group i, negative element of group j) that the score
+    orders right, ties counting one half (the Mann-Whitney count of the AUC, split by groups)."""
+    if positive.sum() > (~positive).sum():
+        # Loop over the smaller side: the same table with the roles (and the order) swapped.
+        return _ordered_pair_table(-score, ~positive, group, n_groups).T
+    # Sorted queries make searchsorted several times faster (each search starts where the last ended).
+    pos_order = np.argsort(score[positive], kind="stable")
+    pos_score, pos_group = score[positive][pos_order], group[positive][pos_order]
+    neg_score, neg_group = score[~positive], group[~positive]
+    order = np.lexsort((neg_score, neg_group))
+    neg_score, neg_group = neg_score[order], neg_group[order]
+    starts = np.searchsorted(neg_group, np.arange(n_groups + 1))
+    table = np.zeros((n_groups, n_groups))
+    for j in np.flatnonzero(np.diff(starts)):
+        negatives = neg_score[starts[j] : starts[j + 1]]
+        below = np.searchsorted(negatives, pos_score, side="left")
+        tied = np.searchsorted(negatives, pos_score, side="right") - below
+        table[:, j] = np.bincount(pos_group, weights=below + 0.5 * tied, minlength=n_groups)
+    return table
+
+
+def resampled_auc(
+    score: np.ndarray, positive: np.ndarray, group: np.ndarray | None = None, n_groups: int | None = None
+) -> ResampledStatistic:
+    """The binary ROC AUC of ``score`` for ``positive`` per resample (``nan`` without both classes).
+
+    Without ``group`` every element is an item of the bootstrap (an image). With ``group`` (the
+    item index of each element, e.g. the image of each sampled pixel, ``n_groups`` items) whole
+    items are resampled and their elements pooled, as the pixel-level AUROC needs. Elements with a
+    ``nan`` score are left out (as :func:`vcdr_auc` does). Exact: a table of ordered pairs between
+    items is built once (memory ``n_groups**2``), each resample's AUC is a quadratic form in its counts.
+    """
+    score = np.asarray(score, dtype=np.float64).ravel()
+    positive = np.asarray(positive, dtype=bool).ravel()
+    if score.shape != positive.shape:
+        raise ValueError(f"score and positive sizes differ: {score.size} vs {positive.size}")
+    if group is None:
+        group, n_groups = np.arange(score.size), score.size
+    else:
+        group = np.asarray(group, dtype=np.int64).ravel()
+        if group.shape != score.shape:
+            raise ValueError(f"score and group sizes differ: {score.size} vs {group.size}")
+        n_groups = int(group.max(initial=-1)) + 1 if n_groups is None else n_groups
+    valid = np.isfinite(score)
+    score, positive, group = score[valid], positive[valid], group[valid]
+    table = _ordered_pair_table(score, positive, group, n_groups)
+    positives = np.bincount(group[positive], minlength=n_groups).astype(np.float64)
+    negatives = np.bincount(group[~positive], minlength=n_groups).astype(np.float64)
+
+    def statistic(counts: np.ndarray) -> np.ndarray:
+        ordered = ((counts @ table) * counts).sum(axis=1)
+        return _divide_where_positive(ordered, (counts @ positives) * (counts @ negatives), math.nan)
+
+    return statistic
+
+
+def resampled_class_auc(labels: np.ndarray, prob: np.ndarray, positive: int = 1) -> ResampledStatistic:
+    """:func:`auc` per resample: of ``prob[:, positive]`` for K = 2, the one-vs-rest macro AUC for
+    K > 2 (``nan`` when a resample lacks a class, as there)."""
+    prob, labels = _as_prob(prob), np.asarray(labels)
+    classes = range(prob.shape[1]) if prob.shape[1] > 2 else [positive]
+    per_class = [resampled_auc(prob[:, k], labels == k) for k in classes]
+    return _macro_average(per_class)
