@@ -91,3 +91,42 @@ def test_stage_fails_and_removes_the_model_when_parity_is_off(exported):
     assert not list(Paths(params).models_dir.glob("*.partial"))
     export(params)  # restore for other tests
     assert Paths(params).model_onnx.exists()
+
+
+def test_metadata_carries_the_onnx_sha256_so_a_half_published_pair_is_refused(exported, monkeypatch):
+    import hashlib
+    from pathlib import Path
+
+    from uml.errors import ModelFileError
+
+    params, model = exported
+    paths = Paths(params)
+    meta = json.loads(paths.metadata.read_text())
+    assert meta["onnx_sha256"] == hashlib.sha256(paths.model_onnx.read_bytes()).hexdigest()
+    old_onnx = paths.model_onnx.read_bytes()
+
+    # A retrained model.pt whose export is killed between its two renames.
+    torch.manual_seed(1)
+    save_model(build_model("small", image_size=64).eval(), paths.model_pt,
+               extra={"class_names": ["non-glaucoma", "glaucoma"], "mask_classes": ["background", "disc", "cup"],
+                      "data_hash": "abc", "run": "r2", "code_fingerprint": "f" * 64})
+    real_replace = Path.replace
+
+    def killed_before_the_model(self, target):
+        if Path(target) == paths.model_onnx:
+            raise KeyboardInterrupt("killed between the renames")
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", killed_before_the_model)
+    with pytest.raises(KeyboardInterrupt):
+        export(params)
+    monkeypatch.undo()
+    assert paths.model_onnx.read_bytes() == old_onnx  # the old model beside the new metadata
+    assert json.loads(paths.metadata.read_text())["hashes"]["code"] == "f" * 64
+    with pytest.raises(ModelFileError, match="come from different exports"):
+        OnnxModel(paths.model_onnx)
+
+    save_model(model, paths.model_pt, extra={"class_names": ["non-glaucoma", "glaucoma"],
+                                             "mask_classes": ["background", "disc", "cup"], "data_hash": "abc", "run": "r"})
+    export(params)  # restore for other tests
+    OnnxModel(paths.model_onnx)

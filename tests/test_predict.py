@@ -146,3 +146,137 @@ def test_console_entry_point_exit_status(model_path, tmp_path):
     assert f"{bad}: not a readable image" in run.stderr
     usage = subprocess.run([sys.executable, "-m", "uml.cli", "predict"], capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and "IMAGE" in usage.stderr
+
+
+# ------------------------------------------------------------------- hostile or odd inputs
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A small valid PNG whose header (IHDR) claims ``width`` x ``height`` pixels."""
+    import struct
+    import zlib
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    raw = bytearray(path.read_bytes())
+    assert raw[12:16] == b"IHDR"
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_a_decompression_bomb_is_a_per_file_error_and_the_rest_are_predicted(model_path, tmp_path, capsys):
+    bomb = _png_claiming(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(Image.DecompressionBombError):  # what Pillow does on its own
+        Image.open(bomb)
+    good = save(tmp_path / "good.png", draw_fundus(64, 20, 0.4)[0])
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    status = predict(model_path, tmp_path / "out", bomb, truncated, good)
+    captured = capsys.readouterr()
+    assert status == 1
+    assert f"{bomb}: too large to read safely (Image size (400000000 pixels) exceeds limit" in captured.err
+    assert f"{truncated}: not a readable image" in captured.err and "Traceback" not in captured.err
+    assert "2 of 3 images failed" in captured.err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.json", "good_overlay.png"]
+
+
+def _peak_rss_mb(args: list[str]) -> float:
+    """Peak resident memory of ``uml predict args`` run in a process of its own."""
+    probe = ("import resource, subprocess, sys; "
+             f"r = subprocess.run([sys.executable, '-m', 'uml.cli', 'predict', *{args!r}]); "
+             "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
+    status, kib = out.stdout.split()[-2:]
+    assert status == "0", out.stderr[-2000:]
+    return int(kib) / 1024
+
+
+@pytest.mark.slow
+def test_a_huge_image_is_predicted_in_memory_bounded_by_its_decoded_size(model_path, tmp_path):
+    side = 8000  # 64 M pixels, 192 MB decoded; the full-size overlay used about 60 bytes per pixel
+    huge = tmp_path / "huge.png"
+    canvas = np.zeros((side, side, 3), np.uint8)
+    canvas[:, :, 0] = 90
+    eye, _ = draw_fundus(1000, 300, 0.5)
+    canvas[3500:4500, 3500:4500] = eye
+    Image.fromarray(canvas).save(huge, compress_level=1)
+    del canvas
+    small = save(tmp_path / "small.png", eye)
+    common = ["--model", str(model_path), "--out", str(tmp_path / "out")]
+    baseline = _peak_rss_mb([str(small), *common])
+    peak = _peak_rss_mb([str(huge), *common])
+    decoded_mb = side * side * 3 / 2**20
+    # The decoded image and a few copies of it (Pillow's, numpy's), not a full-size drawing.
+    assert peak - baseline < 4 * decoded_mb, (peak, baseline)
+    record = json.loads((tmp_path / "out" / "huge.json").read_text())
+    assert record["size"] == [side, side]
+    with Image.open(tmp_path / "out" / "huge_overlay.png") as overlay:
+        assert max(overlay.size) < 2000  # drawn from the display copy
+
+
+def test_outputs_replace_links_in_out_and_never_write_through_them(model_path, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / "eye.json").symlink_to(victim)
+    (out / "eye_overlay.png").symlink_to(tmp_path / "nowhere.png")  # dangling: would create the target
+    eye = save(tmp_path / "eye.png", draw_fundus(64, 20, 0.4)[0])
+    assert predict(model_path, out, eye) == 0
+    assert victim.read_text() == "precious" and not (tmp_path / "nowhere.png").exists()
+    assert not (out / "eye.json").is_symlink() and json.loads((out / "eye.json").read_text())["image"] == str(eye)
+    assert not (out / "eye_overlay.png").is_symlink() and (out / "eye_overlay.png").stat().st_size > 1000
+    assert sorted(p.name for p in out.iterdir()) == ["eye.json", "eye_overlay.png"]  # no temporary files left
+    assert oct((out / "eye.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_out_naming_a_file_is_a_clear_error(model_path, tmp_path, capsys):
+    eye = save(tmp_path / "eye.png", draw_fundus(64, 20, 0.4)[0])
+    taken = tmp_path / "results.txt"
+    taken.write_text("not a folder")
+    assert predict(model_path, taken, eye) == 1
+    assert f"uml predict: error: {taken}: --out must be a folder, but a file of that name exists" in capsys.readouterr().err
+    assert taken.read_text() == "not a folder"
+    assert predict(model_path, taken / "sub", eye) == 1
+    assert f"{taken / 'sub'}: cannot create the output folder" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_fails_that_image_only(model_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "first.json").mkdir(parents=True)  # a folder where first's record should go
+    image = draw_fundus(64, 20, 0.4)[0]
+    first, second = save(tmp_path / "first.png", image), save(tmp_path / "second.png", image)
+    assert predict(model_path, out, first, second) == 1
+    err = capsys.readouterr().err
+    assert f"{first}: cannot write its outputs to {out}" in err and "1 of 2 images failed" in err
+    assert (out / "second.json").is_file() and (out / "second_overlay.png").is_file()
+    assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
+
+
+def test_a_model_and_metadata_of_different_exports_are_refused(model_path, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.onnx").write_bytes(model_path.read_bytes())
+    meta = json.loads((model_path.parent / "metadata.json").read_text())
+    eye = save(tmp_path / "eye.png", draw_fundus(64, 20, 0.4)[0])
+    # The same graph with one byte of its producer string changed: loadable, but not the file described.
+    raw = bytearray(model_path.read_bytes())
+    at = raw.index(b"pytorch")
+    raw[at] = ord("P")
+    (other / "model.onnx").write_bytes(bytes(raw))
+    (other / "metadata.json").write_text(json.dumps(meta))
+    assert predict(other / "model.onnx", tmp_path / "out", eye) == 1
+    err = capsys.readouterr().err
+    assert f"{other / 'model.onnx'}: its SHA-256" in err and "come from different exports" in err
+    del meta["onnx_sha256"]
+    (other / "metadata.json").write_text(json.dumps(meta))
+    assert predict(other / "model.onnx", tmp_path / "out", eye) == 1
+    assert "has no 'onnx_sha256'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -10,6 +10,7 @@ which makes every metric predictable.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -101,7 +102,9 @@ def export_toy(folder: Path, image_size: int = 64, tasks: tuple[str, ...] = ("cl
     torch.onnx.export(ToyUML(tasks).eval(), (torch.rand(1, 3, image_size, image_size),), str(path),
                       dynamo=False, input_names=[input_name], output_names=names, dynamic_axes=dynamic,
                       opset_version=17)
-    (folder / "metadata.json").write_text(json.dumps(metadata(image_size, tasks)))
+    # The pair is checked by the SHA-256 of the model, as the export stage records it.
+    meta = {**metadata(image_size, tasks), "onnx_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    (folder / "metadata.json").write_text(json.dumps(meta))
     return path
 
 

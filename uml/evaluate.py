@@ -478,14 +478,30 @@ def evaluate(params: Params) -> dict[str, float | None]:
         raise ModelFileError(
             f"{paths.metadata}: mask classes {model.mask_classes} differ from the data set's {list(prepared.mask_classes)}"
         )
-    images, masks, labels, indices = load_split(paths.dataset, "test")
+    images, masks, labels, indices = load_split(prepared, "test")  # verified once, above
     log.info("evaluating %s on %d test images (%s)", paths.model_onnx, len(images), ", ".join(model.outputs))
 
-    # The plots folder is this stage's output alone; clearing it drops files of an earlier model
-    # (e.g. an ROC curve that a segmentation-only model does not produce).
-    shutil.rmtree(paths.plots, ignore_errors=True)
-    values = evaluate_arrays(model, images, masks, labels, params.evaluate, plots_dir=paths.plots, ids=indices)
-    ready = write_metrics(paths.metrics, values)
+    # Both outputs are built under staging names and replace the old ones only once both are
+    # complete: a failure keeps the previous metrics.json and plots/ together. The new plots
+    # folder replaces the old one whole, dropping files of an earlier model (e.g. an ROC curve
+    # that a segmentation-only model does not produce).
+    staging_plots = paths.plots.with_name(f".{paths.plots.name}.partial")
+    staging_metrics = paths.metrics.with_name(f".{paths.metrics.name}.partial")
+    old_plots = paths.plots.with_name(f".{paths.plots.name}.old")
+    for stale in (staging_plots, old_plots):  # left by a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        values = evaluate_arrays(model, images, masks, labels, params.evaluate, plots_dir=staging_plots, ids=indices)
+        ready = write_metrics(staging_metrics, values)
+    except BaseException:
+        shutil.rmtree(staging_plots, ignore_errors=True)
+        staging_metrics.unlink(missing_ok=True)
+        raise
+    if paths.plots.exists():
+        paths.plots.rename(old_plots)
+    staging_plots.rename(paths.plots)
+    os.replace(staging_metrics, paths.metrics)
+    shutil.rmtree(old_plots, ignore_errors=True)
     for key in ("cls/acc", "cls/auc", "seg/dice_disc", "seg/dice_cup", "unc/error_auroc"):
         if key in ready:
             log.info("%s = %s", key, ready[key])

@@ -5,6 +5,12 @@ deployment outputs by name: ``class_prob`` (alpha/S), ``class_uncertainty`` (K/S
 and ``seg_uncertainty`` (the single-task ablations export only the outputs they have). The stage
 checks the graph with ``onnx.checker``, runs it in onnxruntime against torch on validation
 images and random inputs, and fails if they differ by more than ``export.parity_atol``.
+
+``metadata.json`` records the SHA-256 of ``model.onnx`` (``onnx_sha256``), which every reader
+checks, so the two files are used as one unit: a pair from different exports (an export killed
+between its two renames, a file copied from elsewhere) is refused instead of run with the wrong
+class names or preprocessing. ``hashes`` records the data content hash, the params hash and the
+fingerprint of the code that trained the model.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from uml.data.store import load_split
 from uml.errors import ModelFileError, UMLError
 from uml.models import UMLNet, load_model
 from uml.models import read_model_file
+from uml.predict import METADATA_SHA256_KEY, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +118,7 @@ def _version(package: str) -> str | None:
 
 
 def build_metadata(model: UMLNet, extra: dict[str, Any], outputs: list[str], params: Params,
-                   parity_diff: dict[str, float], opset: int) -> dict[str, Any]:
+                   parity_diff: dict[str, float], opset: int, onnx_sha256: str) -> dict[str, Any]:
     cfg = model.cfg
     size = cfg.image_size
     shapes = {
@@ -132,6 +139,8 @@ def build_metadata(model: UMLNet, extra: dict[str, Any], outputs: list[str], par
     positive = next((i for i, n in enumerate(class_names) if n.lower() in ("glaucoma", "positive", "malignant")), cfg.num_classes - 1)
     return {
         "format": METADATA_FORMAT,
+        # Readers (uml.predict.OnnxModel, hence evaluate) refuse a model.onnx with another hash.
+        METADATA_SHA256_KEY: onnx_sha256,
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, size, size], "range": [0.0, 1.0]},
         "outputs": {name: {"dtype": "float32", "shape": shapes[name], "range": [0.0, 1.0], "meaning": meaning[name]}
                     for name in outputs},
@@ -147,7 +156,8 @@ def build_metadata(model: UMLNet, extra: dict[str, Any], outputs: list[str], par
         },
         "model": {"config": cfg.to_dict(), "run": extra.get("run"), "best_epoch": extra.get("best_epoch"),
                   "best_metrics": extra.get("best_metrics"), "loss": extra.get("loss")},
-        "hashes": {"data": extra.get("data_hash"), "params": params.section_hash("model", "loss", "train")},
+        "hashes": {"data": extra.get("data_hash"), "params": params.section_hash("model", "loss", "train"),
+                   "code": extra.get("code_fingerprint")},
         "export": {"opset": opset, "parity_max_abs_diff": parity_diff, "parity_atol": params.export.parity_atol},
         "versions": {"uml": _version("uml"), "torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": ort.__version__, "timm": _version("timm"), "python": platform.python_version()},
@@ -182,9 +192,11 @@ def export(params: Params) -> Path:
             stale.unlink(missing_ok=True)
         raise UMLError(f"ONNX parity check failed: max |onnxruntime - torch| = {max(worst.values()):.3e} > "
                        f"export.parity_atol {params.export.parity_atol:g} ({worst}); no model.onnx was written")
-    meta = build_metadata(model, extra, outputs, params, worst, opset)
+    meta = build_metadata(model, extra, outputs, params, worst, opset, onnx_sha256=file_sha256(staging))
     tmp = paths.metadata.with_name(paths.metadata.name + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
+    # Two renames cannot be one atomic step: a kill between them leaves a new metadata.json beside
+    # the old model.onnx, which every reader refuses because the recorded SHA-256 differs.
     tmp.replace(paths.metadata)
     staging.replace(paths.model_onnx)
     log.info("wrote %s (%.1f MB) and %s", paths.model_onnx, paths.model_onnx.stat().st_size / 1e6, paths.metadata)

@@ -15,18 +15,34 @@ Pillow cannot read, multi-frame files (TIFF stacks, animations: a 4-D image), TI
 per pixel do not match a supported layout (e.g. a 2-channel TIFF without an alpha channel, which
 Pillow would otherwise silently read as grayscale), and floating-point images (their value range
 is unknown).
+
+``uml predict`` on a batch of files: each file that cannot be read (not an image, a decompression
+bomb, an unsupported layout) or written is reported with its name and skipped, the others are
+still predicted, and the exit status is 1 if any failed. Memory stays bounded by the decoded
+image: files above Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS`` x 2, about 179
+million pixels) are refused before decoding, and the overlay is drawn from a copy at most
+``OVERLAY_MAX_SIDE`` pixels on its longer side, never at full size. Outputs are written to a
+temporary file in the output folder and renamed over ``<stem>.json`` / ``<stem>_overlay.png``, so a
+symbolic link already there is replaced, never followed, and no half-written file is left.
+
+The ONNX file must be the one its ``metadata.json`` describes: ``onnx_sha256`` in the metadata is
+checked against the file (:class:`OnnxModel`), so a model and metadata of different exports are
+refused instead of run with the wrong class names or preprocessing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import sys
+import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import cv2
 import numpy as np
@@ -55,6 +71,9 @@ _EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGB
 _WIDE_GRAY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 # TIFF tag 277: samples per pixel; what Pillow's mode must have for the file to be read faithfully.
 _TIFF_SAMPLES_PER_PIXEL = 277
+# The overlay figure is 500 px per panel; a copy this size keeps it sharp and its memory small.
+OVERLAY_MAX_SIDE = 1024
+METADATA_SHA256_KEY = "onnx_sha256"
 
 
 def _default_threads() -> int:
@@ -96,6 +115,7 @@ class OnnxModel:
         except Exception as exc:  # onnxruntime raises its own exception types for every load failure
             raise ModelFileError(f"{self.path}: not a loadable ONNX model: {exc}") from None
         self._check_contract()
+        check_model_hash(self.path, self.metadata, self.metadata_path)
 
     # ------------------------------------------------------------------ contract checks
     def _meta(self, *keys: str) -> Any:
@@ -195,6 +215,26 @@ class OnnxModel:
         return dict(zip(self.outputs, values))
 
 
+def file_sha256(path: str | Path) -> str:
+    with Path(path).open("rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def check_model_hash(model_path: Path, metadata: dict[str, Any], metadata_path: Path) -> None:
+    """Raise :class:`ModelFileError` unless ``metadata`` records ``model_path``'s SHA-256: the export
+    stage writes the pair together, and a pair from different exports (an interrupted export, a
+    file copied from elsewhere) would otherwise run with the wrong names or preprocessing."""
+    recorded = metadata.get(METADATA_SHA256_KEY)
+    if not isinstance(recorded, str):
+        raise ModelFileError(f"{metadata_path}: has no '{METADATA_SHA256_KEY}' (written by an older export); "
+                             "re-run the export stage so that the model and its metadata are checked as a pair")
+    actual = file_sha256(model_path)
+    if actual != recorded:
+        raise ModelFileError(f"{model_path}: its SHA-256 {actual[:16]}... is not the {recorded[:16]}... that "
+                             f"{metadata_path} describes: the two files come from different exports (an interrupted "
+                             "export?); re-run the export stage")
+
+
 # ------------------------------------------------------------------------------ images
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as uint8 RGB (H, W, 3); see the module docstring for what is accepted."""
@@ -202,7 +242,17 @@ def read_image(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # Between Pillow's limit and twice it Pillow only warns; such an image is read (memory
+            # stays bounded by its size). Above twice the limit, open() raises.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: too large to read safely ({exc}); downscale it first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from None
+    try:
+        with image:
             frames = getattr(image, "n_frames", 1)
             if frames > 1:
                 raise DataError(f"{path}: has {frames} frames (an image stack); expected a single 2-D image")
@@ -225,12 +275,12 @@ def read_image(path: str | Path) -> np.ndarray:
                 raise DataError(
                     f"{path}: pixel mode {mode!r} is not supported; expected 8-bit grayscale/RGB(A) or 16-bit grayscale"
                 )
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         # Pillow raises these for unknown formats and truncated or corrupt files.
-        raise DataError(f"{path}: not a readable image ({exc})") from None
+        raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
 
 
 def resize_image(image: np.ndarray, size: int, resize: str = "area") -> np.ndarray:
@@ -248,19 +298,32 @@ def resize_image(image: np.ndarray, size: int, resize: str = "area") -> np.ndarr
 class Prediction:
     """One image's model outputs at model resolution (``None`` where the model lacks the output)."""
 
-    image: np.ndarray  # uint8 (H, W, 3), the original image
+    size: tuple[int, int]  # (width, height) of the original image
+    display: np.ndarray  # uint8 (h, w, 3): the image, at most OVERLAY_MAX_SIDE on its longer side
     class_prob: np.ndarray | None  # (K,)
     class_uncertainty: float | None
     mask: np.ndarray | None  # uint8 (S, S) argmax of seg_prob
     seg_uncertainty: np.ndarray | None  # float32 (S, S)
 
 
+def display_copy(image: np.ndarray, max_side: int = OVERLAY_MAX_SIDE) -> np.ndarray:
+    """``image`` shrunk (area averaging) so that its longer side is at most ``max_side``."""
+    height, width = image.shape[:2]
+    scale = max_side / max(height, width)
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_AREA)
+
+
 def predict_array(model: OnnxModel, image: np.ndarray) -> Prediction:
-    """Run the model on one uint8 RGB image of any size."""
+    """Run the model on one uint8 RGB image of any size. The prediction keeps a display-sized copy
+    of the image, not the image itself."""
     small = resize_image(image, model.image_size, model.resize)
     out = model.run(model.preprocess(small[None]))
     return Prediction(
-        image=image,
+        size=(int(image.shape[1]), int(image.shape[0])),
+        display=display_copy(image),
         class_prob=out["class_prob"][0].astype(np.float64) if model.has_cls else None,
         class_uncertainty=float(out["class_uncertainty"].reshape(-1)[0]) if model.has_class_uncertainty else None,
         mask=out["seg_prob"][0].argmax(axis=0).astype(np.uint8) if model.has_seg else None,
@@ -274,8 +337,8 @@ def _finite_or_none(value: float) -> float | None:
 
 def summarize(model: OnnxModel, prediction: Prediction, source: str | Path) -> dict[str, Any]:
     """The ``<stem>.json`` record of one prediction."""
-    height, width = prediction.image.shape[:2]
-    record: dict[str, Any] = {"image": str(source), "size": [int(width), int(height)], "model_resolution": model.image_size}
+    width, height = prediction.size
+    record: dict[str, Any] = {"image": str(source), "size": [width, height], "model_resolution": model.image_size}
     if prediction.class_prob is not None:
         index = int(prediction.class_prob.argmax())
         record.update(
@@ -312,9 +375,10 @@ def _title(model: OnnxModel, record: dict[str, Any]) -> str:
     return "   ".join(parts) or Path(record["image"]).name
 
 
-def save_overlay(model: OnnxModel, prediction: Prediction, record: dict[str, Any], path: str | Path) -> None:
-    """Write the overlay PNG: the image with translucent structure masks and contours, and the
-    pixel-uncertainty heat map beside it when the model has one."""
+def save_overlay(model: OnnxModel, prediction: Prediction, record: dict[str, Any], path: str | Path | IO[bytes]) -> None:
+    """Write the overlay PNG (to a path or a binary stream): the image with translucent structure
+    masks and contours, and the pixel-uncertainty heat map beside it when the model has one. It is
+    drawn from the display copy of the image."""
     from matplotlib.figure import Figure
 
     from uml.plots import STRUCTURE_COLORS, draw_mask_overlay
@@ -322,10 +386,10 @@ def save_overlay(model: OnnxModel, prediction: Prediction, record: dict[str, Any
     panels = 2 if prediction.seg_uncertainty is not None else 1
     fig = Figure(figsize=(5 * panels, 5.4), layout="constrained")
     axes = fig.subplots(1, panels, squeeze=False)[0]
-    height, width = prediction.image.shape[:2]
-    # Masks are at model resolution; the extent stretches them over the original image.
+    height, width = prediction.display.shape[:2]
+    # Masks are at model resolution; the extent stretches them over the image.
     extent = (-0.5, width - 0.5, height - 0.5, -0.5)
-    axes[0].imshow(prediction.image)
+    axes[0].imshow(prediction.display)
     axes[0].set_title("prediction")
     if prediction.mask is not None:
         draw_mask_overlay(axes[0], prediction.mask, model.mask_classes, extent=extent)
@@ -335,14 +399,14 @@ def save_overlay(model: OnnxModel, prediction: Prediction, record: dict[str, Any
         ]
         axes[0].legend(handles=handles, loc="lower right", fontsize=8)
     if prediction.seg_uncertainty is not None:
-        axes[1].imshow(prediction.image)
+        axes[1].imshow(prediction.display)
         heat = axes[1].imshow(prediction.seg_uncertainty, cmap="magma", vmin=0.0, vmax=1.0, alpha=0.7, extent=extent)
         axes[1].set_title("pixel uncertainty")
         fig.colorbar(heat, ax=axes[1], shrink=0.8)
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle(_title(model, record))
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
 
 
 def _print_error(message: str) -> None:
@@ -355,6 +419,39 @@ def _legend_patch(color: str, label: str):
     return Patch(facecolor=color, edgecolor=color, alpha=0.6, label=label)
 
 
+def write_replacing(folder: Path, name: str, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``folder/name`` through a new temporary file in ``folder`` renamed over it.
+
+    The temporary file is created exclusively (it never opens an existing file or link), and the
+    rename replaces whatever entry ``name`` was, a symbolic link included, without following it.
+    A failed write leaves the old file and no temporary one."""
+    target = folder / name
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".partial")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as an ordinary new file would be, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as stream:
+            write(stream)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def output_folder(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` if needed; a :class:`DataError` when it is a file or cannot be made."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: --out must be a folder, but a file of that name exists")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{out}: cannot create the output folder: {exc.strerror or exc}") from None
+    return out
+
+
 def predict_files(
     model: OnnxModel,
     images: Sequence[str | Path],
@@ -365,28 +462,34 @@ def predict_files(
     """Predict every image file into ``out_dir`` (``<stem>.json`` and ``<stem>_overlay.png``).
 
     ``log`` gets one progress line per image, ``log_error`` the message of each file that cannot
-    be read; such a file is skipped, so one bad file does not lose the rest. Returns the records
-    written and the error messages.
-    """
-    out_dir = Path(out_dir)
+    be read or whose outputs cannot be written; such a file is skipped, so one bad file does not
+    lose the rest. Returns the records written and the error messages. A bad ``out_dir`` (a file,
+    or not creatable) or two images with the same stem raise :class:`DataError` before anything is
+    predicted."""
     stems: dict[str, Path] = {}
     for image in map(Path, images):
         if image.stem in stems and stems[image.stem] != image:
             raise DataError(f"{image}: has the same name stem as {stems[image.stem]}; their outputs would overwrite each other")
         stems[image.stem] = image
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out_dir)
     records, errors = [], []
     for i, image_path in enumerate(stems.values(), start=1):
         try:
             prediction = predict_array(model, read_image(image_path))
+            record = summarize(model, prediction, image_path)
+            json_path = write_replacing(out_dir, f"{image_path.stem}.json",
+                                        lambda stream: stream.write((json.dumps(record, indent=2) + "\n").encode()))
+            write_replacing(out_dir, f"{image_path.stem}_overlay.png",
+                            lambda stream: save_overlay(model, prediction, record, stream))
         except DataError as exc:
             errors.append(str(exc))
             log_error(f"[{i}/{len(stems)}] error: {exc}")
             continue
-        record = summarize(model, prediction, image_path)
-        json_path = out_dir / f"{image_path.stem}.json"
-        json_path.write_text(json.dumps(record, indent=2) + "\n")
-        save_overlay(model, prediction, record, out_dir / f"{image_path.stem}_overlay.png")
+        except OSError as exc:  # the output folder: full, read-only, a folder where a file should go
+            message = f"{image_path}: cannot write its outputs to {out_dir}: {exc}"
+            errors.append(message)
+            log_error(f"[{i}/{len(stems)}] error: {message}")
+            continue
         records.append(record)
         log(f"[{i}/{len(stems)}] {image_path}: {_title(model, record)} -> {json_path}")
     return records, errors

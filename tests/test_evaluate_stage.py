@@ -1,0 +1,69 @@
+"""The evaluate stage's outputs: metrics.json and plots/ are replaced together, only once both are
+complete, and the model it evaluates must be the one its metadata describes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.test_evaluate import _prepared_root
+from tests.toy_onnx import export_toy, fundus_set
+from uml import plots
+from uml.config import Paths, parse_params
+from uml.errors import ModelFileError
+from uml.evaluate import evaluate
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def evaluated_root(tmp_path):
+    toy_dir = export_toy(tmp_path / "toy" / "models").parent
+    root = _prepared_root(tmp_path, toy_dir, fundus_set())
+    params = parse_params({"data": {"root": str(root)},
+                           "evaluate": {"batch_size": 8, "gaussian_sigmas": [0.1], "salt_pepper_amounts": [0.05],
+                                        "num_panels": 2}})
+    evaluate(params)
+    return params
+
+
+def test_a_failure_keeps_the_previous_metrics_and_plots_together(evaluated_root, monkeypatch):
+    paths = Paths(evaluated_root)
+    metrics_before, plots_before = paths.metrics.read_bytes(), _snapshot(paths.plots)
+    assert "roc.png" in plots_before and "robustness.png" in plots_before
+
+    def fail(*args, **kwargs):  # late in the plots: the ROC, reliability and CSV files are written by then
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(plots, "robustness_figure", fail)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        evaluate(evaluated_root)
+    assert paths.metrics.read_bytes() == metrics_before
+    assert _snapshot(paths.plots) == plots_before
+    assert sorted(p.name for p in paths.reports.iterdir()) == ["metrics.json", "plots"]  # no staging left
+
+
+def test_a_rerun_replaces_both_and_drops_plots_of_the_earlier_model(evaluated_root):
+    paths = Paths(evaluated_root)
+    (paths.plots / "stale.png").write_bytes(b"from an earlier model")
+    evaluate(evaluated_root)
+    assert not (paths.plots / "stale.png").exists() and (paths.plots / "roc.png").is_file()
+    assert sorted(p.name for p in paths.reports.iterdir()) == ["metrics.json", "plots"]
+
+
+def test_a_model_from_another_export_is_refused(evaluated_root, tmp_path):
+    paths = Paths(evaluated_root)
+    other = export_toy(tmp_path / "other", tasks=("cls", "seg"))
+    raw = bytearray(other.read_bytes())
+    raw[raw.index(b"pytorch")] = ord("P")  # the same graph, another file
+    paths.model_onnx.write_bytes(bytes(raw))
+    before = paths.metrics.read_bytes()
+    with pytest.raises(ModelFileError, match=f"{paths.model_onnx}: its SHA-256 .* is not the .* that {paths.metadata}"):
+        evaluate(evaluated_root)
+    assert paths.metrics.read_bytes() == before
+    shutil.rmtree(tmp_path / "other")
