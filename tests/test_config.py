@@ -82,6 +82,7 @@ def test_invalid_yaml_names_the_file(tmp_path):
 
 @pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True),
                                                   ("localhost", True), ("0.0.0.0", False), ("::", False),
+                                                  ("::ffff:127.0.0.1", True), ("::ffff:10.0.0.5", False),
                                                   ("10.0.0.5", False), ("myhost", False)])
 def test_loopback_hosts(host, loopback):
     assert is_loopback_host(host) is loopback

@@ -262,14 +262,18 @@ def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host.split("%")[0])
     except ValueError:  # a host name: it may resolve to any interface
         return False
+    # An IPv6 socket serving IPv4 reports ::ffff:127.0.0.1, which is loopback too.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 # --------------------------------------------------------------------------------------- tune
 class TuneParams(_Section):
-    num_samples: int = Field(4, ge=1)
+    # Trials per sweep, the baseline (the values this file gives the searched keys) included.
+    num_samples: int = Field(4, ge=2)
     # Epochs per trial (a short proxy of the full training run).
     epochs: int = Field(4, ge=1)
     grace_period: int = Field(1, ge=1)

@@ -2,6 +2,7 @@
 checkpoint resume after a crash, and recovery from a failing worker."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from uml.config import Paths, load_params
 from uml.data.prepare import prepare
 from uml.data.store import open_prepared
 from uml.models import load_model
+from uml.provenance import code_fingerprint, tuning_target
 from uml.train.cluster import ray_session
 from uml.train.trainer import model_config, read_history, run_trainer, train
 from uml.train.worker import SCORE_KEY, train_loop_per_worker
@@ -44,11 +46,15 @@ def test_tiny_run_learns_with_identical_replicas_and_tuned_weights(tiny):
     path, params = tiny
     paths = Paths(params)
     paths.tune_dir.mkdir(parents=True, exist_ok=True)
-    paths.best_params.write_text(yaml.safe_dump({"loss": {"cls_weight": 0.31, "seg_weight": 0.62, "mut_weight": 0.07}}))
+    # Tuned for exactly this configuration (what the tune stage records), so train applies it.
+    tuned_for = tuning_target(params.resolved(), open_prepared(paths.dataset).content_hash)
+    paths.best_params.write_text(yaml.safe_dump({"loss": {"cls_weight": 0.31, "seg_weight": 0.62, "mut_weight": 0.07},
+                                                 "tuned_for": tuned_for}))
     model_path = train(params)
 
     model = load_model(model_path)
     assert model.cfg.image_size == 64 and model.extra["loss"]["cls_weight"] == 0.31
+    assert model.extra["code_fingerprint"] == code_fingerprint("train")
     logged = yaml.safe_load((paths.train_dir / "params.yaml").read_text())
     assert logged["loss"]["cls_weight"] == 0.31 and logged["loss"]["seg_weight"] == 0.62 and logged["tuned_from"]
     history = json.loads((paths.train_dir / "metrics.json").read_text())
@@ -62,6 +68,28 @@ def test_tiny_run_learns_with_identical_replicas_and_tuned_weights(tiny):
     assert (paths.train_dir / "progress.png").stat().st_size > 10_000
     # The saved weights are those of the best epoch.
     assert model.extra["best_metrics"][SCORE_KEY] == pytest.approx(max(scores))
+
+
+def test_edited_code_trains_afresh_instead_of_restoring_the_finished_run(tiny, monkeypatch, caplog):
+    """Issue 14: after editing uml/losses.py a rerun restored the finished run's weights. The
+    edit is simulated in the fingerprint's input (the shared tree is not edited); the rest is real."""
+    from uml.train import trainer
+
+    _, params = tiny
+    params = params.with_overrides({"train.epochs": 2, "train.use_tuned": False})
+    storage = Paths(params).ray_storage
+    with caplog.at_level(logging.INFO, logger="uml.provenance"):
+        first = load_model(train(params)).extra["run"]
+        again = load_model(train(params)).extra["run"]
+        assert again == first and f"run '{first}' continues the earlier run" in caplog.text
+        real_code_files = trainer.code_files
+        monkeypatch.setattr(trainer, "code_files", lambda stage: {**real_code_files(stage), "uml/losses.py": "edited"})
+        caplog.clear()
+        edited = load_model(train(params)).extra["run"]
+    assert edited != first and (storage / edited).is_dir() and (storage / first).is_dir()
+    assert f"fresh run '{edited}': the last one, '{first}', had other code (uml/losses.py)" in caplog.text
+    history = json.loads((Paths(params).train_dir / "metrics.json").read_text())
+    assert history["step"] == 1  # both epochs trained again
 
 
 def _fail_once_after_first_epoch(config):
@@ -130,6 +158,7 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(tiny, tmp_path):
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
     assert "resuming from the checkpoint of epoch" in log
+    assert "continues the earlier run of the same params, data and code" in log
     assert "epoch   1/4" not in log.split("resuming from the checkpoint")[1]  # epoch 1 was not trained again
     history = json.loads(Path(Paths(params).train_dir / "metrics.json").read_text())
     assert history["step"] == 3

@@ -1,6 +1,8 @@
-"""The tune stage: a 3-trial ASHA sweep through the training code, its outputs, and restore."""
+"""The tune stage: a 3-trial ASHA sweep (the baseline and two sampled trials) through the training
+code, its outputs, and restore."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,6 +11,8 @@ import yaml
 
 from uml.config import Paths, load_params
 from uml.data.prepare import prepare
+from uml.data.store import open_prepared
+from uml.provenance import code_fingerprint
 from uml.train.cluster import ray_session
 from uml.train.sweep import sweep
 
@@ -38,7 +42,7 @@ def test_sweep_writes_every_trial_and_asha_stops_some_early(swept):
     paths = Paths(params)
     table = pd.read_csv(paths.tune_results)
     keys = list(params.tune.search_space)
-    assert len(table) == 3 and set(keys) <= set(table.columns)
+    assert len(table) == 3 and set(keys) <= set(table.columns)  # num_samples counts the baseline
     assert set(table["status"]) <= {"completed", "stopped early"}
     assert (table["status"] == "stopped early").sum() >= 1, table
     assert table.loc[table["status"] == "completed", "epochs"].eq(2).all()
@@ -48,25 +52,46 @@ def test_sweep_writes_every_trial_and_asha_stops_some_early(swept):
     assert (paths.tune_dir / "scores.png").stat().st_size > 5_000
 
 
-def test_best_params_equal_the_best_row(swept):
+def test_one_trial_is_the_baseline_of_the_params_file(swept):
+    params, _ = swept
+    table = pd.read_csv(Paths(params).tune_results)
+    baseline = table[table["baseline"]]
+    assert len(baseline) == 1
+    written = yaml.safe_load(Path(params._source).read_text())["loss"]  # the values as the user wrote them
+    for key in params.tune.search_space:
+        assert baseline.iloc[0][key] == pytest.approx(written[key.split(".", 1)[1]])
+    assert (table.loc[~table["baseline"], "loss.cls_weight"] != written["cls_weight"]).all()
+
+
+def test_best_params_hold_the_winner_over_the_baseline_and_what_they_were_tuned_for(swept):
     params, best = swept
     paths = Paths(params)
     table = pd.read_csv(paths.tune_results)
-    row = table.loc[table["score"].idxmax()]
-    written = yaml.safe_load(paths.best_params.read_text())
-    assert written == best
-    for dotted, value in row.items():
-        if dotted.startswith("loss."):
-            assert written["loss"][dotted.split(".", 1)[1]] == pytest.approx(value)
     assert np.isfinite(table["score"]).all()
+    written = yaml.safe_load(paths.best_params.read_text())
+    selection, tuned_for = written.pop("selection"), written.pop("tuned_for")
+    assert written == best
+    baseline_score = table.loc[table["baseline"], "score"].max()
+    best_sampled = table[~table["baseline"]].sort_values("score", ascending=False).iloc[0]
+    expected = best_sampled if best_sampled["score"] > baseline_score else table[table["baseline"]].iloc[0]
+    assert selection["chosen"] == ("sampled" if best_sampled["score"] > baseline_score else "baseline")
+    assert selection["baseline_score"] == pytest.approx(baseline_score) and selection["trials"] == 3
+    for key in params.tune.search_space:
+        assert written["loss"][key.split(".", 1)[1]] == pytest.approx(expected[key])
+    data_hash = open_prepared(paths.dataset).content_hash
+    assert tuned_for["data_hash"] == data_hash and tuned_for["search_space"] == params.tune.search_space
+    assert tuned_for["model"] == params.model.model_dump(mode="json") and tuned_for["code"] == code_fingerprint("tune")
+    assert tuned_for["sweep"].startswith("tune-")
 
 
 def test_a_rerun_restores_the_sweep_instead_of_starting_over(swept, caplog):
     params, best = swept
     before = pd.read_csv(Paths(params).tune_results)
-    with caplog.at_level(logging.INFO, logger="uml.train.sweep"), ray_session(params):
-        again = sweep(params)
-    assert "restoring sweep" in caplog.text
+    # Neither concurrency nor train-only keys rename the sweep (issue 14: they did).
+    rerun = params.with_overrides({"tune.max_concurrent_trials": 2, "train.use_tuned": False, "train.epochs": 9})
+    with caplog.at_level(logging.INFO), ray_session(params):
+        again = sweep(rerun)
+    assert "restoring sweep" in caplog.text and "continues the earlier sweep of the same params, data and code" in caplog.text
     after = pd.read_csv(Paths(params).tune_results)
     assert again == best
     pd.testing.assert_frame_equal(before, after)  # same trials, nothing retrained

@@ -1,6 +1,8 @@
 """Training pieces that need no Ray cluster: LR schedule, sharding, storage check, search space,
 tuned params, run names."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -94,28 +96,87 @@ def test_search_space_is_validated():
             build_search_space(params)
 
 
-def test_tuned_params_replace_the_loss_defaults(tmp_path):
+def _tuned_for(**changes):
+    """What best_params.yaml records for the default params on data "h" with code fingerprint "c"."""
+    record = {"model": Params().model.model_dump(mode="json"), "data_hash": "h",
+              "search_space": {k: dict(v) for k, v in Params().tune.search_space.items()}, "code": "c"}
+    record.update(changes)
+    return record
+
+
+@pytest.fixture
+def tuned_file(tmp_path, monkeypatch):
+    """Default params under tmp_path, the tune stage's code fingerprint pinned to "c"."""
+    import uml.provenance
+
+    monkeypatch.setattr(uml.provenance, "code_fingerprint", lambda stage: "c" if stage == "tune" else "other")
     params = Params().with_overrides({"data.root": str(tmp_path)})
-    assert effective_params(params) == (params, {})  # no sweep yet: params as they are
     Paths(params).tune_dir.mkdir(parents=True)
-    Paths(params).best_params.write_text(yaml.safe_dump({"loss": {"cls_weight": 0.123, "kl_annealing_epochs": 3}}))
-    tuned, applied = effective_params(params)
+    return params, Paths(params).best_params
+
+
+def test_tuned_values_apply_when_tuned_for_this_model_data_space_and_code(tuned_file):
+    params, path = tuned_file
+    path.unlink(missing_ok=True)
+    assert effective_params(params, "h") == (params, {})  # no sweep yet: params as they are
+    path.write_text(yaml.safe_dump({"loss": {"cls_weight": 0.123, "kl_annealing_epochs": 3},
+                                    "selection": {"chosen": "sampled"}, "tuned_for": _tuned_for()}))
+    tuned, applied = effective_params(params, "h")
     assert applied == {"loss.cls_weight": 0.123, "loss.kl_annealing_epochs": 3}
     assert tuned.loss.cls_weight == 0.123 and tuned.loss.kl_annealing_epochs == 3 and tuned.loss.seg_weight == params.loss.seg_weight
-    off, applied = effective_params(params.with_overrides({"train.use_tuned": False}))
+    off, applied = effective_params(params.with_overrides({"train.use_tuned": False}), "h")
     assert applied == {} and off.loss.cls_weight == params.loss.cls_weight
-    Paths(params).best_params.write_text(yaml.safe_dump({"loss": {"cls_weight": -3}}))
+    path.write_text(yaml.safe_dump({"loss": {"cls_weight": -3}, "tuned_for": _tuned_for()}))
     with pytest.raises(ConfigError, match="cls_weight"):
-        effective_params(params)
+        effective_params(params, "h")
 
 
-def test_run_name_is_deterministic_and_tracks_what_matters():
+@pytest.mark.parametrize(("tuned_for", "data_hash", "why"), [
+    # Issue 14: values tuned on the small preset must not override the paper preset's.
+    (_tuned_for(model={**Params().model.model_dump(mode="json"), "preset": "paper"}), "h",
+     r"another model: model\.preset 'paper' \(now 'small'\)"),
+    (_tuned_for(), "other-data", r"other data \(content hash h, now other-data\)"),
+    (_tuned_for(search_space={"loss.cls_weight": {"uniform": [0.1, 0.2]}}), "h", "another tune.search_space"),
+    (_tuned_for(code="old"), "h", r"other code \(tune stage fingerprint old, now c\)"),
+    (None, "h", "records nothing about what it was tuned for"),
+])
+def test_tuned_values_of_another_configuration_are_not_used(tuned_file, caplog, tuned_for, data_hash, why):
+    params, path = tuned_file
+    content = {"loss": {"cls_weight": 0.123}}
+    if tuned_for is not None:
+        content["tuned_for"] = tuned_for
+    path.write_text(yaml.safe_dump(content))
+    with caplog.at_level("WARNING", logger="uml.train.trainer"):
+        used, applied = effective_params(params, data_hash)
+    assert applied == {} and used.loss.cls_weight == params.loss.cls_weight == 0.5
+    assert "not using the tuned values of" in caplog.text and "using the params as written" in caplog.text.lower()
+    assert re.search(why, caplog.text), caplog.text
+
+
+def test_run_name_is_deterministic_and_tracks_params_data_and_code():
     params = Params()
-    assert run_name(params, "abc") == run_name(Params(), "abc")
-    assert run_name(params, "abc") != run_name(params, "abd")  # other data
-    assert run_name(params, "abc") != run_name(params.with_overrides({"loss.cls_weight": 0.3}), "abc")
-    assert run_name(params, "abc") != run_name(params.with_overrides({"ray.num_workers": 3}), "abc")
-    assert run_name(params, "abc") == run_name(params.with_overrides({"train.loader_workers": 4}), "abc")
+    code = {"uml/losses.py": "aa", "uml/train/worker.py": "bb"}
+    name = run_name(params, "abc", code)
+    assert name.startswith("train-") and name == run_name(Params(), "abc", dict(code))
+    assert name != run_name(params, "abd", code)  # other data
+    assert name != run_name(params, "abc", {**code, "uml/losses.py": "a2"})  # edited code
+    assert name != run_name(params, "abc", {**code, "uml/new.py": "cc"})  # code added
+    assert name != run_name(params.with_overrides({"loss.cls_weight": 0.3}), "abc", code)
+    assert name != run_name(params.with_overrides({"ray.num_workers": 3}), "abc", code)
+    assert name != run_name(params.with_overrides({"data.augment.hflip": 0.1}), "abc", code)
+    # What does not change the result does not rename the run (an interrupted run still resumes).
+    for same in ({"train.loader_workers": 4}, {"train.use_tuned": False}, {"ray.max_failures": 5},
+                 {"ray.resources_per_worker": {"CPU": 2}}, {"data.root": "/elsewhere"}, {"tune.num_samples": 9}):
+        assert name == run_name(params.with_overrides(same), "abc", code), same
+
+
+def test_every_train_key_is_in_the_run_identity_or_excluded_on_purpose():
+    from uml.config import TrainParams
+    from uml.train.trainer import TRAIN_KEYS_NOT_IN_IDENTITY, train_identity_keys
+
+    assert set(TRAIN_KEYS_NOT_IN_IDENTITY) == {"loader_workers", "use_tuned"}
+    hashed = {k.split(".", 1)[1] for k in train_identity_keys() if k.startswith("train.")}
+    assert hashed == set(TrainParams.model_fields) - {"loader_workers", "use_tuned"}
 
 
 def test_flatten_nested_params():
@@ -145,3 +206,79 @@ def test_workers_get_params_that_validate_strictly_again(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="captured"):
         trainer.run_trainer(params, name="x", model_cfg=SimpleNamespace(to_dict=dict), epochs=1)
     assert parse_params(shipped["params"], source="train config").model_dump() == params.model_dump()
+
+
+# ------------------------------------------------------------------- ray.storage_path trust
+def _storage_params(storage):
+    return Params().with_overrides({"data.root": str(storage.parent / "data"), "ray.storage_path": str(storage)})
+
+
+def test_a_storage_folder_others_can_write_to_is_refused(tmp_path):
+    import os
+
+    from uml.train.cluster import check_storage_trust
+
+    storage = tmp_path / "ray"
+    check_storage_trust(_storage_params(storage))  # missing: created private
+    assert storage.is_dir() and oct(storage.stat().st_mode & 0o777) == oct(0o700)
+    for mode, who in ((0o777, "everyone"), (0o775, "its group")):
+        storage.chmod(mode)
+        with pytest.raises(ClusterError, match=rf"ray.storage_path {storage} is not safe to use: {storage} is writable by "
+                                               rf"{who} \(mode {mode:o}\)\. Resuming a run unpickles .* Fix: chmod -R go-w {storage}"):
+            check_storage_trust(_storage_params(storage))
+    storage.chmod(0o755)
+    check_storage_trust(_storage_params(storage))
+    check_storage_trust(Params().with_overrides({"ray.storage_path": "s3://bucket/uml"}))  # the bucket's policy decides
+    if os.geteuid() == 0:  # only root can give a folder away
+        os.chown(storage, 12345, 12345)
+        with pytest.raises(ClusterError, match=rf"{storage} is owned by another user \(uid 12345\)"):
+            check_storage_trust(_storage_params(storage))
+        os.chown(storage, 0, 0)
+
+
+def test_a_storage_folder_inside_a_folder_anyone_can_write_to_is_refused(tmp_path):
+    from uml.train.cluster import check_storage_trust
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ClusterError, match=rf"the folder above it, {shared}, is writable by everyone .*chmod o-w {shared}"):
+        check_storage_trust(_storage_params(shared / "ray"))
+    shared.chmod(0o1777)  # sticky, as /tmp: nobody can replace another user's folder
+    check_storage_trust(_storage_params(shared / "ray"))
+
+
+def test_a_sweep_to_be_restored_must_not_be_writable_by_others(tmp_path):
+    from uml.train.cluster import check_storage_trust
+
+    storage = tmp_path / "ray"
+    experiment = storage / "tune-abc"
+    experiment.mkdir(parents=True)
+    (experiment / "tuner.pkl").write_bytes(b"pickle")
+    (experiment / "tuner.pkl").chmod(0o664)
+    storage.chmod(0o755)  # others can reach the experiment folder
+    with pytest.raises(ClusterError, match=rf"{experiment / 'tuner.pkl'} is writable by its group"):
+        check_storage_trust(_storage_params(storage), experiment)
+    storage.chmod(0o700)  # nobody else gets in: what is inside cannot be reached
+    check_storage_trust(_storage_params(storage), experiment)
+
+
+@pytest.mark.parametrize("stage", ["train", "tune"])
+def test_stages_check_the_storage_before_starting_anything(tmp_path, stage):
+    import ray
+
+    from uml.config import load_params
+    from uml.data.prepare import prepare
+    from uml.train.sweep import sweep
+    from uml.train.trainer import train
+
+    from tests.train.tiny import write_tiny_params
+
+    storage = tmp_path / "ray"
+    storage.mkdir(mode=0o777)
+    storage.chmod(0o777)
+    params = load_params(write_tiny_params(tmp_path, ray={"storage_path": str(storage)}, train={"use_tuned": False}))
+    prepare(params)
+    with pytest.raises(ClusterError, match=f"ray.storage_path {storage} is not safe to use"):
+        (train if stage == "train" else sweep)(params)
+    assert not ray.is_initialized() and list(storage.iterdir()) == []

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import ray
 
-from uml.config import Params, Paths
+from uml.config import Params, Paths, is_loopback_host
 from uml.errors import ClusterError
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def ray_session(params: Params) -> Iterator[None]:
     else:
         host = params.ray.host
         log.info("starting a local Ray instance on %s (%d CPUs)", host, os.cpu_count() or 1)
-        with _single_node_mode(loopback=_is_loopback(host)):
+        runtime_env["env_vars"].update(collective_socket_env(host))
+        with _single_node_mode(loopback=is_loopback_host(host)):
             # address="local" never attaches to some other cluster that happens to run here.
             ray.init(
                 address="local",
@@ -62,7 +64,7 @@ def ray_session(params: Params) -> Iterator[None]:
                 log_to_driver=True,
             )
         node_ip = ray.util.get_node_ip_address()
-        if _is_loopback(host) and not _is_loopback(node_ip):
+        if is_loopback_host(host) and not is_loopback_host(node_ip):
             log.warning("Ray chose node address %s: its services may listen beyond loopback", node_ip)
     try:
         yield
@@ -70,8 +72,20 @@ def ray_session(params: Params) -> Iterator[None]:
         ray.shutdown()
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1")
+def collective_socket_env(host: str) -> dict[str, str]:
+    """Environment that binds the training workers' gloo and NCCL sockets to ``host``'s interface.
+
+    gloo otherwise binds the address the machine's host name resolves to (often a LAN address),
+    and NCCL picks an interface of its own. A wildcard host (0.0.0.0, ::) or a host no local
+    interface carries leaves the libraries' defaults. (The DDP rendezvous store is bound by
+    :class:`uml.train.rendezvous.BoundTorchConfig`.)"""
+    import psutil
+
+    address = "127.0.0.1" if host == "localhost" else host
+    for interface, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == address for a in addresses):
+            return {"GLOO_SOCKET_IFNAME": interface, "NCCL_SOCKET_IFNAME": interface}
+    return {}
 
 
 # Ray binds its gRPC servers (GCS, raylet, workers) to the node address, and it only takes a
@@ -146,3 +160,59 @@ def check_storage(params: Params, num_nodes: int) -> None:
 
 def alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def check_storage_trust(params: Params, *restored: Path) -> None:
+    """Refuse a local ``ray.storage_path`` that another user could write to.
+
+    Restoring a sweep unpickles ``tuner.pkl``, the trainable and the searcher state from the
+    storage folder (Ray's design), and unpickling runs whatever code the file names: anyone who
+    can write there can run code as the user who runs the stage. So the storage folder must be
+    owned by this user (or root) and not writable by group or others, and no folder above it may
+    be writable by everyone without the sticky bit (anyone could swap the storage folder for
+    theirs). When the storage folder lets others in (group or other execute bit), the
+    ``restored`` paths (an experiment folder about to be restored) and everything in them must
+    pass the same test. A folder that does not exist yet is created private (mode 700).
+
+    Object storage (``s3://``, ...) is not checked: there its access policy decides who writes.
+    """
+    paths = Paths(params)
+    if paths.ray_storage_uri:
+        return
+    storage = paths.ray_storage
+    if not storage.exists():
+        storage.mkdir(mode=0o700, parents=True)
+    for ancestor in storage.parents:
+        mode = ancestor.stat().st_mode
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            raise _untrusted(storage, f"the folder above it, {ancestor}, is writable by everyone (without the "
+                                      "sticky bit), so anyone can replace the storage folder",
+                             f"chmod o-w {ancestor}")
+    _check_private(storage, storage)
+    if storage.stat().st_mode & (stat.S_IXGRP | stat.S_IXOTH):
+        for path in restored:
+            if path.exists():
+                for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+                    _check_private(item, storage)
+
+
+def _check_private(path: Path, storage: Path) -> None:
+    try:
+        info = path.stat()  # a link is judged by what it points to
+    except OSError:  # a dangling link: nothing to read through it
+        return
+    if info.st_uid not in (os.getuid(), 0):
+        raise _untrusted(storage, f"{path} is owned by another user (uid {info.st_uid})",
+                         f"use a storage folder of your own, or chown -R {os.getuid()} {path}")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who = "everyone" if info.st_mode & stat.S_IWOTH else "its group"
+        raise _untrusted(storage, f"{path} is writable by {who} (mode {stat.S_IMODE(info.st_mode):o})",
+                         f"chmod -R go-w {path}")
+
+
+def _untrusted(storage: Path, problem: str, fix: str) -> ClusterError:
+    return ClusterError(
+        f"ray.storage_path {storage} is not safe to use: {problem}. Resuming a run unpickles files from this "
+        f"folder, which runs code, so only you may be able to write there. Fix: {fix}, or set ray.storage_path "
+        "to a folder only you can write to."
+    )

@@ -1,10 +1,13 @@
 """The ``train`` stage: Ray Train's ``TorchTrainer`` over :func:`uml.train.worker.train_loop_per_worker`.
 
-The driver resolves the effective params (tuned loss weights), names the run deterministically
-from those params and the data set's content hash, and runs the trainer. Rerunning after an
-interruption resumes the same run from its last checkpoint; changed params start a fresh run.
-The result is written as ``model.pt``: the best epoch's weights by the published selection score,
-plus the config that rebuilds them.
+The driver resolves the effective params (the tuned values of ``best_params.yaml``, only when
+they were tuned for this model, data, search space and code), names the run from everything that
+determines its result (:func:`run_inputs`: the params of :func:`train_identity_keys`, the data
+set's content hash and the fingerprint of the code the stage runs), and runs the trainer.
+Rerunning after an interruption resumes the same run from its last checkpoint; a change to any of
+the three starts a fresh run, and the log says which it is and what changed. The result is
+written as ``model.pt``: the best epoch's weights by the published selection score, plus the
+config that rebuilds them.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,47 +24,56 @@ import ray.train
 import torch
 import yaml
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
-from uml.config import Params, Paths
+from uml.config import Params, Paths, TrainParams
 from uml.data.store import open_prepared
 from uml.errors import ClusterError, ConfigError, UMLError
 from uml.models import ModelConfig, UMLNet, save_model
 from uml.models.config import resolve_config
-from uml.train.cluster import alive_nodes, check_storage, ray_session
+from uml.provenance import RunInputs, announce, code_files, flatten, run_exists, select_params, tuning_mismatch, tuning_target
+from uml.train.cluster import alive_nodes, check_storage, check_storage_trust, ray_session
+from uml.train.rendezvous import BoundTorchConfig
 from uml.train.worker import HISTORY_FILE, SCORE_KEY, STATE_FILE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
-# Params that change what is trained; anything else (e.g. loader processes) may differ on resume.
-_TRAIN_KEYS_NOT_HASHED = ("loader_workers", "use_tuned")
+# TrainParams fields that do not change what is trained: loader processes, and whether tuned
+# values are used (a run is named by the values it trains with instead). Every other train key,
+# including any added later, is part of a run's identity.
+TRAIN_KEYS_NOT_IN_IDENTITY = ("loader_workers", "use_tuned")
+# Top-level keys of best_params.yaml that describe the values rather than being params sections.
+TUNED_META_KEYS = ("tuned_for", "selection")
 
 
-def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"loss": {"cls_weight": 0.3}}`` -> ``{"loss.cls_weight": 0.3}``."""
-    flat: dict[str, Any] = {}
-    for key, value in nested.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
+def train_identity_keys() -> list[str]:
+    """The params that determine a training run's result: they name the run, and they (plus
+    ``train.use_tuned``, which acts through the values it selects) are the train stage's DVC
+    param deps. Ray addresses, storage, failure budget and per-worker resources are not."""
+    return ["data.augment", "model", "loss",
+            *(f"train.{key}" for key in TrainParams.model_fields if key not in TRAIN_KEYS_NOT_IN_IDENTITY),
+            "ray.num_workers", "ray.use_gpu"]
 
 
-def load_tuned(path: Path) -> dict[str, Any]:
-    """The flat overrides of a ``best_params.yaml`` (same keys as ``params.yaml``)."""
+def load_tuned(path: Path) -> tuple[dict[str, Any], Any]:
+    """The flat overrides of a ``best_params.yaml`` (same keys as ``params.yaml``) and its
+    ``tuned_for`` record (None when the file has none)."""
     try:
         raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read tuned params: {exc}") from None
-    if not isinstance(raw, dict) or not raw:
+    if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of params sections (e.g. loss: {{cls_weight: ...}})")
-    return flatten(raw)
+    values = {key: value for key, value in raw.items() if key not in TUNED_META_KEYS}
+    if not values:
+        raise ConfigError(f"{path}: holds no tuned values (expected params sections such as loss: {{cls_weight: ...}})")
+    return flatten(values), raw.get("tuned_for")
 
 
-def effective_params(params: Params) -> tuple[Params, dict[str, Any]]:
-    """Params with the tuned values applied when ``train.use_tuned`` and the sweep has run.
+def effective_params(params: Params, data_hash: str) -> tuple[Params, dict[str, Any]]:
+    """Params with the tuned values applied when ``train.use_tuned``, the sweep has run, and its
+    ``best_params.yaml`` was tuned for this model, data (``data_hash``), search space and code.
+    Otherwise a warning says why, and the params are used as written.
 
     Returns the params and the overrides that were applied (empty when none)."""
     paths = Paths(params)
@@ -69,9 +81,14 @@ def effective_params(params: Params) -> tuple[Params, dict[str, Any]]:
         return params, {}
     if not paths.best_params.is_file():
         log.warning("train.use_tuned is true but %s does not exist (run the tune stage first); "
-                    "using the loss: values of the params file", paths.best_params)
+                    "using the params as written", paths.best_params)
         return params, {}
-    overrides = load_tuned(paths.best_params)
+    overrides, tuned_for = load_tuned(paths.best_params)
+    mismatch = tuning_mismatch(tuned_for, tuning_target(params, data_hash))
+    if mismatch:
+        log.warning("not using the tuned values of %s: %s. Using the params as written; run the tune stage for "
+                    "this configuration, or set train.use_tuned: false to silence this", paths.best_params, mismatch)
+        return params, {}
     tuned = params.with_overrides(overrides, source=str(paths.best_params))
     log.info("using tuned values from %s: %s", paths.best_params, ", ".join(f"{k}={v}" for k, v in overrides.items()))
     return tuned, overrides
@@ -83,14 +100,17 @@ def model_config(params: Params, class_names: Sequence[str], mask_classes: Seque
                           num_mask_classes=len(mask_classes), image_size=image_size)
 
 
-def run_name(params: Params, data_hash: str, prefix: str = "train") -> str:
-    """Deterministic: the same training params on the same data give the same name (and resume)."""
-    train = params.train.model_dump(mode="json")
-    for key in _TRAIN_KEYS_NOT_HASHED:
-        train.pop(key)
-    extra = {"train": train, "data": data_hash, "workers": params.ray.num_workers, "gpu": params.ray.use_gpu,
-             "augment": params.data.augment.model_dump(mode="json")}
-    return f"{prefix}-{params.section_hash('model', 'loss', extra=extra)}"
+def run_inputs(params: Params, data_hash: str, code: Mapping[str, str] | None = None) -> RunInputs:
+    """Everything that determines a training run's result: the params of
+    :func:`train_identity_keys`, the data's content hash, and the train stage's source files
+    (``code``: path -> sha256; default: read now)."""
+    return RunInputs("train", select_params(params, train_identity_keys()), data_hash,
+                     dict(code) if code is not None else code_files("train"))
+
+
+def run_name(params: Params, data_hash: str, code: Mapping[str, str] | None = None) -> str:
+    """``train-<hash>``: the same params, data and code give the same name (and resume)."""
+    return run_inputs(params, data_hash, code).name
 
 
 def scaling_config(params: Params, num_workers: int | None = None) -> ScalingConfig:
@@ -191,7 +211,9 @@ def run_trainer(params: Params, *, name: str, model_cfg: ModelConfig, epochs: in
         # dump would turn data.mask_values' int keys into strings).
         train_loop_config={"params": params.model_dump(), "model": model_cfg.to_dict(),
                            "store": str(paths.dataset), "epochs": epochs},
-        torch_config=TorchConfig(backend="nccl" if params.ray.use_gpu else "gloo"),
+        # The DDP rendezvous store listens on rank 0's node address only (Ray's TorchConfig
+        # leaves it on every interface).
+        torch_config=BoundTorchConfig(backend="nccl" if params.ray.use_gpu else "gloo"),
         scaling_config=scaling_config(params, num_workers),
         run_config=RunConfig(
             name=name,
@@ -224,10 +246,13 @@ def train(params: Params) -> Path:
     """The ``train`` stage: write ``data/models/model.pt``; return its path."""
     params = params.resolved()
     paths = Paths(params)
+    check_storage_trust(params)
     data = open_prepared(paths.dataset)
-    params, tuned = effective_params(params)
+    params, tuned = effective_params(params, data.content_hash)
     cfg = model_config(params, data.class_names, data.mask_classes, data.image_size)
-    name = run_name(params, data.content_hash)
+    inputs = run_inputs(params, data.content_hash)
+    name = inputs.name
+    announce(paths.storage, inputs, resumes=run_exists(paths.storage, name))
     logged_params = {"loss": params.loss.model_dump(), "tuned_from": str(paths.best_params) if tuned else None,
                      "model": cfg.to_dict(), "train": params.train.model_dump(), "run": name,
                      "workers": params.ray.num_workers}
@@ -249,7 +274,8 @@ def train(params: Params) -> Path:
     write_live_log(paths.train_dir, history, logged_params)
     save_model(model, paths.model_pt, extra={
         "class_names": list(data.class_names), "mask_classes": list(data.mask_classes),
-        "data_hash": data.content_hash, "run": name, "best_epoch": int(best_row["epoch"]),
+        "data_hash": data.content_hash, "code_fingerprint": inputs.code_fingerprint, "run": name,
+        "best_epoch": int(best_row["epoch"]),
         "best_metrics": {k: float(v) for k, v in best_row.items() if isinstance(v, (int, float))},
         "loss": params.loss.model_dump(), "tuned": tuned,
     })

@@ -1,0 +1,103 @@
+"""dvc.yaml against the code: each stage's deps cover the ``uml``/``pipeline`` sources it imports
+(and name no others), and its params are the keys that determine its result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from uml.config import Params, get_dotted
+from uml.provenance import stage_sources
+from uml.train.sweep import sweep_identity_keys
+from uml.train.trainer import train_identity_keys
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("prepare", "tune", "train", "export", "evaluate")
+CODE_ROOTS = ("uml", "pipeline")
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+_LIST_IMPORTED = """
+import json, sys
+from pathlib import Path
+import pipeline.{stage}
+repo = Path.cwd().resolve()
+files = set()
+for module in list(sys.modules.values()):
+    path = getattr(module, "__file__", None)
+    if path and Path(path).resolve().is_relative_to(repo) and Path(path).resolve().relative_to(repo).parts[0] in {roots}:
+        files.add(Path(path).resolve().relative_to(repo).as_posix())
+print(json.dumps(sorted(files)))
+"""
+
+
+@pytest.fixture(scope="module")
+def imported() -> dict[str, set[str]]:
+    """Per stage: the repository source files that importing ``pipeline.<stage>`` loads, seen in
+    a fresh interpreter (an independent check of the static list the code fingerprint uses)."""
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    found = {}
+    for stage in STAGES:
+        out = subprocess.run([sys.executable, "-c", _LIST_IMPORTED.format(stage=stage, roots=set(CODE_ROOTS))],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        found[stage] = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    return found
+
+
+def _covered(path: str, deps: list[str]) -> bool:
+    return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+def _code_deps(stage: str) -> list[str]:
+    return [dep for dep in DVC[stage]["deps"] if dep.split("/")[0] in CODE_ROOTS]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_fingerprinted_sources_include_everything_the_stage_imports(stage, imported):
+    assert imported[stage], "the subprocess saw no repository modules"
+    missing = imported[stage] - set(stage_sources(stage))
+    assert not missing, f"pipeline.{stage} imports {sorted(missing)}, which its code fingerprint leaves out"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_deps_cover_every_source_the_stage_imports(stage, imported):
+    needed = imported[stage] | set(stage_sources(stage))
+    uncovered = sorted(f for f in needed if not _covered(f, _code_deps(stage)))
+    assert not uncovered, f"dvc.yaml stage '{stage}' does not list {uncovered} among its deps"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_code_deps_name_only_sources_the_stage_imports(stage):
+    sources = set(stage_sources(stage))
+    for dep in _code_deps(stage):
+        path = REPO / dep
+        assert path.exists(), f"dvc.yaml stage '{stage}': dep {dep} does not exist"
+        files = {p.relative_to(REPO).as_posix() for p in path.rglob("*.py")} if path.is_dir() else {dep}
+        extra = sorted(files - sources)
+        assert not extra, f"dvc.yaml stage '{stage}': dep {dep} includes {extra}, which the stage does not import"
+
+
+def test_train_and_tune_params_are_the_keys_that_name_their_runs():
+    assert set(DVC["train"]["params"]) == set(train_identity_keys()) | {"train.use_tuned"}
+    assert set(DVC["tune"]["params"]) == set(sweep_identity_keys())
+    # The examples of issue 14: flipping use_tuned or the concurrency does not rerun the sweep.
+    assert "train.use_tuned" not in DVC["tune"]["params"] and "train" not in DVC["tune"]["params"]
+    assert "tune.max_concurrent_trials" not in DVC["tune"]["params"]
+
+
+def test_every_param_dep_is_a_params_key():
+    raw = Params().model_dump()
+    for stage, spec in DVC.items():
+        for key in spec.get("params", []):
+            get_dotted(raw, key)  # KeyError names a key that params.yaml does not have
+
+
+def test_stage_commands_are_the_pipeline_modules():
+    for stage in STAGES:
+        assert DVC[stage]["cmd"] == f"python -m pipeline.{stage}"
