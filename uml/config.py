@@ -157,6 +157,8 @@ class ModelParams(_Section):
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
     # Frozen encoder BatchNorm (statistics and affine fixed), as published with pretrained encoders.
     frozen_encoder_bn: bool | None = None
+    # The navigator's logit heads: kaiming_fan_out (published) or fan_in (PyTorch's default).
+    navigator_head_init: Literal["kaiming_fan_out", "fan_in"] | None = None
 
     @field_validator("tasks")
     @classmethod

@@ -278,6 +278,44 @@ def test_initialisation_is_kaiming_fan_out_outside_the_encoders():
     assert all(3.0 < s < 30.0 for s in stds), stds
 
 
+def test_navigator_head_initialisation_published_and_fan_in():
+    torch.manual_seed(0)
+    published = build_model("small", navigator_head_init="kaiming_fan_out", **TINY)
+    fan_in = build_model("small", navigator_head_init="fan_in", **TINY)
+    assert build_model("small", **TINY).cfg.navigator_head_init == "fan_in"  # the CPU preset's choice
+    weights_pub = torch.cat([h.weight.detach().flatten() for h in published.navigator.sides])
+    weights_fan_in = torch.cat([h.weight.detach().flatten() for h in fan_in.navigator.sides])
+    # Kaiming normal, fan_out = 3 classes x 1 x 1: std sqrt(2 / 3) = 0.816.
+    assert float(weights_pub.std()) == pytest.approx(np.sqrt(2 / 3), rel=0.1)
+    # PyTorch's default: uniform in +-1/sqrt(fan_in) (std 1/sqrt(3 fan_in)), per head.
+    for head in fan_in.navigator.sides:
+        bound = 1 / np.sqrt(head.in_channels)
+        assert float(head.weight.abs().max()) <= bound
+        assert float(head.weight.std()) == pytest.approx(bound / np.sqrt(3), rel=0.25)
+    assert float(weights_fan_in.abs().max()) < 0.5 < float(weights_pub.abs().max())
+    with pytest.raises(ConfigError, match="navigator_head_init"):
+        build_model("small", navigator_head_init="zeros", **TINY)
+
+
+def test_published_recipe_file_matches_the_paper():
+    """configs/paper-gpu.yaml is the published recipe: every deviation of the CPU default is
+    switched back to its published value there."""
+    from pathlib import Path
+
+    from uml.config import load_params
+    from uml.train.trainer import model_config
+
+    params = load_params(Path(__file__).resolve().parents[2] / "configs" / "paper-gpu.yaml")
+    cfg = model_config(params, ["non-glaucoma", "glaucoma"], ["background", "disc", "cup"], params.data.image_size)
+    assert (cfg.cls_encoder, cfg.seg_encoder, cfg.feature_strides) == ("res2net50d", "vgg16_bn", [1, 2, 4, 8])
+    assert cfg.pretrained and cfg.frozen_encoder_bn and cfg.navigator_head_init == "kaiming_fan_out"
+    assert cfg.image_size == params.data.image_size == 256 and not params.data.augment.enabled
+    loss, train = params.loss, params.train
+    assert (loss.cls_weight, loss.seg_weight, loss.mut_weight, loss.kl_annealing_epochs) == (0.5, 0.4, 0.1, 50)
+    assert (train.epochs, train.lr, train.weight_decay, train.batch_size, train.constant_epochs) == (100, 1e-4, 1e-5, 8, 30)
+    assert (train.poly_power, train.min_lr) == (0.9, 1e-5)
+
+
 def test_frozen_encoder_batchnorm_keeps_statistics_and_affine():
     torch.manual_seed(0)
     model = build_model("small", frozen_encoder_bn=True, **TINY).train()

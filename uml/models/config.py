@@ -30,6 +30,9 @@ class ModelConfig:
     instructor_dilation: int = 2
     dropout: float = 0.1
     frozen_encoder_bn: bool = True
+    # Initialisation of the navigator's four 1x1 logit heads (S_0..S_3): "kaiming_fan_out" as
+    # published (like every other non-encoder conv), or "fan_in" (PyTorch's default conv init).
+    navigator_head_init: str = "kaiming_fan_out"
     uncertainty: bool = True
     tasks: list[str] = field(default_factory=lambda: ["cls", "seg"])
     num_classes: int = 2
@@ -62,6 +65,8 @@ class ModelConfig:
             raise ConfigError(f"image size {self.image_size} must be divisible by the coarsest feature stride {s[3]}")
         if self.num_classes < 2 or self.num_mask_classes < 2:
             raise ConfigError(f"need >= 2 classes and mask classes, got {self.num_classes} and {self.num_mask_classes}")
+        if self.navigator_head_init not in NAVIGATOR_HEAD_INITS:
+            raise ConfigError(f"model.navigator_head_init must be one of {list(NAVIGATOR_HEAD_INITS)}, got {self.navigator_head_init!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
@@ -79,6 +84,7 @@ class ModelConfig:
 
 # The channel shuffle of the published mixer works on groups of four channels.
 FEATURE_MIXER_SHUFFLE_GROUP = 4
+NAVIGATOR_HEAD_INITS = ("kaiming_fan_out", "fan_in")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The published configuration (authors' 2023 code): Res2Net-50 v1b 26w x 4s (deep stem kept
@@ -96,13 +102,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         instructor_dilation=2,
         dropout=0.1,
         frozen_encoder_bn=True,
+        navigator_head_init="kaiming_fan_out",
         image_size=256,
     ),
     # The same architecture for CPU runs: two lighter encoders with levels at strides 2..16 and a
     # narrower mixer, decoders and instructor. ResNet-18 replaces VGG as the segmentation encoder
     # because VGG's full-resolution first block alone halves CPU training throughput (README).
     # Encoders trained from scratch keep learnable BatchNorm: frozen statistics of a randomly
-    # initialised encoder would be an identity, i.e. no normalisation at all.
+    # initialised encoder would be an identity, i.e. no normalisation at all. The navigator's
+    # logit heads start at PyTorch's fan-in scale: with Kaiming fan-out (gain sqrt(2 / C) for a
+    # C-class 1x1 conv) S_0 starts saturated and its Dice-only loss leaves it stuck (README).
     "small": dict(
         cls_encoder="resnet18",
         seg_encoder="resnet18",
@@ -115,6 +124,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         instructor_dilation=2,
         dropout=0.1,
         frozen_encoder_bn=False,
+        navigator_head_init="fan_in",
         image_size=128,
     ),
 }

@@ -168,10 +168,14 @@ class UMLNet(nn.Module):
 
     def _init_weights(self) -> None:
         """Every non-encoder conv Kaiming-normal (fan_out, ReLU gain), every BN weight 1 and bias
-        0; linear layers and conv biases keep PyTorch's defaults (the authors' code)."""
-        encoder_modules = {id(m) for enc in (self.cls_encoder, self.seg_encoder) if enc is not None for m in enc.modules()}
+        0; linear layers and conv biases keep PyTorch's defaults (the authors' code). With
+        ``navigator_head_init: fan_in`` the navigator's logit heads keep PyTorch's default conv
+        initialisation instead."""
+        skip = {id(m) for enc in (self.cls_encoder, self.seg_encoder) if enc is not None for m in enc.modules()}
+        if self.has_seg and self.cfg.navigator_head_init == "fan_in":
+            skip |= {id(m) for m in self.navigator.sides}
         for module in self.modules():
-            if id(module) in encoder_modules:
+            if id(module) in skip:
                 continue
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
