@@ -122,3 +122,12 @@ def test_the_baseline_is_the_value_the_params_give_each_searched_key():
     params = Params().with_overrides({"loss.cls_weight": 0.45, "loss.kl_annealing_epochs": 7})
     assert baseline_values(params, ["loss.cls_weight", "loss.kl_annealing_epochs", "loss.mut_weight"]) == {
         "loss.cls_weight": 0.45, "loss.kl_annealing_epochs": 7, "loss.mut_weight": 0.1}
+
+
+def test_a_storage_where_records_cannot_be_written_only_loses_the_message(tmp_path, caplog):
+    storage = tmp_path / "ray"
+    storage.mkdir()
+    (storage / provenance.RECORDS_DIR).write_text("a file where the records folder should be")
+    with caplog.at_level(logging.WARNING, logger="uml.provenance"):
+        message = announce(str(storage), _inputs(), resumes=False)
+    assert message.startswith("fresh run") and "cannot" in caplog.text

@@ -224,7 +224,11 @@ def announce(storage: str, inputs: RunInputs, resumes: bool, what: str = "run") 
         message = (f"{what} '{inputs.name}' continues the earlier {what} of the same params, data and code "
                    f"(code {inputs.code_fingerprint[:12]}); finished parts are kept")
     else:
-        earlier = last_recorded(storage, inputs.stage, exclude=inputs.name)
+        try:
+            earlier = last_recorded(storage, inputs.stage, exclude=inputs.name)
+        except OSError as exc:  # e.g. object storage without list rights: only the message is lost
+            earlier = None
+            log.warning("cannot read earlier run records in %s: %s", storage, exc)
         if earlier is None:
             reason = f"no earlier {inputs.stage} {what} is recorded in {storage}"
         else:
@@ -233,7 +237,10 @@ def announce(storage: str, inputs: RunInputs, resumes: bool, what: str = "run") 
                       else f"'{earlier.name}' had the same inputs but left nothing to resume")
         message = f"fresh {what} '{inputs.name}': {reason}"
     log.info(message)
-    record(storage, inputs)
+    try:
+        record(storage, inputs)
+    except OSError as exc:  # the run itself does not depend on its record
+        log.warning("cannot record the inputs of %s in %s: %s", inputs.name, storage, exc)
     return message
 
 

@@ -410,8 +410,8 @@ class PreparedData:
     @staticmethod
     def _describe_file(group: zarr.Group, rel: str) -> str:
         """``array 'images' shard 1 (images 16-31)`` for a chunk file, ``metadata of 'labels'`` otherwise."""
-        if _CHUNK_PREFIX not in f"/{rel}":
-            return f"metadata of '{rel.rsplit('/', 1)[0] if '/' in rel else rel}'"
+        if _CHUNK_PREFIX not in f"/{rel}":  # <array or group>/zarr.json
+            return f"metadata of '{rel.rsplit('/', 1)[0]}'"
         name, key = f"/{rel}".split(_CHUNK_PREFIX, 1)
         name = name.lstrip("/")
         coords = tuple(int(part) for part in key.split("/"))
