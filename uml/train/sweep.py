@@ -331,8 +331,9 @@ def sweep(params: Params) -> dict[str, Any]:
     errors = [r.error for r in result_grid if r.error]
     if errors:
         log.warning("%d of %d trials failed; first error: %s", len(errors), len(table), errors[0])
-    best = write_outputs(table, keys, paths, baseline,
-                         tuned_for={**tuning_target(params, data.content_hash), "sweep": name})
+    # The code the sweep ran (read when it was named), not what may have been edited since.
+    tuned_for = {**tuning_target(params, data.content_hash), "code": inputs.code_fingerprint, "sweep": name}
+    best = write_outputs(table, keys, paths, baseline, tuned_for=tuned_for)
     if not paths.ray_storage_uri:
         # The trials' own checkpoints (optimiser state included) are of no further use once the
         # results are written, and they take gigabytes on long sweeps.
