@@ -118,6 +118,15 @@ def test_the_sweep_falls_back_to_the_baseline_unless_a_sampled_trial_beats_it(sc
     assert record["baseline_score"] == (None if np.isnan(scores["t0"]) else scores["t0"])
 
 
+@pytest.mark.parametrize(("margin", "chosen"), [(0.0, "sampled"), (0.019, "sampled"), (0.02, "baseline"), (0.05, "baseline")])
+def test_a_sampled_trial_must_beat_the_baseline_by_the_margin(margin, chosen):
+    values, record = select(_table({"t0": 0.70, "t1": 0.72}), ["loss.cls_weight"], {"loss.cls_weight": 0.5}, margin)
+    assert record["chosen"] == chosen
+    assert values == {"loss.cls_weight": pytest.approx(0.5 if chosen == "baseline" else 0.1 + 1 / 10)}
+    if margin:
+        assert f"0.7000 + {margin:g}" in record["reason"]
+
+
 def test_the_baseline_is_the_value_the_params_give_each_searched_key():
     params = Params().with_overrides({"loss.cls_weight": 0.45, "loss.kl_annealing_epochs": 7})
     assert baseline_values(params, ["loss.cls_weight", "loss.kl_annealing_epochs", "loss.mut_weight"]) == {

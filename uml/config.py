@@ -198,8 +198,11 @@ class TrainParams(_Section):
     constant_epochs: int = Field(30, ge=0)
     poly_power: float = Field(0.9, gt=0.0)
     min_lr: float = Field(1e-5, ge=0.0)
-    # Mixed precision on GPU ("bf16" or "fp16"); CPUs always train in fp32.
+    # Autocast precision: "bf16" on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX; others
+    # fall back to fp32), "fp16" on GPUs only, "fp32" everywhere (the published recipe).
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # Convolutions in channels-last memory layout (faster on CPU and GPU; same results up to rounding).
+    channels_last: bool = True
     seed: int = 0
     # Use data/tune/best_params.yaml (written by the tune stage) instead of the loss: defaults.
     use_tuned: bool = True
@@ -284,6 +287,9 @@ class TuneParams(_Section):
     # null: as many trials at once as the cluster's CPUs (or GPUs) allow.
     max_concurrent_trials: int | None = Field(None, ge=1)
     seed: int = 0
+    # A sampled trial replaces the baseline only when its validation score is higher by more
+    # than this (a short trial's score is noisy: a lucky trial must not displace the baseline).
+    min_improvement: float = Field(0.0, ge=0.0)
     # Dotted params key -> {distribution: arguments}; see uml.tune.search for the grammar.
     search_space: dict[str, dict[str, Any]] = {
         "loss.cls_weight": {"uniform": [0.2, 0.8]},

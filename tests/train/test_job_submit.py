@@ -111,4 +111,4 @@ def test_ray_job_submit_trains_on_a_loopback_head(head_node, tmp_path):
     assert model.extra["best_epoch"] in (0, 1)
     metrics = json.loads((paths.train_dir / "metrics.json").read_text())  # dvclive nests "val/score"
     assert metrics["step"] == 1 and 0.0 <= metrics["val"]["score"] <= 1.0
-    assert torch.load(paths.model_pt, weights_only=True)["format"] == "uml-model/1"
+    assert torch.load(paths.model_pt, weights_only=True)["format"] == "uml-model/2"

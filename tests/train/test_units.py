@@ -282,3 +282,36 @@ def test_stages_check_the_storage_before_starting_anything(tmp_path, stage):
     with pytest.raises(ClusterError, match=f"ray.storage_path {storage} is not safe to use"):
         (train if stage == "train" else sweep)(params)
     assert not ray.is_initialized() and list(storage.iterdir()) == []
+
+
+@pytest.mark.parametrize(("flags", "native"), [
+    ("fpu sse2 avx2 avx512f avx512bw avx512_vnni", False),  # AVX-512 alone: oneDNN emulates bf16
+    ("fpu avx512f avx512_bf16 avx512_vnni", True),  # e.g. AMD Zen 4, Intel Cooper Lake
+    ("fpu avx512f amx_bf16 amx_tile", True),  # Intel Sapphire Rapids
+])
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, native):
+    from uml.train.worker import cpu_has_native_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert cpu_has_native_bf16(cpuinfo) is native
+    assert cpu_has_native_bf16(tmp_path / "missing") is False
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert cpu_has_native_bf16(arm) is True
+
+
+@pytest.mark.parametrize(("device", "precision", "native", "expected"), [
+    ("cpu", "bf16", True, torch.bfloat16),
+    ("cpu", "bf16", False, None),
+    ("cpu", "fp16", True, None),
+    ("cpu", "fp32", True, None),
+    ("cuda", "bf16", False, torch.bfloat16),
+    ("cuda", "fp16", False, torch.float16),
+    ("cuda", "fp32", False, None),
+])
+def test_autocast_dtype_per_device_and_precision(monkeypatch, device, precision, native, expected):
+    from uml.train import worker
+
+    monkeypatch.setattr(worker, "cpu_has_native_bf16", lambda: native)
+    assert worker.autocast_dtype(torch.device(device), precision) is expected

@@ -192,9 +192,11 @@ def results_table(result_grid: tune.ResultGrid, keys: list[str], epochs: int, ba
     return pd.DataFrame(rows)
 
 
-def select(table: pd.DataFrame, keys: list[str], baseline: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def select(table: pd.DataFrame, keys: list[str], baseline: dict[str, Any],
+           min_improvement: float = 0.0) -> tuple[dict[str, Any], dict[str, Any]]:
     """The flat values to use and a record of the choice: the best sampled trial when its score
-    beats the baseline's, else the baseline values."""
+    beats the baseline's by more than ``min_improvement`` (``tune.min_improvement``: a margin for
+    the noise of a short trial's validation score), else the baseline values."""
     ok = table[np.isfinite(table["score"])].sort_values("score", ascending=False)
     if ok.empty:
         raise ClusterError("every tune trial failed or reported no score; see the Ray logs above")
@@ -203,16 +205,17 @@ def select(table: pd.DataFrame, keys: list[str], baseline: dict[str, Any]) -> tu
     best_sampled = sampled.iloc[0] if not sampled.empty else None
     record: dict[str, Any] = {"trials": int(len(table)), "baseline_score": baseline_score,
                               "best_sampled_score": float(best_sampled["score"]) if best_sampled is not None else None}
-    if best_sampled is not None and (baseline_score is None or best_sampled["score"] > baseline_score):
+    margin = f" + {min_improvement:g}" if min_improvement else ""
+    if best_sampled is not None and (baseline_score is None or best_sampled["score"] > baseline_score + min_improvement):
         values = {key: _plain(best_sampled[key]) for key in keys}
         record.update(chosen="sampled", trial_id=str(best_sampled["trial_id"]), score=float(best_sampled["score"]),
                       reason="the baseline trial failed" if baseline_score is None else
-                      f"trial {best_sampled['trial_id']} beat the baseline ({best_sampled['score']:.4f} > {baseline_score:.4f})")
+                      f"trial {best_sampled['trial_id']} beat the baseline ({best_sampled['score']:.4f} > {baseline_score:.4f}{margin})")
     else:
         values = dict(baseline)
         record.update(chosen="baseline", trial_id=str(baseline_rows.iloc[0]["trial_id"]), score=baseline_score,
                       reason="every sampled trial failed" if best_sampled is None else
-                      f"no sampled trial beat the baseline (best sampled {best_sampled['score']:.4f} <= {baseline_score:.4f})")
+                      f"no sampled trial beat the baseline (best sampled {best_sampled['score']:.4f} <= {baseline_score:.4f}{margin})")
     return values, record
 
 
@@ -233,12 +236,12 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_outputs(table: pd.DataFrame, keys: list[str], paths: Paths, baseline: dict[str, Any],
-                  tuned_for: dict[str, Any]) -> dict[str, Any]:
+                  tuned_for: dict[str, Any], min_improvement: float = 0.0) -> dict[str, Any]:
     """results.csv, best_params.yaml and the score-vs-value plot; returns the chosen values (nested
     like params.yaml). ``tuned_for`` is recorded in best_params.yaml as is."""
     paths.tune_dir.mkdir(parents=True, exist_ok=True)
     table = table.sort_values("score", ascending=False, na_position="last").reset_index(drop=True)
-    values, selection = select(table, keys, baseline)
+    values, selection = select(table, keys, baseline, min_improvement)
     nested = nest(values)
     tmp_csv = paths.tune_results.with_suffix(".csv.tmp")
     table.to_csv(tmp_csv, index=False)
@@ -333,7 +336,7 @@ def sweep(params: Params) -> dict[str, Any]:
         log.warning("%d of %d trials failed; first error: %s", len(errors), len(table), errors[0])
     # The code the sweep ran (read when it was named), not what may have been edited since.
     tuned_for = {**tuning_target(params, data.content_hash), "code": inputs.code_fingerprint, "sweep": name}
-    best = write_outputs(table, keys, paths, baseline, tuned_for=tuned_for)
+    best = write_outputs(table, keys, paths, baseline, tuned_for=tuned_for, min_improvement=tp.min_improvement)
     if not paths.ray_storage_uri:
         # The trials' own checkpoints (optimiser state included) are of no further use once the
         # results are written, and they take gigabytes on long sweeps.
