@@ -104,6 +104,7 @@ BASE_COLUMNS: list[tuple[str, str, bool]] = [
 ROBUST_METRICS = [("cls/auc", "AUC"), ("seg/dice_disc", "Dice disc"), ("seg/dice_cup", "Dice cup")]
 NOISE_KINDS = [("gaussian", "Gaussian σ={}"), ("salt_pepper", "s&p {}")]
 METRICS_SUFFIX = "reports/metrics.json"
+TUNED_OUT = "data/tune/best_params.yaml"
 MISSING = "—"
 
 EXP_NAME = re.compile(r"^(?P<variant>[a-z_]+)-s(?P<seed>\d+)$")
@@ -293,8 +294,39 @@ def exp_show(repo: Repo, baseline: str) -> dict[str, dict[str, Any]]:
                 chosen = files.get(mpath) or {}
                 metrics = flatten(chosen["data"]) if isinstance(chosen.get("data"), dict) else {}
                 params = ((body.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-                found[name] = {"rev": refs[name], "metrics": metrics, "params": params}
+                tuned_hash = ((body.get("outs") or {}).get(TUNED_OUT) or {}).get("hash")
+                found[name] = {"rev": refs[name], "metrics": metrics, "params": params,
+                               "tuned": tuned_values(repo.root, tuned_hash)}
     return found
+
+
+def tuned_values(root: Path, md5: str | None) -> dict[str, Any] | None:
+    """What the experiment's sweep chose (``best_params.yaml`` read from the DVC cache by its hash:
+    a queued experiment's outputs live only there): the params sections and ``selection.chosen``."""
+    if not md5:
+        return None
+    path = root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    values = {k: v for k, v in flatten({k: v for k, v in raw.items() if k not in ("selection", "tuned_for")}).items()}
+    return {"chosen": (raw.get("selection") or {}).get("chosen"), **values}
+
+
+def dvc_out_hash(root: Path, out: str) -> str | None:
+    """The md5 that the workspace's ``dvc.lock`` records for an output."""
+    try:
+        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    for stage in (lock.get("stages") or {}).values():
+        for entry in stage.get("outs") or []:
+            if entry.get("path") == out:
+                return entry.get("md5")
+    return None
 
 
 def read_runs(out: Path) -> dict[str, dict[str, Any]]:
@@ -366,8 +398,10 @@ def collect(repo: Repo, baseline: str, out: Path, variants: list[str], seeds: se
             metrics, source = kept["metrics"], f"runs/{name}.json"
         if not metrics:
             continue
+        tuned = exp.get("tuned") or (kept.get("tuned") if same else None)
         records.append({"name": name, "variant": match["variant"], "seed": int(match["seed"]), "rev": exp["rev"],
-                        "metrics": metrics, "source": source, "elapsed_s": kept.get("elapsed_s") if same else None})
+                        "metrics": metrics, "source": source, "elapsed_s": kept.get("elapsed_s") if same else None,
+                        "tuned": tuned})
     records.sort(key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"]))
     return records
 
@@ -462,7 +496,8 @@ def run_workspace(repo: Repo, plan: list[tuple[str, int]], extra: list[str], out
                 continue
             write_run(out, {"name": name, "variant": variant, "seed": seed, "baseline": baseline, "rev": rev,
                             "mode": "workspace", "overrides": ovr, "elapsed_s": round(progress.elapsed[name], 1),
-                            "finished": now_iso(), "metrics": metrics})
+                            "finished": now_iso(), "metrics": metrics,
+                            "tuned": tuned_values(repo.root, dvc_out_hash(repo.root, TUNED_OUT))})
     finally:
         repo.git("checkout", "-q", baseline, "--", "params.yaml", *(["dvc.lock"] if lock_tracked else []), check=False)
     return progress.elapsed
@@ -558,7 +593,11 @@ def write_tables(records: list[dict[str, Any]], variants: list[str], out: Path, 
         mean, std = stats(vals)
         if mean is None:
             return MISSING
-        text = f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+        text = f"{mean:.3f}"
+        low, high = values(recs, f"{key}_ci95_low"), values(recs, f"{key}_ci95_high")
+        if low and high:  # the runs' bootstrap intervals over test images, averaged over seeds
+            text += f" [{statistics.fmean(low):.2f}, {statistics.fmean(high):.2f}]"
+        text += f" ± {std:.3f}" if std is not None else ""
         return text + (f" (n={len(vals)})" if len(vals) < len(recs) else "")
 
     header = ["variant", "runs", *[f"{label} {'↑' if up else '↓'}" for _, label, up in cols]]
@@ -567,18 +606,25 @@ def write_tables(records: list[dict[str, Any]], variants: list[str], out: Path, 
     for variant, recs in groups.items():
         lines.append(f"| `{variant}` | {len(recs)} | " + " | ".join(cell(recs, key) for key, _, _ in cols) + " |")
     lines += ["",
-              f"Mean ± sample standard deviation over the seeds (a seed sets {' and '.join(f'`{k}`' for k in SEED_KEYS)}; "
-              "the data set is the same for every run). "
+              f"Mean [95 % interval] ± sample standard deviation over the seeds (a seed sets "
+              f"{' and '.join(f'`{k}`' for k in SEED_KEYS)}; the data set is the same for every run). The interval is "
+              "each run's bootstrap interval over the test images (`<key>_ci95_low/high` in metrics.json) averaged over "
+              "the seeds: the test-set sampling noise of one run; ± is the training noise between seeds. Read a "
+              "difference only where both allow it. "
               f"{MISSING}: the variant has no such output, or the metric was undefined (e.g. AUC on a one-class "
               "test split); (n=k): only k runs had a value. ↑/↓: higher/lower is better. Robustness columns: "
               "the strongest noise level evaluated.", "", "## Variants", ""]
     for variant in variants:
         desc, ovr = VARIANTS[variant]
         lines.append(f"- `{variant}`: {desc}; overrides: {', '.join(f'`{o}`' for o in ovr) or 'none'}")
-    lines += ["", "## Runs", "", "| experiment | commit | wall time | metrics from |", "|---|---|---:|---|"]
+    lines += ["", "## Runs", "", "| experiment | commit | wall time | metrics from | tuned values used |", "|---|---|---:|---|---|"]
     for r in records:
         wall_r = MISSING if r["elapsed_s"] is None else fmt_time(r["elapsed_s"])
-        lines.append(f"| `{r['name']}` | `{r['rev'][:7]}` | {wall_r} | {r['source']} |")
+        tuned = r.get("tuned") or {}
+        tuned_text = (f"{tuned.get('chosen') or '?'}: " + ", ".join(f"{k.split('/')[-1]} {v:.3g}" if isinstance(v, float) else
+                                                                    f"{k.split('/')[-1]} {v}" for k, v in tuned.items()
+                                                                    if k != "chosen")) if tuned else MISSING
+        lines.append(f"| `{r['name']}` | `{r['rev'][:7]}` | {wall_r} | {r['source']} | {tuned_text} |")
     if missing:
         lines += ["", f"Failed or missing: {', '.join(f'`{n}`' for n in missing)}."]
     lines += ["", "## Set-up", "", f"- Command: `{command}`",
@@ -665,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["elapsed_s"] = round(elapsed[r["name"]], 1)
                 write_run(out, {"name": r["name"], "variant": v, "seed": s, "baseline": baseline, "rev": r["rev"],
                                 "mode": mode, "overrides": overrides(v, s, args.extra), "elapsed_s": r["elapsed_s"],
-                                "finished": now_iso(), "params": shown[r["name"]]["params"], "metrics": r["metrics"]})
+                                "finished": now_iso(), "params": shown[r["name"]]["params"], "metrics": r["metrics"],
+                                "tuned": r.get("tuned")})
         got = {r["name"] for r in records}
         missing = [n for n in names if n not in got]
         wall = time.perf_counter() - started

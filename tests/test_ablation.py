@@ -34,7 +34,7 @@ def _dvc() -> str | None:
 
 
 def _number(text: str) -> float:
-    value = float(text.split("±")[0])
+    value = float(text.split()[0])  # "mean [low, high] ± std" or "mean"
     assert math.isfinite(value), text
     return value
 
@@ -79,7 +79,14 @@ def test_ablation_miniature(tmp_path: Path) -> None:
     body = {cells[0].strip().strip("`"): [c.strip() for c in cells] for cells in table[1:]}
     for variant in VARIANTS:
         for column in ("AUC ↑", "Dice disc ↑"):
-            assert 0.0 <= _number(body[variant][header.index(column)]) <= 1.0, (variant, column, md)
+            cell = body[variant][header.index(column)]
+            assert 0.0 <= _number(cell) <= 1.0, (variant, column, md)
+            # The run's bootstrap interval from metrics.json surrounds its value.
+            low, high = (float(x) for x in cell[cell.index("[") + 1:cell.index("]")].split(","))
+            assert low - 0.005 <= _number(cell) <= high + 0.005, cell
+    # The values each run's sweep chose, read back from the DVC cache.
+    runs = [line for line in md.splitlines() if line.startswith("| `uml-s0`") or line.startswith("| `softmax-s0`")]
+    assert len(runs) == 2 and all(("baseline: " in r or "sampled: " in r) and "cls_weight" in r for r in runs), runs
     for text in ("Command: `python ", "--set", "Date: ", "logical CPUs", "torch ", "GPU: "):
         assert text in md, text
 
