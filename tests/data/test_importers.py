@@ -166,3 +166,23 @@ def test_folder_rejects_bad_mask_values_mapping(tmp_path: Path) -> None:
     src = folder_source(params_for(tmp_path, source="folder", path=str(tmp_path / "raw"), mask_values={0: 0, 1: 1}).data)
     with pytest.raises(DataError, match=r"a\.png: mask value\(s\) \[2\] not in data.mask_values"):
         list(src)
+
+
+def test_the_importers_raise_pillows_pixel_limit_only_while_they_open_a_file(tmp_path):
+    """Large medical images up to 400 M pixels are accepted by the importers, but Pillow's limit is
+    process-wide: it must stay at the default for every other reader (e.g. ``uml predict``)."""
+    from tests.test_predict import _png_claiming
+    from uml.data import importers
+
+    default = Image.MAX_IMAGE_PIXELS
+    big = _png_claiming(tmp_path / "big.png", 15000, 15000)  # 225 M pixels: over 2 x the default 89 M
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(big)
+    with pytest.raises(DataError, match="big.png") as err:  # opens, then fails to decode the fake pixels
+        read_image(big, 64)
+    assert "too large" not in str(err.value)
+    assert Image.MAX_IMAGE_PIXELS == default
+    bomb = _png_claiming(tmp_path / "bomb.png", 30000, 30000)  # 900 M pixels: over 2 x 400 M
+    with pytest.raises(DataError, match="bomb.png.*too large"):
+        read_image(bomb, 64)
+    assert Image.MAX_IMAGE_PIXELS == default and importers.MAX_IMAGE_PIXELS == 400_000_000

@@ -28,7 +28,9 @@ def swept(tmp_path_factory):
         root,
         # One trial at a time makes ASHA's decisions independent of which trial finishes first.
         tune={"num_samples": 3, "epochs": 2, "grace_period": 1, "reduction_factor": 2,
-              "max_concurrent_trials": 1, "workers_per_trial": 1, "seed": 1},
+              "max_concurrent_trials": 1, "workers_per_trial": 1, "seed": 1, "min_improvement": 0.01,
+              "search_space": {"loss.cls_weight": {"uniform": [0.2, 0.8]},
+                               "loss.kl_annealing_epochs": {"randint": [1, 10]}}},
     )
     params = load_params(path)
     prepare(params)
@@ -73,8 +75,9 @@ def test_best_params_hold_the_winner_over_the_baseline_and_what_they_were_tuned_
     assert written == best
     baseline_score = table.loc[table["baseline"], "score"].max()
     best_sampled = table[~table["baseline"]].sort_values("score", ascending=False).iloc[0]
-    expected = best_sampled if best_sampled["score"] > baseline_score else table[table["baseline"]].iloc[0]
-    assert selection["chosen"] == ("sampled" if best_sampled["score"] > baseline_score else "baseline")
+    beats = best_sampled["score"] > baseline_score + 0.01  # tune.min_improvement
+    expected = best_sampled if beats else table[table["baseline"]].iloc[0]
+    assert selection["chosen"] == ("sampled" if beats else "baseline")
     assert selection["baseline_score"] == pytest.approx(baseline_score) and selection["trials"] == 3
     for key in params.tune.search_space:
         assert written["loss"][key.split(".", 1)[1]] == pytest.approx(expected[key])

@@ -70,8 +70,9 @@ _REFUGE_CUP_BELOW = 10
 _REFUGE_BACKGROUND_ABOVE = 245
 
 # Images beyond Pillow's default limit (~89 Mpx) are legitimate in medical imaging, but a
-# hard cap still protects against decompression bombs.
-Image.MAX_IMAGE_PIXELS = 400_000_000
+# hard cap still protects against decompression bombs. Applied only while the importers open a
+# file: Pillow's limit is process-wide, and other readers (uml predict) keep the default.
+MAX_IMAGE_PIXELS = 400_000_000
 
 
 def _norm(name: str) -> str:
@@ -81,12 +82,16 @@ def _norm(name: str) -> str:
 
 # ------------------------------------------------------------------------------ image decoding
 def _open(path: Path, what: str) -> Image.Image:
+    default_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         img = Image.open(path)
     except FileNotFoundError:
         raise DataError(f"{path}: {what} file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read {what} (corrupt or unsupported format: {exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: cannot read {what} (corrupt, unsupported or too large: {exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = default_limit
     return img
 
 
