@@ -1,5 +1,6 @@
 """Inside a trained model under input noise: how the final and the mutual masks, the pixel
-uncertainty U and the navigator's gate exp(-U) change from clean to noisy test images.
+uncertainty U and the navigator's gate exp(-U) change from clean to noisy test images, and where
+U is high: on the pixels that S_0 (or the mutual branch) gets wrong, on the disc, on the rest.
 
     python benchmarks/inspect_noise.py data          # data.root of a finished `dvc repro`
 
@@ -32,10 +33,16 @@ def mean_dice(logits: torch.Tensor, gt_masks: np.ndarray, structure: Callable[[n
     return float(np.mean([metrics.dice(p, g) for p, g in zip(pred, structure(gt_masks))]))
 
 
-def probe(model: torch.nn.Module, images01: np.ndarray, gt_masks: np.ndarray, mask_classes: list[str]) -> dict[str, float]:
-    x = torch.from_numpy(images01).permute(0, 3, 1, 2).contiguous()
+def probe(model: torch.nn.Module, images01: np.ndarray, gt_masks: np.ndarray, mask_classes: list[str],
+          batch_size: int = 32) -> dict[str, float]:
+    outs: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
-        out = model(x)
+        for start in range(0, len(images01), batch_size):
+            x = torch.from_numpy(images01[start:start + batch_size]).permute(0, 3, 1, 2).contiguous()
+            for key, value in model(x).items():
+                if isinstance(value, torch.Tensor) and key in ("seg_logits", "mutual_logits", "uncertainty_map", "mutual_evidence"):
+                    outs.setdefault(key, []).append(value)
+    out = {key: torch.cat(values) for key, values in outs.items()}
     row: dict[str, float] = {}
     for name, structure in metrics.structures(mask_classes).items():
         row[f"dice_{name}"] = mean_dice(out["seg_logits"], gt_masks, structure)
@@ -47,6 +54,16 @@ def probe(model: torch.nn.Module, images01: np.ndarray, gt_masks: np.ndarray, ma
         row["mean_gate_exp(-U)"] = float(torch.exp(-u).mean())
         row["mean_mutual_evidence_sum"] = float(evidence_sum.mean())
         row["p99_mutual_evidence_sum"] = float(evidence_sum.flatten().quantile(0.99))
+        # Where U is high: an evidential map is useful when it is high where the masks are wrong.
+        u_map = u[:, 0].numpy()
+        wrong = out["seg_logits"].argmax(1).numpy() != gt_masks
+        wrong_mutual = out["mutual_logits"].argmax(1).numpy() != gt_masks
+        row["U_on_wrong_S0_pixels"] = float(u_map[wrong].mean()) if wrong.any() else float("nan")
+        row["U_on_right_S0_pixels"] = float(u_map[~wrong].mean())
+        row["U_on_disc"] = float(u_map[gt_masks > 0].mean())
+        every = slice(None, None, 5)  # a fixed subsample keeps the AUROC cheap
+        row["pixel_error_auroc_S0"] = metrics.error_auroc(u_map.ravel()[every], wrong.ravel()[every])
+        row["pixel_error_auroc_mutual"] = metrics.error_auroc(u_map.ravel()[every], wrong_mutual.ravel()[every])
     return row
 
 
