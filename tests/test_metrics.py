@@ -193,6 +193,10 @@ def test_vcdr_edge_cases_and_aggregates():
     labels = np.array([0, 0, 1, 1, 1])
     vcdr = np.array([0.3, 0.4, 0.7, np.nan, 0.35])  # the nan case is left out
     assert metrics.vcdr_auc(labels, vcdr) == pytest.approx(roc_auc_score([0, 0, 1, 1], [0.3, 0.4, 0.7, 0.35]))
+    # A model that finds no disc in any image (an untrained one, say) has no vCDR anywhere: the AUC
+    # is undefined, not a crash of the evaluate stage (it raised scikit-learn's ValueError).
+    assert math.isnan(metrics.vcdr_auc(labels, np.full(5, np.nan)))
+    assert math.isnan(metrics.auc(np.array([], dtype=int), np.zeros((0, 2))))
 
 
 # --------------------------------------------------------------------------- uncertainty

@@ -88,7 +88,7 @@ def auc(labels: np.ndarray, prob: np.ndarray, positive: int = 1) -> float:
     """ROC AUC: of ``prob[:, positive]`` for K = 2, one-vs-rest macro AUC for K > 2.
 
     ``prob`` may also be a 1-D score for the positive class. ``nan`` when ``labels`` hold a
-    single class (AUC is undefined).
+    single class or are empty (AUC is undefined).
     """
     labels = np.asarray(labels)
     prob = np.asarray(prob, dtype=np.float64)
@@ -103,7 +103,9 @@ def auc(labels: np.ndarray, prob: np.ndarray, positive: int = 1) -> float:
             return math.nan
         return float(roc_auc_score(labels, prob, multi_class="ovr", labels=list(range(prob.shape[1]))))
     target = _binary(labels, positive)
-    if target.min(initial=1) == target.max(initial=0):
+    # An empty target (e.g. vcdr_auc when no image has a predicted disc) is undefined too; the
+    # initial values alone would let it through to scikit-learn, which raises.
+    if target.size == 0 or target.min() == target.max():
         return math.nan
     return float(roc_auc_score(target, score))
 
@@ -323,7 +325,8 @@ def vcdr_mae(pred_vcdr: np.ndarray, gt_vcdr: np.ndarray) -> float:
 
 
 def vcdr_auc(labels: np.ndarray, pred_vcdr: np.ndarray, positive: int = 1) -> float:
-    """AUC of the predicted vCDR as a glaucoma score; images without a predicted disc are left out."""
+    """AUC of the predicted vCDR as a glaucoma score; images without a predicted disc are left out
+    (``nan`` when that leaves a single class or none)."""
     labels, pred_vcdr = np.asarray(labels), np.asarray(pred_vcdr, dtype=np.float64)
     valid = np.isfinite(pred_vcdr)
     return auc(labels[valid], pred_vcdr[valid], positive)
