@@ -1,16 +1,14 @@
 """The evaluate stage's outputs: metrics.json and plots/ are replaced together, only once both are
-complete, and the model it evaluates must be the one its metadata describes."""
+complete, and the model it evaluates must be the one its metadata describes. Run on a copy of the
+miniature DAG's prepared store and exported model (tests/dag/miniature.py): the real thing."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.test_evaluate import _prepared_root
-from tests.toy_onnx import export_toy, fundus_set
 from uml import plots
 from uml.config import Paths, parse_params
 from uml.errors import ModelFileError
@@ -22,12 +20,15 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def evaluated_root(tmp_path):
-    toy_dir = export_toy(tmp_path / "toy" / "models").parent
-    root = _prepared_root(tmp_path, toy_dir, fundus_set())
+def evaluated_root(miniature_dag, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(miniature_dag.data / "prepared", root / "prepared")
+    (root / "models").mkdir()
+    for name in ("model.onnx", "metadata.json"):
+        shutil.copy2(miniature_dag.data / "models" / name, root / "models" / name)
     params = parse_params({"data": {"root": str(root)},
-                           "evaluate": {"batch_size": 8, "gaussian_sigmas": [0.1], "salt_pepper_amounts": [0.05],
-                                        "num_panels": 2}})
+                           "evaluate": {"batch_size": 12, "gaussian_sigmas": [0.1], "salt_pepper_amounts": [0.05],
+                                        "num_panels": 2, "bootstrap_samples": 100}})
     evaluate(params)
     return params
 
@@ -56,14 +57,12 @@ def test_a_rerun_replaces_both_and_drops_plots_of_the_earlier_model(evaluated_ro
     assert sorted(p.name for p in paths.reports.iterdir()) == ["metrics.json", "plots"]
 
 
-def test_a_model_from_another_export_is_refused(evaluated_root, tmp_path):
+def test_a_model_from_another_export_is_refused(evaluated_root):
     paths = Paths(evaluated_root)
-    other = export_toy(tmp_path / "other", tasks=("cls", "seg"))
-    raw = bytearray(other.read_bytes())
+    raw = bytearray(paths.model_onnx.read_bytes())
     raw[raw.index(b"pytorch")] = ord("P")  # the same graph, another file
     paths.model_onnx.write_bytes(bytes(raw))
     before = paths.metrics.read_bytes()
     with pytest.raises(ModelFileError, match=f"{paths.model_onnx}: its SHA-256 .* is not the .* that {paths.metadata}"):
         evaluate(evaluated_root)
     assert paths.metrics.read_bytes() == before
-    shutil.rmtree(tmp_path / "other")
