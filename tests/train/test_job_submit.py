@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -17,6 +18,7 @@ from uml.config import Paths, load_params
 from uml.data.prepare import prepare
 from uml.models import load_model
 
+from tests.train.test_sockets import _is_loopback, _listeners
 from tests.train.tiny import write_tiny_params
 
 pytestmark = pytest.mark.slow
@@ -98,17 +100,49 @@ def test_ray_job_submit_trains_on_a_loopback_head(head_node, tmp_path):
     # Current Ray enables token authentication; the CLI reads the head's token in this mode.
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    job = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-         sys.executable, "-m", "pipeline.train", "--params", str(params_path)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    log = job.stdout + job.stderr
+    log_path = tmp_path / "job.log"
+    with log_path.open("w") as log_file:
+        job = subprocess.Popen(
+            [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+             sys.executable, "-m", "pipeline.train", "--params", str(params_path)],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    # While the job runs, watch every process of the head (the raylet starts the job's driver and
+    # the training workers as its descendants): the workers' own listeners (DDP rendezvous store,
+    # gloo) must be on loopback too. tests/train/test_sockets.py does the same for a local run.
+    heads = []
+    for pid in started:
+        try:
+            heads.append(psutil.Process(pid))
+        except psutil.Error:
+            continue
+    seen: dict[tuple[str, int], tuple[int, str]] = {}
+    deadline = time.time() + 600
+    try:
+        while job.poll() is None and time.time() < deadline:
+            for head in heads:
+                seen.update(_listeners(head))
+            time.sleep(0.3)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        job.wait()
+    log = log_path.read_text()
     assert job.returncode == 0, log[-4000:]
     assert "joining Ray cluster" in log and "succeeded" in log
+    exposed = {addr: who for addr, who in seen.items() if not _is_loopback(addr[0])}
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    worker_listeners = [addr for addr, (_, name) in seen.items() if name == "ray::RayTrainWorker"]
+    assert len(worker_listeners) >= 3, seen  # rank 0's rendezvous store and gloo on both workers were seen
+
     paths = Paths(params)
     model = load_model(paths.model_pt)
-    assert model.extra["best_epoch"] in (0, 1)
+    # The saved weights are the best epoch's of the run's own log (dvclive, written by the driver).
+    rows = (paths.train_dir / "plots" / "metrics" / "val" / "score.tsv").read_text().splitlines()[1:]
+    scores = [float(row.split("\t")[1]) for row in rows]
+    assert len(scores) == 2  # train.epochs
+    assert model.extra["best_epoch"] == scores.index(max(scores))
+    assert model.extra["best_metrics"]["val/score"] == pytest.approx(max(scores))
     metrics = json.loads((paths.train_dir / "metrics.json").read_text())  # dvclive nests "val/score"
-    assert metrics["step"] == 1 and 0.0 <= metrics["val"]["score"] <= 1.0
+    assert metrics["step"] == 1 and metrics["val"]["score"] == pytest.approx(scores[-1])
     assert torch.load(paths.model_pt, weights_only=True)["format"] == "uml-model/2"
