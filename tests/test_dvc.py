@@ -101,3 +101,17 @@ def test_every_param_dep_is_a_params_key():
 def test_stage_commands_are_the_pipeline_modules():
     for stage in STAGES:
         assert DVC[stage]["cmd"] == f"python -m pipeline.{stage}"
+
+
+def test_repository_config_keeps_dvc_offline(monkeypatch):
+    """DVC phones home by default (usage analytics and an update check, both over the network);
+    the repository's own `.dvc/config` turns both off, as DVC itself reads it."""
+    from dvc.analytics import is_enabled
+    from dvc.config import Config
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("DVC_NO_ANALYTICS", raising=False)
+    monkeypatch.delenv("DVC_TEST", raising=False)
+    core = Config.from_cwd(validate=True)["core"]
+    assert core["analytics"] is False and core["check_update"] is False
+    assert is_enabled() is False
