@@ -17,6 +17,7 @@ import math
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from uml import metrics
 from uml.config import Params, parse_params
 from uml.data.dataset import SegClsDataset, worker_init_fn
 from uml.data.store import open_prepared
-from uml.losses import uml_loss
+from uml.losses import kl_annealing, uml_loss
 from uml.models import ModelConfig, UMLNet
 from uml.train.schedule import build_scheduler
 
@@ -162,50 +163,89 @@ def validate(model: UMLNet, store: str, indices: np.ndarray, mask_classes: list[
     return result
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: ``params`` (raw dict, already tuned), ``model`` (the
-    ModelConfig dict), ``store`` (absolute path of dataset.zarr), ``epochs``."""
-    params: Params = parse_params(config["params"], source="train config")
-    log.setLevel(logging.INFO)
-    _quiet_report_logging()
-    tp = params.train
+@dataclass
+class TrainingState:
+    """Everything a checkpoint holds and a resume restores: the model (DDP-wrapped), optimiser,
+    LR scheduler, grad scaler, and the metric rows of the epochs done."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def net(self) -> UMLNet:
+        """The model without its DDP wrapper (what is saved, loaded and validated)."""
+        return _unwrap(self.model)
+
+
+@dataclass
+class WorkerData:
+    """This worker's training shard (a loader over it) and the validation split."""
+
+    train_set: SegClsDataset
+    sampler: DistributedSampler
+    loader: DataLoader
+    batch_size: int  # per worker: train.batch_size / world
+    val_idx: np.ndarray
+    mask_classes: list[str]
+    store: str
+
+
+def configure_worker(params: Params) -> tuple[int, int, torch.device]:
+    """This worker's rank, the world size and the device; torch uses the worker's CPUs."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = int(params.ray.resources_per_worker.get("CPU", 1))
     torch.set_num_threads(max(threads, 1))
-    device = ray.train.torch.get_device()
-    epochs = int(config["epochs"])
+    return rank, world, ray.train.torch.get_device()
 
+
+def build_state(params: Params, model_cfg: dict[str, Any], epochs: int, device: torch.device) -> TrainingState:
+    """A fresh model prepared for DDP, with its optimiser, the LR schedule over ``epochs`` and the
+    grad scaler (active for fp16 on GPUs only)."""
+    tp = params.train
     torch.manual_seed(tp.seed)  # identical initial weights on every rank
-    model = UMLNet(ModelConfig.from_dict(config["model"]))
+    model = UMLNet(ModelConfig.from_dict(model_cfg))
     if tp.channels_last:
         # oneDNN's (and cuDNN's) preferred layout for convolutions: 1.12x on this CPU.
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    dtype = autocast_dtype(device, tp.precision)
-    if rank == 0:
-        log.info("training in %s on %s%s", "fp32" if dtype is None else str(dtype).removeprefix("torch."), device.type,
-                 " (this CPU has no native bf16: fp32)" if dtype is None and tp.precision == "bf16" and device.type == "cpu" else "")
     optimizer = torch.optim.Adam(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
     scheduler = build_scheduler(optimizer, epochs, tp.constant_epochs, tp.poly_power, tp.lr, tp.min_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and tp.precision == "fp16")
-    history: list[dict[str, float]] = []
-    start_epoch = 0
+    return TrainingState(model, optimizer, scheduler, scaler)
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=device, weights_only=True)
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        history = state["history"]
-        start_epoch = int(state["epoch"]) + 1
-        if rank == 0:
-            log.info("resuming from the checkpoint of epoch %d (%d/%d epochs done)", start_epoch, start_epoch, epochs)
 
-    store = config["store"]
+def save_state(state: TrainingState, epoch: int, directory: Path) -> None:
+    """Write what continuing after ``epoch`` needs to ``directory``: :data:`STATE_FILE`, and the
+    history alone as :data:`HISTORY_FILE` (the driver reads it without fetching the weights)."""
+    torch.save({
+        "epoch": epoch,
+        "model": state.net.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "history": state.history,
+    }, directory / STATE_FILE)
+    (directory / HISTORY_FILE).write_text(json.dumps(state.history))
+
+
+def load_state(state: TrainingState, directory: Path, device: torch.device) -> int:
+    """Restore ``state`` from a directory :func:`save_state` wrote; returns the next epoch to run."""
+    saved = torch.load(directory / STATE_FILE, map_location=device, weights_only=True)
+    state.net.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.scaler.load_state_dict(saved["scaler"])
+    state.history = saved["history"]
+    return int(saved["epoch"]) + 1
+
+
+def open_worker_data(params: Params, store: str, rank: int, world: int, device: torch.device) -> WorkerData:
+    """The training loader over this rank's shard of the train split, and the validation split."""
+    tp = params.train
     data = open_prepared(store)
     train_idx, val_idx = data.split("train"), data.split("val")
     if tp.max_val_images:
@@ -226,68 +266,109 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"the training split ({len(train_idx)} images over {world} workers) is smaller than one global batch of "
             f"train.batch_size={tp.batch_size}: lower the batch size"
         )
-    loader = ray.train.torch.prepare_data_loader(loader)
-    evidential = _unwrap(model).evidential
+    return WorkerData(train_set, sampler, ray.train.torch.prepare_data_loader(loader), batch_size, val_idx,
+                      mask_classes, store)
+
+
+def train_one_epoch(state: TrainingState, data: WorkerData, params: Params, epoch: int, rank: int,
+                    device: torch.device, dtype: torch.dtype | None) -> tuple[dict[str, float], float, int]:
+    """One pass over this rank's shard, then one LR scheduler step.
+
+    Dropout, shuffling and augmentation are reseeded from ``(train.seed, epoch, rank)`` first, so a
+    resumed run draws what an uninterrupted one would have. Returns this rank's mean losses
+    (``train/loss``, ``train/loss_<part>``), the learning rate the epoch ran at and the steps taken.
+    """
+    channels_last = params.train.channels_last
+    torch.manual_seed(epoch_seed(params.train.seed, epoch, rank))
+    data.sampler.set_epoch(epoch)
+    data.train_set.set_epoch(epoch, rank)
+    model, evidential = state.model, state.net.evidential
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    steps = 0
+    for batch in data.loader:
+        images = batch["image"].contiguous(memory_format=torch.channels_last) if channels_last else batch["image"]
+        with _autocast(device, dtype):
+            outputs = model(images)
+        loss, parts = uml_loss(outputs, batch["mask"], batch["label"], params.loss, epoch, evidential)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        for key, value in {"total": loss.detach(), **parts}.items():
+            sums[key] = sums.get(key, 0.0) + value.float()
+        steps += 1
+    lr = state.optimizer.param_groups[0]["lr"]
+    state.scheduler.step()
+    losses = {f"train/loss_{k}" if k != "total" else "train/loss": float(v) / max(steps, 1) for k, v in sums.items()}
+    return losses, lr, steps
+
+
+def mean_over_ranks(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """Each value averaged over the ranks (one all-reduce); as is for a single worker."""
+    if world == 1 or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], device=device)
+    dist.all_reduce(tensor)
+    return {k: float(v) / world for k, v in zip(keys, tensor.tolist())}
+
+
+def report_epoch(state: TrainingState, row: dict[str, float], epochs: int, rank: int) -> None:
+    """``ray.train.report`` the epoch's row from every rank; rank 0 attaches the checkpoint."""
+    if rank != 0:
+        ray.train.report(row, checkpoint=None)
+        return
+    log.info(format_epoch(row, epochs))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_state(state, int(row["epoch"]), Path(tmp))
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: ``params`` (raw dict, already tuned), ``model`` (the
+    ModelConfig dict), ``store`` (absolute path of dataset.zarr), ``epochs``."""
+    params: Params = parse_params(config["params"], source="train config")
+    log.setLevel(logging.INFO)
+    _quiet_report_logging()
+    tp = params.train
+    rank, world, device = configure_worker(params)
+    epochs = int(config["epochs"])
+    state = build_state(params, config["model"], epochs, device)
+    dtype = autocast_dtype(device, tp.precision)
+    if rank == 0:
+        log.info("training in %s on %s%s", "fp32" if dtype is None else str(dtype).removeprefix("torch."), device.type,
+                 " (this CPU has no native bf16: fp32)" if dtype is None and tp.precision == "bf16" and device.type == "cpu" else "")
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            start_epoch = load_state(state, Path(ckpt_dir), device)
+        if rank == 0:
+            log.info("resuming from the checkpoint of epoch %d (%d/%d epochs done)", start_epoch, start_epoch, epochs)
+    data = open_worker_data(params, config["store"], rank, world, device)
 
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
-        torch.manual_seed(epoch_seed(tp.seed, epoch, rank))
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch, rank)
-        model.train()
-        sums: dict[str, torch.Tensor] = {}
-        steps = 0
-        for batch in loader:
-            images = batch["image"].contiguous(memory_format=torch.channels_last) if tp.channels_last else batch["image"]
-            with _autocast(device, dtype):
-                outputs = model(images)
-            loss, parts = uml_loss(outputs, batch["mask"], batch["label"], params.loss, epoch, evidential)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            for key, value in {"total": loss.detach(), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value.float()
-            steps += 1
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        train_metrics = {f"train/loss_{k}" if k != "total" else "train/loss": float(v) / max(steps, 1) for k, v in sums.items()}
-        if world > 1 and train_metrics:
-            # Average the logged losses over ranks (the gradients already are).
-            keys = sorted(train_metrics)
-            tensor = torch.tensor([train_metrics[k] for k in keys], device=device)
-            dist.all_reduce(tensor)
-            train_metrics = {k: float(v) / world for k, v in zip(keys, tensor.tolist())}
-        drift = replica_drift(model)
+        losses, lr, steps = train_one_epoch(state, data, params, epoch, rank, device, dtype)
+        # The gradients are already averaged over the ranks; the logged losses are averaged here.
+        losses = mean_over_ranks(losses, world, device)
+        drift = replica_drift(state.model)
         if drift > 1e-6 and rank == 0:
             log.warning("DDP replicas diverged: parameter checksums differ by %.3g across ranks", drift)
-        val = validate(_unwrap(model), store, val_idx, mask_classes, batch_size, device, dtype)
+        val = validate(state.net, data.store, data.val_idx, data.mask_classes, data.batch_size, device, dtype)
         row = {
             "epoch": epoch,
-            **train_metrics,
+            **losses,
             **{f"val/{k}": v for k, v in val.items()},
             "lr": lr,
             "ddp/param_drift": drift,
-            "kl_weight": min(1.0, epoch / params.loss.kl_annealing_epochs),
+            "kl_weight": kl_annealing(epoch, params.loss.kl_annealing_epochs),
             "epoch_seconds": time.perf_counter() - started,
-            "images_per_second": steps * batch_size * world / (time.perf_counter() - started),
+            "images_per_second": steps * data.batch_size * world / (time.perf_counter() - started),
         }
-        history.append(row)
-        if rank == 0:
-            log.info(format_epoch(row, epochs))
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save({
-                    "epoch": epoch,
-                    "model": _unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "history": history,
-                }, Path(tmp) / STATE_FILE)
-                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
-                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(row, checkpoint=None)
+        state.history.append(row)
+        report_epoch(state, row, epochs, rank)
 
 
 def _quiet_report_logging() -> None:
