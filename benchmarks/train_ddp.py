@@ -55,7 +55,8 @@ from uml.data.prepare import prepare  # noqa: E402
 from uml.data.store import open_prepared  # noqa: E402
 from uml.models import PRESETS  # noqa: E402
 from uml.train.cluster import cluster_address, ray_session  # noqa: E402
-from uml.train.trainer import model_config, read_history, run_trainer  # noqa: E402
+from uml.train.checkpoints import read_history  # noqa: E402
+from uml.train.trainer import model_config, run_trainer  # noqa: E402
 
 
 def gpu_name() -> str:

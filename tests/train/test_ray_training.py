@@ -22,7 +22,8 @@ from uml.data.store import open_prepared
 from uml.models import load_model
 from uml.provenance import code_fingerprint, tuning_target
 from uml.train.cluster import ray_session
-from uml.train.trainer import model_config, read_history, run_trainer, train
+from uml.train.checkpoints import read_history
+from uml.train.trainer import model_config, run_trainer, train
 from uml.train.worker import SCORE_KEY, train_loop_per_worker
 
 from tests.train.tiny import write_tiny_params

@@ -14,7 +14,9 @@ from uml.errors import ClusterError, ConfigError
 from uml.train.cluster import check_storage
 from uml.train.schedule import ConstantThenPoly, build_scheduler
 from uml.train.sweep import build_search_space
-from uml.train.trainer import effective_params, flatten, run_name
+from uml.provenance import flatten
+from uml.train.trainer import run_name
+from uml.train.tuned import effective_params
 from uml.train.worker import selection_score, validation_share
 
 
@@ -146,7 +148,7 @@ def test_tuned_values_of_another_configuration_are_not_used(tuned_file, caplog, 
     if tuned_for is not None:
         content["tuned_for"] = tuned_for
     path.write_text(yaml.safe_dump(content))
-    with caplog.at_level("WARNING", logger="uml.train.trainer"):
+    with caplog.at_level("WARNING", logger="uml.train.tuned"):
         used, applied = effective_params(params, data_hash)
     assert applied == {} and used.loss.cls_weight == params.loss.cls_weight == 0.5
     assert "not using the tuned values of" in caplog.text and "using the params as written" in caplog.text.lower()
@@ -315,3 +317,29 @@ def test_autocast_dtype_per_device_and_precision(monkeypatch, device, precision,
 
     monkeypatch.setattr(worker, "cpu_has_native_bf16", lambda: native)
     assert worker.autocast_dtype(torch.device(device), precision) is expected
+
+
+def test_the_training_and_sweep_plots_leave_pyplot_alone(tmp_path):
+    """plot_progress (train) and plot_scores (tune) draw on Figures of their own, as uml.plots:
+    in a fresh process, pyplot is never imported and both PNGs are written."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from pathlib import Path
+import pandas as pd
+from uml.train.live import plot_progress
+from uml.train.sweep import plot_scores
+out = Path(sys.argv[1])
+plot_progress([{"epoch": e, "train/loss": 1.0 / (e + 1), "val/cls/acc": 0.5, "val/score": 0.4 + e / 20} for e in range(3)],
+              out / "progress.png")
+table = pd.DataFrame({"trial_id": ["a", "b"], "loss.cls_weight": [0.5, 0.3], "score": [0.6, 0.7],
+                      "baseline": [True, False], "status": ["completed", "stopped early"]})
+plot_scores(table, ["loss.cls_weight"], out / "scores.png", chosen="b")
+print("pyplot imported:", "matplotlib.pyplot" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert "pyplot imported: False" in done.stdout
+    for name in ("progress.png", "scores.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

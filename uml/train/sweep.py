@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 import ray
 import yaml
+from matplotlib.figure import Figure
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -258,13 +259,10 @@ def write_outputs(table: pd.DataFrame, keys: list[str], paths: Paths, baseline: 
 
 
 def plot_scores(table: pd.DataFrame, keys: list[str], path: Path, chosen: str) -> None:
-    """Validation score against each searched value; the baseline and the chosen trial marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
+    """Validation score against each searched value; the baseline and the chosen trial marked.
+    A ``matplotlib.figure.Figure`` of its own, never pyplot (as :mod:`uml.plots`)."""
+    fig = Figure(figsize=(3.6 * len(keys), 3.4))
+    axes = fig.subplots(1, len(keys), squeeze=False)
     ok = table[np.isfinite(table["score"])]
     for ax, key in zip(axes[0], keys):
         stopped = ok["status"] != "completed"
@@ -279,7 +277,6 @@ def plot_scores(table: pd.DataFrame, keys: list[str], path: Path, chosen: str) -
     fig.suptitle("Tune: validation score per trial")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def sweep(params: Params) -> dict[str, Any]:
