@@ -7,7 +7,7 @@ float32 in [0, 1]; outputs ``class_prob``, ``class_uncertainty``, ``seg_prob``,
 ``seg_uncertainty``, of which a single-task model has only its own pair). Anything else is a
 :class:`~uml.errors.ModelFileError` that names the file.
 
-Accepted image files (:func:`read_image`): anything Pillow reads as one 2-D frame with
+Accepted image files (:func:`uml.data.image_io.read_rgb`): anything Pillow reads as one 2-D frame with
 1 (grayscale), 2 (grayscale + alpha), 3 (RGB) or 4 (RGBA) channels, 8-bit, or 16-bit grayscale
 (scaled to 8 bit, as the data importers do). Grayscale is replicated to the three RGB channels, alpha is dropped (not
 composited), palette images are expanded to RGB. Rejected, with an error naming the file: files
@@ -38,7 +38,6 @@ import math
 import os
 import sys
 import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +45,9 @@ from typing import IO, Any
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from uml import metrics
+from uml.data.image_io import RESAMPLING, read_rgb, resize_image
 from uml.errors import DataError, ModelFileError
 
 INPUT_NAME = "image"
@@ -56,21 +55,6 @@ CLASS_OUTPUTS = ("class_prob", "class_uncertainty")
 SEG_OUTPUTS = ("seg_prob", "seg_uncertainty")
 KNOWN_OUTPUTS = CLASS_OUTPUTS + SEG_OUTPUTS
 
-# Metadata "resize" names -> OpenCV interpolation when the image shrinks / grows. "area" is what
-# the data importers do (uml.data.importers.resize_image), so inference sees training's pixels.
-_RESAMPLING = {
-    "area": (cv2.INTER_AREA, cv2.INTER_LINEAR),
-    "bilinear": (cv2.INTER_LINEAR, cv2.INTER_LINEAR),
-    "bicubic": (cv2.INTER_CUBIC, cv2.INTER_CUBIC),
-    "nearest": (cv2.INTER_NEAREST_EXACT, cv2.INTER_NEAREST_EXACT),
-}
-
-# Pillow modes read as they are (converted to RGB by Pillow) and 16/32-bit integer grayscale
-# modes (scaled to 8 bit as the importers do, instead of clipped as convert("RGB") would).
-_EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
-_WIDE_GRAY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
-# TIFF tag 277: samples per pixel; what Pillow's mode must have for the file to be read faithfully.
-_TIFF_SAMPLES_PER_PIXEL = 277
 # The overlay figure is 500 px per panel; a copy this size keeps it sharp and its memory small.
 OVERLAY_MAX_SIDE = 1024
 METADATA_SHA256_KEY = "onnx_sha256"
@@ -146,8 +130,8 @@ class OnnxModel:
             if isinstance(dim, int) and dim != self.image_size:
                 raise ModelFileError(f"{where}: input is {shape[2]}x{shape[3]} but metadata says image_size {self.image_size}")
         resize = self.metadata["preprocessing"].get("resize", "area")
-        if resize not in _RESAMPLING:
-            raise ModelFileError(f"{self.metadata_path}: unknown preprocessing.resize {resize!r} (known: {sorted(_RESAMPLING)})")
+        if resize not in RESAMPLING:
+            raise ModelFileError(f"{self.metadata_path}: unknown preprocessing.resize {resize!r} (known: {sorted(RESAMPLING)})")
         self.resize = resize
         self.scale = float(self.metadata["preprocessing"].get("scale", 1.0 / 255.0))
         channels = self.metadata["preprocessing"].get("channels", "RGB")
@@ -233,64 +217,6 @@ def check_model_hash(model_path: Path, metadata: dict[str, Any], metadata_path: 
         raise ModelFileError(f"{model_path}: its SHA-256 {actual[:16]}... is not the {recorded[:16]}... that "
                              f"{metadata_path} describes: the two files come from different exports (an interrupted "
                              "export?); re-run the export stage")
-
-
-# ------------------------------------------------------------------------------ images
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 RGB (H, W, 3); see the module docstring for what is accepted."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        with warnings.catch_warnings():
-            # Between Pillow's limit and twice it Pillow only warns; such an image is read (memory
-            # stays bounded by its size). Above twice the limit, open() raises.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: too large to read safely ({exc}); downscale it first") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from None
-    try:
-        with image:
-            frames = getattr(image, "n_frames", 1)
-            if frames > 1:
-                raise DataError(f"{path}: has {frames} frames (an image stack); expected a single 2-D image")
-            if image.format == "TIFF":
-                samples = image.tag_v2.get(_TIFF_SAMPLES_PER_PIXEL, 1)
-                if samples != len(image.getbands()):
-                    raise DataError(
-                        f"{path}: has {samples} channels per pixel; expected 1 (grayscale), 2 (grayscale + alpha), "
-                        "3 (RGB) or 4 (RGBA)"
-                    )
-            image.load()
-            mode = image.mode
-            if mode in _WIDE_GRAY_MODES:
-                gray = np.asarray(image, dtype=np.float64)
-                # 16-bit data; a 32-bit "I" image whose values fit in 8 bits is taken as 8-bit.
-                peak = 65535.0 if mode != "I" or gray.max() > 255 else 255.0
-                gray8 = np.clip(gray * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
-                return np.repeat(gray8[..., None], 3, axis=-1)
-            if mode not in _EIGHT_BIT_MODES:
-                raise DataError(
-                    f"{path}: pixel mode {mode!r} is not supported; expected 8-bit grayscale/RGB(A) or 16-bit grayscale"
-                )
-            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
-    except DataError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
-        # Pillow raises these for unknown formats and truncated or corrupt files.
-        raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
-
-
-def resize_image(image: np.ndarray, size: int, resize: str = "area") -> np.ndarray:
-    """uint8 RGB (H, W, 3) -> (size, size, 3) with the metadata's ``preprocessing.resize`` method."""
-    height, width = image.shape[:2]
-    if (height, width) == (size, size):
-        return image
-    shrink, grow = _RESAMPLING[resize]
-    interpolation = shrink if size < max(height, width) else grow
-    return cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=interpolation)
 
 
 # -------------------------------------------------------------------------- prediction
@@ -475,7 +401,7 @@ def predict_files(
     records, errors = [], []
     for i, image_path in enumerate(stems.values(), start=1):
         try:
-            prediction = predict_array(model, read_image(image_path))
+            prediction = predict_array(model, read_rgb(image_path))
             record = summarize(model, prediction, image_path)
             json_path = write_replacing(out_dir, f"{image_path.stem}.json",
                                         lambda stream: stream.write((json.dumps(record, indent=2) + "\n").encode()))

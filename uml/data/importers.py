@@ -36,7 +36,8 @@ written. Every problem raises :class:`~uml.errors.DataError` naming the file and
 
 Images are converted to RGB (grey, palette, RGBA and 16-bit inputs included) and resized to
 ``data.image_size`` square (area interpolation when shrinking, linear when enlarging); masks use
-nearest-neighbour. Image and mask must have the same size before resizing.
+nearest-neighbour. Image and mask must have the same size before resizing. The files are
+decoded and resized by :mod:`uml.data.image_io`.
 """
 
 from __future__ import annotations
@@ -47,11 +48,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from uml.config import DataParams
+from uml.data.image_io import read_image, read_mask_values, resize_mask
 from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, Record
 from uml.errors import ConfigError, DataError
 
@@ -69,104 +69,9 @@ _REFUGE_NEGATIVE = {"0", "0.0", "false", "no", "nonglaucoma", "n"}
 _REFUGE_CUP_BELOW = 10
 _REFUGE_BACKGROUND_ABOVE = 245
 
-# Images beyond Pillow's default limit (~89 Mpx) are legitimate in medical imaging, but a
-# hard cap still protects against decompression bombs. Applied only while the importers open a
-# file: Pillow's limit is process-wide, and other readers (uml predict) keep the default.
-MAX_IMAGE_PIXELS = 400_000_000
-
-
 def _norm(name: str) -> str:
     """Folder/column names compared ignoring case, spaces, '_' and '-'."""
     return "".join(ch for ch in name.lower() if ch not in " _-")
-
-
-# ------------------------------------------------------------------------------ image decoding
-def _open(path: Path, what: str) -> Image.Image:
-    default_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    try:
-        img = Image.open(path)
-    except FileNotFoundError:
-        raise DataError(f"{path}: {what} file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: cannot read {what} (corrupt, unsupported or too large: {exc})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = default_limit
-    return img
-
-
-def _load(img: Image.Image, path: Path, what: str) -> None:
-    # Pillow decodes lazily; load() is where truncated or corrupt data shows up.
-    try:
-        img.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: cannot decode {what} (corrupt or truncated: {exc})") from None
-
-
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize an RGB uint8 image to (size, size): area when shrinking, linear when enlarging."""
-    h, w = image.shape[:2]
-    if (h, w) == (size, size):
-        return image
-    interp = cv2.INTER_AREA if size < max(h, w) else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interp)
-
-
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Resize a class-index mask to (size, size) with nearest-neighbour (pixel-centre aligned)."""
-    if mask.shape[:2] == (size, size):
-        return mask
-    return cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST_EXACT)
-
-
-def read_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode ``path`` as RGB uint8 resized to (size, size); also returns the original (h, w)."""
-    with _open(path, "image") as img:
-        original = (img.height, img.width)
-        if img.format == "JPEG":
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers the target size:
-            # REFUGE's 2124 px JPEGs then decode several times faster. Area resizing follows.
-            img.draft("RGB", (size, size))
-        _load(img, path, "image")
-        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-            # 16-bit grey: scale to 8 bit instead of clipping like convert("RGB") would.
-            grey = np.asarray(img, dtype=np.float64)
-            peak = 65535.0 if img.mode != "I" or grey.max() > 255 else 255.0
-            arr = np.clip(grey * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
-            arr = np.repeat(arr[..., None], 3, axis=2)
-        elif img.mode == "F":
-            raise DataError(f"{path}: floating-point images are not supported (convert to 8 or 16 bit)")
-        else:
-            arr = np.asarray(img.convert("RGB"))
-    return resize_image(np.ascontiguousarray(arr), size), original
-
-
-def read_mask_values(path: Path, *, grey: bool) -> np.ndarray:
-    """Decode a mask as a 2-D integer array of its stored values.
-
-    ``grey=True`` (REFUGE) returns grey levels, resolving palettes to their colours. Otherwise
-    palette images give their indices (the usual way class masks are stored) and colour images
-    must have equal channels.
-    """
-    with _open(path, "mask") as img:
-        _load(img, path, "mask")
-        if grey:
-            arr = np.asarray(img if img.mode in ("L", "I;16", "I") else img.convert("L"))
-        elif img.mode in ("RGB", "RGBA", "LA"):
-            rgb = np.asarray(img)[..., : (1 if img.mode == "LA" else 3)]
-            if not (rgb == rgb[..., :1]).all():
-                raise DataError(
-                    f"{path}: colour mask (channels differ); store class indices in one channel "
-                    "(or grey levels mapped by data.mask_values)"
-                )
-            arr = rgb[..., 0]
-        elif img.mode == "1":
-            arr = np.asarray(img, dtype=np.uint8)
-        elif img.mode in ("L", "P", "I;16", "I;16L", "I;16B", "I"):
-            arr = np.asarray(img)
-        else:
-            raise DataError(f"{path}: unsupported mask mode {img.mode!r} (use 8-bit grey or palette PNG)")
-    return np.ascontiguousarray(arr)
 
 
 def _check_same_size(image_path: Path, image_hw: tuple[int, int], mask_path: Path, mask: np.ndarray) -> None:

@@ -60,6 +60,7 @@ import numpy as np
 from scipy import integrate, optimize, stats
 
 from uml.config import SyntheticParams
+from uml.data.image_io import resize_image, resize_mask
 from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, Record
 from uml.errors import ConfigError
 
@@ -231,17 +232,6 @@ def vcdr_population_mean(params: SyntheticParams) -> float:
                                   params.vcdr_softness, params.vcdr_spread)
 
 
-def _resize_square(image: np.ndarray, size: int, *, is_mask: bool) -> np.ndarray:
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    if is_mask:
-        # NEAREST_EXACT samples pixel centres, so the mask stays aligned with the area-resized image.
-        interp = cv2.INTER_NEAREST_EXACT
-    else:
-        interp = cv2.INTER_AREA if size < image.shape[0] else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interp)
-
-
 def generate_sample(index: int, params: SyntheticParams, image_size: int, seed: int = 0) -> SyntheticSample:
     """Render image ``index`` of the synthetic data set (deterministic in ``(seed, index)``)."""
     rng = np.random.default_rng((seed, index))
@@ -348,8 +338,8 @@ def generate_sample(index: int, params: SyntheticParams, image_size: int, seed: 
     mask_box[disc_in & (r_cup <= 1.0)] = 2
 
     return SyntheticSample(
-        image=_resize_square(image, image_size, is_mask=False),
-        mask=_resize_square(mask, image_size, is_mask=True),
+        image=resize_image(image, image_size),
+        mask=resize_mask(mask, image_size),
         label=label,
         vcdr=vcdr,
         glaucoma_prob=prob,
