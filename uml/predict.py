@@ -7,7 +7,7 @@ float32 in [0, 1]; outputs ``class_prob``, ``class_uncertainty``, ``seg_prob``,
 ``seg_uncertainty``, of which a single-task model has only its own pair). Anything else is a
 :class:`~uml.errors.ModelFileError` that names the file.
 
-Accepted image files (:func:`uml.data.image_io.read_rgb`): anything Pillow reads as one 2-D frame with
+Accepted image files (:func:`uml.image_io.read_rgb`): anything Pillow reads as one 2-D frame with
 1 (grayscale), 2 (grayscale + alpha), 3 (RGB) or 4 (RGBA) channels, 8-bit, or 16-bit grayscale
 (scaled to 8 bit, as the data importers do). Grayscale is replicated to the three RGB channels, alpha is dropped (not
 composited), palette images are expanded to RGB. Rejected, with an error naming the file: files
@@ -47,8 +47,8 @@ import cv2
 import numpy as np
 
 from uml import metrics
-from uml.data.image_io import RESAMPLING, read_rgb, resize_image
 from uml.errors import DataError, ModelFileError
+from uml.image_io import RESAMPLING, read_rgb, resize_image
 
 INPUT_NAME = "image"
 CLASS_OUTPUTS = ("class_prob", "class_uncertainty")

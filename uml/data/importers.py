@@ -37,7 +37,7 @@ written. Every problem raises :class:`~uml.errors.DataError` naming the file and
 Images are converted to RGB (grey, palette, RGBA and 16-bit inputs included) and resized to
 ``data.image_size`` square (area interpolation when shrinking, linear when enlarging); masks use
 nearest-neighbour. Image and mask must have the same size before resizing. The files are
-decoded and resized by :mod:`uml.data.image_io`.
+decoded and resized by :mod:`uml.image_io`.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ from pathlib import Path
 import numpy as np
 
 from uml.config import DataParams
-from uml.data.image_io import read_image, read_mask_values, resize_mask
 from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, Record
 from uml.errors import ConfigError, DataError
+from uml.image_io import read_image, read_mask_values, resize_mask
 
 log = logging.getLogger(__name__)
 

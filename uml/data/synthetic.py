@@ -60,9 +60,9 @@ import numpy as np
 from scipy import integrate, optimize, stats
 
 from uml.config import SyntheticParams
-from uml.data.image_io import resize_image, resize_mask
 from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, Record
 from uml.errors import ConfigError
+from uml.image_io import resize_image, resize_mask
 
 # Drawn vCDR values are clipped to this range (a cup is never absent nor as large as the disc).
 VCDR_RANGE = (0.15, 0.92)

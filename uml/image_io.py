@@ -1,5 +1,7 @@
 """Reading image and mask files, and resizing them: every reader of ``uml`` comes here.
 
+Outside :mod:`uml.data` so that ``uml predict`` does not import the data package (zarr, scipy).
+
 Two readers, for two kinds of input:
 
 - :func:`read_image` and :func:`read_mask_values`: the data importers (``prepare``), which read a

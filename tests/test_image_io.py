@@ -1,4 +1,4 @@
-"""uml.data.image_io: the readers of the importers and of uml predict, and the resizing they share."""
+"""uml.image_io: the readers of the importers and of uml predict, and the resizing they share."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from tests.data.helpers import rgb, save
-from uml.data import image_io
-from uml.data.image_io import read_image, read_mask_values, read_rgb
+from uml import image_io
 from uml.errors import DataError
+from uml.image_io import read_image, read_mask_values, read_rgb
 
 
 def test_both_readers_scale_16_bit_grey_to_8_bit_instead_of_clipping(tmp_path: Path) -> None:
