@@ -80,6 +80,10 @@ from typing import Any
 import yaml
 
 SCRIPT_REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(SCRIPT_REPO))  # run from a checkout without installing
+
+from _machine import cpu_name  # noqa: E402
+from uml import provenance  # noqa: E402
 
 # name -> (description, -S overrides); dict order is the table's row order.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -261,13 +265,9 @@ def metrics_in_exp_commits(repo: Repo) -> tuple[bool, str]:
     return False, f"no stage metrics file ending in {METRICS_SUFFIX} in dvc.yaml"
 
 
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(flatten(value, f"{prefix}/{key}" if prefix else str(key)))
-    return out
+def flatten(data: dict[str, Any]) -> dict[str, Any]:
+    """``{"cls": {"auc": 0.9}}`` -> ``{"cls/auc": 0.9}``: DVC's metric names."""
+    return provenance.flatten(data, sep="/")
 
 
 def exp_show(repo: Repo, baseline: str) -> dict[str, dict[str, Any]]:
@@ -541,13 +541,7 @@ def stats(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def machine() -> list[str]:
-    cpu = platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    lines = [f"CPU: {os.cpu_count()} logical CPUs ({cpu}); {platform.system()} {platform.release()}; "
+    lines = [f"CPU: {os.cpu_count()} logical CPUs ({cpu_name()}); {platform.system()} {platform.release()}; "
              f"Python {platform.python_version()}"]
     try:
         import torch

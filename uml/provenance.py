@@ -94,13 +94,14 @@ def code_fingerprint(stage: str) -> str:
     return fingerprint(code_files(stage))
 
 
-def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"loss": {"cls_weight": 0.3}}`` -> ``{"loss.cls_weight": 0.3}``."""
+def flatten(nested: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """``{"loss": {"cls_weight": 0.3}}`` -> ``{"loss.cls_weight": 0.3}`` (``sep`` joins the keys;
+    ``prefix`` is put before each, separator included). An empty mapping is kept as a value."""
     flat: dict[str, Any] = {}
     for key, value in nested.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, dotted + "."))
+            flat.update(flatten(value, dotted + sep, sep))
         else:
             flat[dotted] = value
     return flat

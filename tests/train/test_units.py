@@ -183,6 +183,7 @@ def test_every_train_key_is_in_the_run_identity_or_excluded_on_purpose():
 
 def test_flatten_nested_params():
     assert flatten({"loss": {"cls_weight": 0.3, "x": {"y": 1}}}) == {"loss.cls_weight": 0.3, "loss.x.y": 1}
+    assert flatten({"cls": {"auc": 0.9}, "n": 3}, sep="/") == {"cls/auc": 0.9, "n": 3}  # DVC metric names
 
 
 def test_workers_get_params_that_validate_strictly_again(tmp_path, monkeypatch):
