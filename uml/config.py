@@ -16,10 +16,11 @@ import ipaddress
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from uml.errors import ConfigError
 
@@ -276,6 +277,96 @@ def is_loopback_host(host: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------- tune
+class _Distribution(_Section):
+    """One entry of ``tune.search_space``: a mapping with a single key, the distribution's name
+    (``{uniform: [0.2, 0.8]}``), whose value is its arguments."""
+
+    @property
+    def name(self) -> str:
+        return next(iter(type(self).model_fields))
+
+    @property
+    def args(self) -> list[Any]:
+        return getattr(self, self.name)
+
+    def extremes(self) -> list[Any]:
+        """The most extreme values the distribution can draw (each must be a valid params value)."""
+        return list(self.args)
+
+
+class _Range(_Distribution):
+    """``[low, high]`` numbers with ``low < high``."""
+
+    @model_validator(mode="after")
+    def _ordered_numbers(self) -> "_Range":
+        # Checked here rather than typed as float, so that the bounds stay as written.
+        numbers = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in self.args)
+        if not numbers:
+            raise ValueError(f"{self.name} needs [low, high] numbers, got {self.args}")
+        low, high = self.args
+        if not low < high:
+            raise ValueError(f"{self.name} needs low < high, got [{low}, {high}]")
+        return self
+
+
+class UniformDistribution(_Range):
+    """Floats drawn uniformly from ``[low, high)``."""
+
+    uniform: list[Any] = Field(min_length=2, max_length=2)
+
+
+class LogUniformDistribution(_Range):
+    """Floats whose logarithm is uniform in ``[log low, log high)``; ``low > 0``."""
+
+    loguniform: list[Any] = Field(min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _positive_low(self) -> "LogUniformDistribution":
+        if self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.loguniform[0]}")
+        return self
+
+
+class RandIntDistribution(_Range):
+    """Integers in ``[low, high)``, as Ray's ``randint``."""
+
+    randint: list[Any] = Field(min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _integer_bounds(self) -> "RandIntDistribution":
+        if not all(isinstance(a, int) and not isinstance(a, bool) for a in self.randint):
+            raise ValueError(f"randint needs integer bounds, got {self.randint}")
+        return self
+
+    def extremes(self) -> list[Any]:
+        return [self.randint[0], self.randint[1] - 1]
+
+
+class ChoiceDistribution(_Distribution):
+    """One of the listed values."""
+
+    choice: list[Any] = Field(min_length=1)
+
+
+DISTRIBUTIONS: dict[str, type[_Distribution]] = {
+    "uniform": UniformDistribution, "loguniform": LogUniformDistribution,
+    "randint": RandIntDistribution, "choice": ChoiceDistribution,
+}
+
+
+def _distribution_name(raw: Any) -> str | None:
+    if isinstance(raw, _Distribution):
+        return raw.name
+    return next(iter(raw)) if isinstance(raw, dict) and len(raw) == 1 else None
+
+
+SearchDistribution = Annotated[
+    Annotated[UniformDistribution, Tag("uniform")] | Annotated[LogUniformDistribution, Tag("loguniform")]
+    | Annotated[RandIntDistribution, Tag("randint")] | Annotated[ChoiceDistribution, Tag("choice")],
+    Discriminator(_distribution_name),
+]
+
+
 class TuneParams(_Section):
     # Trials per sweep, the baseline (the values this file gives the searched keys) included.
     num_samples: int = Field(4, ge=2)
@@ -290,13 +381,28 @@ class TuneParams(_Section):
     # A sampled trial replaces the baseline only when its validation score is higher by more
     # than this (a short trial's score is noisy: a lucky trial must not displace the baseline).
     min_improvement: float = Field(0.0, ge=0.0)
-    # Dotted params key -> {distribution: arguments}; see uml.tune.search for the grammar.
-    search_space: dict[str, dict[str, Any]] = {
-        "loss.cls_weight": {"uniform": [0.2, 0.8]},
-        "loss.seg_weight": {"uniform": [0.2, 0.8]},
-        "loss.mut_weight": {"loguniform": [0.02, 0.5]},
-        "loss.kl_annealing_epochs": {"randint": [1, 10]},
+    # Dotted params key -> {distribution: arguments}; see uml.train.sweep for the grammar. Which
+    # keys can be searched, and whether every value drawn is valid, is checked when the sweep starts.
+    search_space: dict[str, SearchDistribution] = {
+        "loss.cls_weight": UniformDistribution(uniform=[0.2, 0.8]),
+        "loss.seg_weight": UniformDistribution(uniform=[0.2, 0.8]),
+        "loss.mut_weight": LogUniformDistribution(loguniform=[0.02, 0.5]),
+        "loss.kl_annealing_epochs": RandIntDistribution(randint=[1, 10]),
     }
+
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _one_known_distribution_each(cls, v: Any) -> Any:
+        # Before the typed validation, so that the error names the key and what is wrong with it.
+        for key, spec in (v.items() if isinstance(v, dict) else ()):
+            if isinstance(spec, _Distribution):
+                continue
+            if not isinstance(spec, dict) or len(spec) != 1:
+                raise ValueError(f"{key}: expected one distribution like {{uniform: [0.1, 0.9]}}, got {spec!r}")
+            (name,) = spec
+            if name not in DISTRIBUTIONS:
+                raise ValueError(f"{key}: unknown distribution '{name}'; use one of {list(DISTRIBUTIONS)}")
+        return v
 
 
 # ------------------------------------------------------------------------------------- export
@@ -379,7 +485,9 @@ class Params(_Section):
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc)
+    # A search-space distribution's tag and its only field have the same name: say it once.
+    parts = [str(p) for i, p in enumerate(loc) if i == 0 or p != loc[i - 1]]
+    return ".".join(parts)
 
 
 def _yaml_number_hint(error_type: str, got: Any) -> str:

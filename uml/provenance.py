@@ -250,7 +250,7 @@ def tuning_target(params: Params, data_hash: str) -> dict[str, Any]:
     """What tuned values are valid for: the model, the data, the search space and the code of the
     tune stage. ``best_params.yaml`` records it as ``tuned_for``; train compares it with its own."""
     return {"model": params.model.model_dump(mode="json"), "data_hash": data_hash,
-            "search_space": json.loads(json.dumps(params.tune.search_space)), "code": code_fingerprint("tune")}
+            "search_space": params.tune.model_dump(mode="json")["search_space"], "code": code_fingerprint("tune")}
 
 
 def tuning_mismatch(recorded: Any, current: Mapping[str, Any]) -> str | None:

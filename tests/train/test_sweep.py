@@ -23,6 +23,9 @@ from tests.train.tiny import write_tiny_params
 pytestmark = pytest.mark.slow
 
 
+SEARCH_SPACE = {"loss.cls_weight": {"uniform": [0.2, 0.8]}, "loss.kl_annealing_epochs": {"randint": [1, 10]}}
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
@@ -31,8 +34,7 @@ def swept(tmp_path_factory):
         # One trial at a time makes ASHA's decisions independent of which trial finishes first.
         tune={"num_samples": 3, "epochs": 2, "grace_period": 1, "reduction_factor": 2,
               "max_concurrent_trials": 1, "workers_per_trial": 1, "seed": 1, "min_improvement": 0.01,
-              "search_space": {"loss.cls_weight": {"uniform": [0.2, 0.8]},
-                               "loss.kl_annealing_epochs": {"randint": [1, 10]}}},
+              "search_space": SEARCH_SPACE},
     )
     params = load_params(path)
     prepare(params)
@@ -109,7 +111,7 @@ def test_best_params_hold_the_winner_over_the_baseline_and_what_they_were_tuned_
         assert written["loss"][key.split(".", 1)[1]] == pytest.approx(expected[key])
         assert best["loss"][key.split(".", 1)[1]] == pytest.approx(expected[key])
     data_hash = open_prepared(paths.dataset).content_hash
-    assert tuned_for["data_hash"] == data_hash and tuned_for["search_space"] == params.tune.search_space
+    assert tuned_for["data_hash"] == data_hash and tuned_for["search_space"] == SEARCH_SPACE
     assert tuned_for["model"] == params.model.model_dump(mode="json") and tuned_for["code"] == code_fingerprint("tune")
     assert tuned_for["sweep"].startswith("tune-")
 

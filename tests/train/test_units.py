@@ -9,7 +9,7 @@ import torch
 import yaml
 from torch.utils.data import DistributedSampler
 
-from uml.config import Params, Paths
+from uml.config import Params, Paths, parse_params
 from uml.errors import ClusterError, ConfigError
 from uml.train.cluster import check_storage
 from uml.train.schedule import ConstantThenPoly, build_scheduler
@@ -82,20 +82,33 @@ def test_multi_node_local_storage_is_refused(tmp_path):
 def test_search_space_is_validated():
     assert set(build_search_space(Params())) == {"loss.cls_weight", "loss.seg_weight", "loss.mut_weight", "loss.kl_annealing_epochs"}
     cases = [
+        # When the params load: the shape and arguments of each distribution, naming file and key.
+        ({"loss.cls_weight": {"gaussian": [0, 1]}}, r"p\.yaml: tune\.search_space: .*loss\.cls_weight: unknown distribution 'gaussian'"),
+        ({"loss.cls_weight": {"uniform": [0.9, 0.1]}}, r"p\.yaml: tune\.search_space\.loss\.cls_weight\.uniform: .*low < high, got \[0\.9, 0\.1\]"),
+        ({"loss.mut_weight": {"loguniform": [0, 1]}}, r"loss\.mut_weight\.loguniform: .*low > 0, got 0"),
+        ({"loss.kl_annealing_epochs": {"randint": [1.5, 5]}}, r"randint needs integer bounds, got \[1\.5, 5\]"),
+        ({"loss.cls_weight": {"uniform": [True, 1]}}, r"uniform needs \[low, high\] numbers"),
+        ({"loss.cls_weight": [0.1, 0.2]}, "loss.cls_weight: expected one distribution"),
+        ({"loss.cls_weight": {"uniform": [0.1, 0.2], "choice": [0.3]}}, "expected one distribution"),
+        # When the sweep starts: the keys and every value a distribution can draw.
         ({"loss.nope": {"uniform": [0, 1]}}, "not a params key"),
-        ({"loss.cls_weight": {"gaussian": [0, 1]}}, "unknown distribution"),
-        ({"loss.cls_weight": {"uniform": [0.9, 0.1]}}, "low < high"),
-        ({"loss.mut_weight": {"loguniform": [0, 1]}}, "low > 0"),
         ({"loss.kl_annealing_epochs": {"randint": [0, 5]}}, "invalid value 0"),
         ({"loss.cls_weight": {"uniform": [-1, 1]}}, "invalid value -1"),
-        ({"loss.cls_weight": [0.1, 0.2]}, "one distribution"),
         ({"ray.num_workers": {"choice": [1, 2]}}, "cannot be searched"),
         ({}, "empty"),
     ]
     for space, message in cases:
-        params = Params().model_copy(update={"tune": Params().tune.model_copy(update={"search_space": space})})
         with pytest.raises(ConfigError, match=message):
-            build_search_space(params)
+            build_search_space(parse_params({"tune": {"search_space": space}}, source="p.yaml"))
+
+
+def test_search_space_bounds_keep_their_type():
+    """A sweep's name hashes the search space: bounds written as integers must stay integers."""
+    params = parse_params({"tune": {"search_space": {"loss.cls_weight": {"uniform": [0, 1]},
+                                                     "model.dropout": {"choice": [0.0, 0.1]}}}})
+    assert params.tune.model_dump(mode="json")["search_space"] == {"loss.cls_weight": {"uniform": [0, 1]},
+                                                                   "model.dropout": {"choice": [0.0, 0.1]}}
+    assert isinstance(params.tune.search_space["loss.cls_weight"].uniform[0], int)
 
 
 def _tuned_for(**changes):

@@ -26,7 +26,8 @@ the log says which and what changed.
 were tuned for, and the sweep's name). The train stage applies the values only when
 ``tuned_for`` matches its own configuration.
 
-Search-space grammar (``tune.search_space`` in params.yaml), one distribution per dotted key::
+Search-space grammar (``tune.search_space`` in params.yaml; typed by the ``*Distribution`` models of
+:mod:`uml.config`, so a malformed entry stops the params from loading), one distribution per dotted key::
 
     loss.cls_weight: {uniform: [low, high]}
     loss.mut_weight: {loguniform: [low, high]}      # low > 0
@@ -62,7 +63,6 @@ from uml.train.worker import SCORE_KEY
 
 log = logging.getLogger(__name__)
 
-DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 TRIAL_DRIVER_MEMORY = 64 * 1024**2  # bytes
 # Train keys a trial does not read (it runs tune.epochs) besides those no training run hashes.
 TRAIN_KEYS_NOT_IN_SWEEP = ("epochs", *TRAIN_KEYS_NOT_IN_IDENTITY)
@@ -70,57 +70,36 @@ TRAIN_KEYS_NOT_IN_SWEEP = ("epochs", *TRAIN_KEYS_NOT_IN_IDENTITY)
 TUNE_KEYS_NOT_IN_IDENTITY = ("max_concurrent_trials",)
 
 
-def _check_range(key: str, dist: str, args: Any) -> tuple[float, float]:
-    if not (isinstance(args, (list, tuple)) and len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)):
-        raise ConfigError(f"tune.search_space.{key}: {dist} needs [low, high] numbers, got {args!r}")
-    low, high = args
-    if not low < high:
-        raise ConfigError(f"tune.search_space.{key}: {dist} needs low < high, got [{low}, {high}]")
-    if dist == "loguniform" and low <= 0:
-        raise ConfigError(f"tune.search_space.{key}: loguniform needs low > 0, got {low}")
-    if dist == "randint" and not all(isinstance(a, int) for a in args):
-        raise ConfigError(f"tune.search_space.{key}: randint needs integer bounds, got {args!r}")
-    return low, high
+# Ray Tune's sampler for each distribution of uml.config's typed search space.
+SAMPLERS = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint, "choice": tune.choice}
 
 
 def build_search_space(params: Params) -> dict[str, Any]:
-    """Validate ``tune.search_space`` and turn it into Ray Tune sampling objects.
+    """Check ``tune.search_space`` against the params and turn it into Ray Tune sampling objects.
 
-    Every key must be an existing params key, and the extreme values of every distribution must
-    pass the params validation, so a sweep can't fail hours in on an out-of-range sample.
+    The distributions themselves were validated with the params file (:mod:`uml.config`). Here
+    every key must be an existing, searchable params key, and the extreme values of every
+    distribution must pass the params validation, so a sweep can't fail hours in on an
+    out-of-range sample.
     """
     space = params.tune.search_space
     if not space:
         raise ConfigError("tune.search_space is empty: name at least one params key to search")
     raw = params.model_dump()
     result: dict[str, Any] = {}
-    for key, spec in space.items():
+    for key, dist in space.items():
         try:
             get_dotted(raw, key)
         except KeyError:
             raise ConfigError(f"tune.search_space: '{key}' is not a params key (e.g. loss.cls_weight)") from None
         if key.split(".")[0] in ("tune", "ray", "data"):
             raise ConfigError(f"tune.search_space: '{key}' cannot be searched (only model, loss, train and evaluate keys)")
-        if not isinstance(spec, dict) or len(spec) != 1:
-            raise ConfigError(f"tune.search_space.{key}: expected one distribution like {{uniform: [0.1, 0.9]}}, got {spec!r}")
-        (dist, args), = spec.items()
-        if dist not in DISTRIBUTIONS:
-            raise ConfigError(f"tune.search_space.{key}: unknown distribution '{dist}'; use one of {list(DISTRIBUTIONS)}")
-        if dist == "choice":
-            if not isinstance(args, list) or not args:
-                raise ConfigError(f"tune.search_space.{key}: choice needs a non-empty list, got {args!r}")
-            extremes = list(args)
-            sampler = tune.choice(args)
-        else:
-            low, high = _check_range(key, dist, args)
-            extremes = [low, high - 1] if dist == "randint" else [low, high]
-            sampler = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[dist](low, high)
-        for value in extremes:
+        for value in dist.extremes():
             try:
                 params.with_overrides({key: value}, source=f"tune.search_space.{key}")
             except ConfigError as exc:
-                raise ConfigError(f"tune.search_space.{key}: {dist} {args!r} reaches an invalid value {value!r}:\n{exc}") from None
-        result[key] = sampler
+                raise ConfigError(f"tune.search_space.{key}: {dist.name} {dist.args!r} reaches an invalid value {value!r}:\n{exc}") from None
+        result[key] = SAMPLERS[dist.name](dist.args) if dist.name == "choice" else SAMPLERS[dist.name](*dist.args)
     return result
 
 
