@@ -45,13 +45,13 @@ Sections (each prints a markdown table; every number also goes to the ``--out`` 
     instance included; a plain rerun of the same params must log ``continues the earlier run``
     and ``resuming from the checkpoint of epoch 1`` and train only epoch 2 (the run name hashes
     ``train.epochs``, so a rerun with other epochs would be a fresh run, not a resume). Then two
-    ranks on the one GPU (``resources_per_worker: {GPU: 0.5}``): recorded whether the stage
-    refuses it before training starts.
+    ranks on the one GPU (``resources_per_worker: {GPU: 0.5}``, ``max_failures: 0``): the stage
+    must refuse it before training starts (NCCL cannot run two ranks on one device).
 
 ``--dry-run`` runs every section on the CPU with tiny sizes (the ``small`` preset at 64 px, 1-2
 steps, a 16-image store, gloo instead of NCCL, no two-ranks check) to test the plumbing; its
-numbers mean nothing. A failed check (no resume, a stage that failed) makes the exit status 1
-after the tables and the JSON are written.
+numbers mean nothing. A failed check (no resume, two ranks on one GPU not refused, a section that
+crashed) makes the exit status 1 after the tables and the JSON are written.
 """
 
 from __future__ import annotations
@@ -418,7 +418,8 @@ def tail(text: str, lines: int = 15) -> str:
 
 
 def epoch_lines(text: str) -> list[str]:
-    return [line.split("] ", 1)[-1].strip() for line in text.splitlines() if "epoch " in line and " img/s" in line]
+    """The stage's progress lines, without Ray's "(RayTrainWorker pid=...)" prefix."""
+    return [line[line.index("epoch "):].strip() for line in text.splitlines() if "epoch " in line and " img/s" in line]
 
 
 def section_train(args: argparse.Namespace, problems: list[str]) -> dict[str, Any]:
@@ -510,10 +511,12 @@ def section_train(args: argparse.Namespace, problems: list[str]) -> dict[str, An
             rc, text = run_logged([sys.executable, "-m", "pipeline.train", "--params", str(shared)],
                                   root / "two-ranks.log", min(args.train_timeout, 120), env)
             errors = [line for line in text.splitlines() if "error" in line.lower()]
+            refused = rc not in (0, None) and not epoch_lines(text)
             result["two_ranks_one_gpu"] = {
-                "seconds": time.perf_counter() - started, "exit_status": rc,
-                "refused_before_training": rc not in (0, None) and not epoch_lines(text),
-                "message": errors[-1].strip() if errors else tail(text, 3)}
+                "seconds": time.perf_counter() - started, "exit_status": rc, "refused_before_training": refused,
+                "message": errors[-1].strip() if errors else tail(text, 3).replace("\n", " / ")}
+            if not refused:
+                problems.append(f"train: two ranks on one GPU were not refused before training (exit {rc}):\n{tail(text)}")
 
     print(f"\n**Train stage** (`pipeline.train`, {'1 GPU, NCCL' if gpu else 'CPU, gloo (dry run)'}; "
           f"`{args.train_preset}` preset, {args.train_images} synthetic images at {args.train_size} px, 2 epochs)\n")
@@ -535,7 +538,7 @@ def section_train(args: argparse.Namespace, problems: list[str]) -> dict[str, An
 
 
 def _device_line(text: str) -> str | None:
-    lines = [line.split("] ", 1)[-1].strip() for line in text.splitlines() if "training in " in line]
+    lines = [line[line.index("training in "):].strip() for line in text.splitlines() if "training in " in line]
     return lines[-1] if lines else None
 
 
@@ -555,20 +558,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--preset", choices=("paper", "small"), help="paper / small")
     model.add_argument("--size", type=int, help="image size: 256 / 64")
     model.add_argument("--batch-size", type=int, help="model and loader batch: 8 (the published batch) / 2")
-    model.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                       help="fp32 (the baseline) is always measured")
+    model.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT",
+                       help=f"default: all of {', '.join(VARIANTS)}; fp32 (the baseline) is always measured")
     model.add_argument("--warmup", type=int, help="untimed steps per variant (cudnn.benchmark tunes here): 5 / 1")
     model.add_argument("--steps", type=int, help="timed steps per round: 10 / 1")
     model.add_argument("--rounds", type=int, help="rounds over all variants (the median is shown): 5 / 1")
-    loader = parser.add_argument_group("loader")
+    loader = parser.add_argument_group("loader (GPU default / --dry-run default)")
     loader.add_argument("--loader-size", type=int, help="store resolution: 256 / 64")
     loader.add_argument("--loader-images", type=int, help="images in the store: 256 / 16")
     loader.add_argument("--loader-samples", type=int, help="samples read per worker count (the images repeated): 1024 / 32")
     loader.add_argument("--workers", type=int, nargs="+", help="DataLoader worker counts: 0 4 8 / 0 2")
-    train = parser.add_argument_group("train")
+    train = parser.add_argument_group("train (GPU default / --dry-run default)")
     train.add_argument("--train-preset", choices=("paper", "small"), help="paper / small")
-    train.add_argument("--train-size", type=int, help="64 / 64")
-    train.add_argument("--train-images", type=int, help="48 / 48")
+    train.add_argument("--train-size", type=int, help="image size of the tiny set: 64 / 64")
+    train.add_argument("--train-images", type=int, help="images in the tiny set: 48 / 48")
     train.add_argument("--train-timeout", type=int, help="seconds per stage run: 300 / 400")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.dry_run].items():
