@@ -18,10 +18,10 @@ Sections (each prints a markdown table; every number also goes to the ``--out`` 
     both), so each ``cudnn.benchmark`` setting is measured in a fresh spawned process. Within it,
     timed rounds alternate between the variants (A B C D A B C D ...) and the table shows the
     median, each round between ``torch.cuda.synchronize()`` calls, after ``--warmup`` untimed steps
-    (where cuDNN's benchmarking happens). Per variant: images/s and the ratio to fp32 measured in the same
-    run; peak memory (``torch.cuda.max_memory_allocated`` during the variant's own steps, plus the
-    variant's weights, gradients, Adam state and batch, less the other variants' resident
-    tensors); MFU, the achieved FLOP/s over the GPU's peak: FLOPs per step from
+    (where cuDNN's benchmarking happens). Per variant: images/s and the ratio to fp32 measured in
+    the same run; peak memory (``torch.cuda.max_memory_allocated`` over the variant's own steps
+    less the other variants' resident tensors: its weights, gradients, Adam state, batch and
+    activations); MFU, the achieved FLOP/s over the GPU's peak: FLOPs per step from
     ``torch.utils.flop_counter.FlopCounterMode`` over one step, peak from ``--peak-tflops``
     (default: H100/H200 SXM dense Tensor Core throughput from NVIDIA's datasheets, bf16 989 and
     tf32 494 TFLOP/s, half the datasheets' with-sparsity 1,979 and 989). fp32 variants are rated
@@ -117,10 +117,6 @@ _T0 = time.time()  # a spawned process gets the parent's
 
 def progress(message: str) -> None:
     print(f"[{time.time() - _T0:6.1f} s] {message}", file=sys.stderr, flush=True)
-
-
-def finite_positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 # -- section 1: the model ------------------------------------------------------------------------
