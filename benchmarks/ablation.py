@@ -104,6 +104,7 @@ BASE_COLUMNS: list[tuple[str, str, bool]] = [
     ("clinical/vcdr_mae", "vCDR MAE", False),
     ("cls/ece", "ECE", False),
     ("unc/error_auroc", "error AUROC", True),
+    ("unc/pixel_error_auroc", "pixel error AUROC", True),
 ]
 ROBUST_METRICS = [("cls/auc", "AUC"), ("seg/dice_disc", "Dice disc"), ("seg/dice_cup", "Dice cup")]
 NOISE_KINDS = [("gaussian", "Gaussian σ={}"), ("salt_pepper", "s&p {}")]
@@ -531,6 +532,9 @@ def columns(records: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
     for kind, label in NOISE_KINDS:
         if (level := strongest(records, kind)) is not None:
             cols += [(f"robust/{kind}_{level}/{key}", f"{name}, {label.format(level)}", True) for key, name in ROBUST_METRICS]
+            # Does the uncertainty notice the noise? AUROC of u (image) and mean U (pixel map) separating noisy from clean inputs.
+            cols += [(f"unc/noise_auroc_{kind}_{level}", f"u noise AUROC, {label.format(level)}", True),
+                     (f"unc/pixel_noise_auroc_{kind}_{level}", f"U noise AUROC, {label.format(level)}", True)]
     return cols
 
 
