@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from uml.config import AugmentParams, SplitParams, SyntheticParams  # noqa: E402
 from uml.data.dataset import SegClsDataset, build_augmentation, worker_init_fn  # noqa: E402
-from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, Record  # noqa: E402
+from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, FUNDUS_POSITIVE_CLASS, Record  # noqa: E402
 from uml.data.store import write_dataset  # noqa: E402
 from uml.data.synthetic import generate_sample  # noqa: E402
 
@@ -81,7 +81,7 @@ def build(root: Path, n: int, size: int, original: int) -> tuple[Path, list[Path
                               cv2.resize(s.mask, (size, size), interpolation=cv2.INTER_NEAREST_EXACT), s.label, stem))
     store = root / "dataset.zarr"
     write_dataset(records, store, class_names=list(FUNDUS_CLASS_NAMES), mask_classes=list(FUNDUS_MASK_CLASSES),
-                  source="synthetic", image_size=size, split=SplitParams(), seed=0)
+                  positive_class=FUNDUS_POSITIVE_CLASS, source="synthetic", image_size=size, split=SplitParams(), seed=0)
     return store, pngs, jpgs, masks, labels
 
 

@@ -25,7 +25,8 @@ FULL = AugmentParams(hflip=0.5, affine=AffineParams(p=1.0), color=ColorParams(p=
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dataset") / "dataset.zarr"
     src = SyntheticSource(SyntheticParams(render_size=64), SIZE, seed=0, num_images=24)
-    write_dataset(src, out, class_names=src.class_names, mask_classes=src.mask_classes, source="synthetic",
+    write_dataset(src, out, class_names=src.class_names, mask_classes=src.mask_classes,
+                  positive_class=src.positive_class, source="synthetic",
                   image_size=SIZE, split=SplitParams(), seed=0)
     return out
 

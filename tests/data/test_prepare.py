@@ -28,6 +28,7 @@ def test_synthetic_prepare_is_deterministic(tmp_path: Path) -> None:
     assert (data.num_images, data.image_size, data.attrs["source"]) == (24, 32, "synthetic")
     assert data.attrs["source_info"]["synthetic"]["render_size"] == 64
     assert data.class_names == ["non-glaucoma", "glaucoma"] and data.mask_classes == ["background", "disc", "cup"]
+    assert data.class_names[data.positive_class] == "glaucoma"  # the source declares it; the store records it
     again = open_prepared(prepare(params_for(tmp_path / "b", synthetic=SYNTH)))
     assert again.content_hash == data.content_hash == compute_content_hash(data)
     rerun = open_prepared(prepare(params_for(tmp_path / "a", synthetic=SYNTH)))  # over an existing store
@@ -41,6 +42,7 @@ def test_folder_prepare(tmp_path: Path) -> None:
     written = make_folder(tmp_path / "raw", labels, size=(32, 32))
     data = open_prepared(prepare(params_for(tmp_path, source="folder", path=str(tmp_path / "raw"))))
     assert data.class_names == ["sick", "well"] and data.attrs["source"] == "folder"
+    assert data.positive_class == 1  # the folder layout's rule: the last class in index order
     assert data.ids == sorted(labels)
     for i, item_id in enumerate(data.ids):
         assert np.array_equal(data.images[i], written[item_id][0])

@@ -35,8 +35,9 @@ def make_records(n: int, pos_every: int = 4) -> list[Record]:
                    label=int(i % pos_every == 0), origin=f"mem{i}") for i in range(n)]
 
 
-def write(records: list[Record], out: Path, seed: int = 0, **kw: object) -> dict:
-    return write_dataset(records, out, class_names=CLASSES, mask_classes=MASK_CLASSES, source="test",
+def write(records: list[Record], out: Path, seed: int = 0, positive_class: int = 1, **kw: object) -> dict:
+    return write_dataset(records, out, class_names=CLASSES, mask_classes=MASK_CLASSES, positive_class=positive_class,
+                         source="test",
                          image_size=SIZE, split=SplitParams(val=0.2, test=0.2), seed=seed, **kw)
 
 
@@ -199,6 +200,16 @@ def test_open_prepared_errors(tmp_path: Path) -> None:
     (out / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=r"missing attributes \['content_hash'\]"):
         open_prepared(out)
+    # A store written before the data set declared its positive class: the metrics would have to guess it.
+    write(make_records(10), out)
+    meta = json.loads((out / "zarr.json").read_text())
+    assert meta["attributes"]["positive_class"] == 1 and open_prepared(out).positive_class == 1
+    del meta["attributes"]["positive_class"]
+    (out / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"missing attributes \['positive_class'\].*re-run `python -m pipeline.prepare`"):
+        open_prepared(out)
+    with pytest.raises(DataError, match=r"positive class 2 is not an index"):
+        write(make_records(10), tmp_path / "bad.zarr", positive_class=2)
     write(make_records(10), out)
     import shutil
     shutil.rmtree(out / "labels")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from uml.data.importers import FolderSource, RefugeSource, folder_source, refuge_source
 from uml.data.prepare import open_source, prepare
-from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, Record, RecordSource
+from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, FUNDUS_POSITIVE_CLASS, Record, RecordSource
 from uml.data.store import (
     SPLIT_NAMES,
     PreparedData,
@@ -29,6 +29,7 @@ _LAZY = {"SegClsDataset", "worker_init_fn", "build_augmentation"}
 
 __all__ = [
     "FUNDUS_CLASS_NAMES",
+    "FUNDUS_POSITIVE_CLASS",
     "FUNDUS_MASK_CLASSES",
     "SPLIT_NAMES",
     "FolderSource",

@@ -99,6 +99,7 @@ class SegClsDataset(Dataset):
             raise DataError(f"{self.store_path}: indices outside 0..{n - 1}")
         self.class_names = data.class_names
         self.mask_classes = data.mask_classes
+        self.positive_class = data.positive_class
         self.image_size = data.image_size
         # Labels are tiny: keep them in memory (also what samplers need).
         self._all_labels = np.asarray(data.labels[:], dtype=np.int64)

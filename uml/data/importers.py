@@ -32,7 +32,8 @@ written. Every problem raises :class:`~uml.errors.DataError` naming the file and
     indices, or are mapped through ``data.mask_values`` ``{pixel value: class index}``; any other
     value is an error. Labels are class names or integer indices; the class names come from
     ``data.class_names`` or, when it is null, the sorted unique CSV labels (numerically when they
-    are all integers).
+    are all integers). The last class in that order is the positive one, which sensitivity, F1 and
+    AUC score (list it last in ``data.class_names``); ``prepare`` logs which class it is.
 
 Images are converted to RGB (grey, palette, RGBA and 16-bit inputs included) and resized to
 ``data.image_size`` square (area interpolation when shrinking, linear when enlarging); masks use
@@ -51,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from uml.config import DataParams
-from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, Record
+from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, FUNDUS_POSITIVE_CLASS, Record
 from uml.errors import ConfigError, DataError
 from uml.image_io import read_image, read_mask_values, resize_mask
 
@@ -157,6 +158,7 @@ class RefugeSource(_FileSource):
     """The REFUGE challenge layout (see the module docstring)."""
 
     name = "refuge"
+    positive_class = FUNDUS_POSITIVE_CLASS
 
     def _read_mask(self, mask_path: Path) -> np.ndarray:
         return read_mask_values(mask_path, grey=True)
@@ -288,6 +290,8 @@ class FolderSource(_FileSource):
                  mask_classes: list[str], mask_values: dict[int, int] | None):
         super().__init__(items, image_size, class_names, mask_classes)
         self.mask_values = mask_values
+        # The declared rule for this layout (module docstring): the last class is the positive one.
+        self.positive_class = len(class_names) - 1
 
     def _read_mask(self, mask_path: Path) -> np.ndarray:
         return read_mask_values(mask_path, grey=False)

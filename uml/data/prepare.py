@@ -46,6 +46,7 @@ def prepare(params: Params) -> Path:
         out,
         class_names=source.class_names,
         mask_classes=source.mask_classes,
+        positive_class=source.positive_class,
         source=data.source,
         image_size=data.image_size,
         split=data.split,
@@ -61,15 +62,15 @@ def _log_summary(out: Path, attrs: dict[str, Any]) -> None:
 
     prepared = open_prepared(out)
     labels = np.asarray(prepared.labels[:])
-    names = attrs["class_names"]
+    names, positive = attrs["class_names"], attrs["positive_class"]
     log.info("wrote %s: %d images of %dx%d from %s, content hash %s", out, attrs["num_images"],
              attrs["image_size"], attrs["image_size"], attrs["source"], attrs["content_hash"][:12])
     for split in SPLIT_NAMES:
         idx = prepared.split(split)
         counts = np.bincount(labels[idx], minlength=len(names))
         per_class = ", ".join(f"{name} {int(c)}" for name, c in zip(names, counts, strict=True))
-        log.info("  %-5s %4d images (%s; %s %.1f %%)", split, idx.shape[0], per_class, names[-1],
-                 100.0 * counts[-1] / max(1, idx.shape[0]))
+        log.info("  %-5s %4d images (%s; positive class %s %.1f %%)", split, idx.shape[0], per_class, names[positive],
+                 100.0 * counts[positive] / max(1, idx.shape[0]))
     fp = attrs["fingerprint"]
     log.info("  channel mean %s, std %s", _fmt(fp["channel_mean"]), _fmt(fp["channel_std"]))
     log.info("  mask class frequencies %s",

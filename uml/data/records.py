@@ -17,6 +17,8 @@ import numpy as np
 # computed on rim ∪ cup downstream, as the REFUGE challenge does.
 FUNDUS_MASK_CLASSES: tuple[str, ...] = ("background", "disc", "cup")
 FUNDUS_CLASS_NAMES: tuple[str, ...] = ("non-glaucoma", "glaucoma")
+# The class that the binary metrics (sensitivity, F1, AUC) score: glaucoma.
+FUNDUS_POSITIVE_CLASS: int = FUNDUS_CLASS_NAMES.index("glaucoma")
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,17 @@ class Record:
 
 @runtime_checkable
 class RecordSource(Protocol):
-    """A sized, re-iterable stream of records plus the names that give its indices meaning."""
+    """A sized, re-iterable stream of records plus the names that give its indices meaning.
+
+    ``positive_class`` is the index of the class that the binary metrics score (sensitivity, F1,
+    AUC); the source declares it, the prepared store records it, and training, export and
+    evaluation read it from there.
+    """
 
     name: str
     class_names: list[str]
     mask_classes: list[str]
+    positive_class: int
 
     def __len__(self) -> int: ...
 

@@ -6,7 +6,8 @@ Layout (zarr v3 group):
   (fast random access), many images per shard file (few files for DVC).
 * ``labels`` int64 (N,); ``splits/train``, ``splits/val``, ``splits/test`` int64 sorted indices
   into N, disjoint and covering N (stratified by label, seeded).
-* attrs: ``class_names``, ``mask_classes``, ``source``, ``image_size``, ``fingerprint``
+* attrs: ``class_names``, ``mask_classes``, ``positive_class`` (the index of the class that the
+  binary metrics score, as the data source declares it), ``source``, ``image_size``, ``fingerprint``
   (``channel_mean``/``channel_std`` per RGB channel on the [0, 1] scale, ``class_counts``,
   ``mask_class_frequencies``), ``content_hash``, plus ``format``, ``num_images``, ``ids``,
   ``split_sizes``, ``split_fractions``, ``seed`` and source-specific ``source_info``.
@@ -58,7 +59,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "uml-prepared/1"
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
-REQUIRED_ATTRS: tuple[str, ...] = ("class_names", "mask_classes", "source", "image_size", "fingerprint", "content_hash")
+REQUIRED_ATTRS: tuple[str, ...] = ("class_names", "mask_classes", "positive_class", "source", "image_size", "fingerprint",
+                                   "content_hash")
 # The group's own metadata file holds the attrs (checksums included), so it is the one file not checksummed.
 _ROOT_METADATA = "zarr.json"
 _CHUNK_PREFIX = "/c/"  # zarr v3's default chunk key encoding: <array>/c/<i>/<j>/...
@@ -170,6 +172,7 @@ def write_dataset(
     *,
     class_names: list[str],
     mask_classes: list[str],
+    positive_class: int,
     source: str,
     image_size: int,
     split: SplitParams | Mapping[str, float],
@@ -178,6 +181,7 @@ def write_dataset(
 ) -> dict[str, Any]:
     """Validate ``records`` and write them as the prepared store at ``out_path``; returns its attrs.
 
+    ``positive_class`` indexes ``class_names`` (the source's :attr:`~uml.data.records.RecordSource.positive_class`).
     ``split`` gives the ``val`` and ``test`` fractions. Every record is checked (shape, dtype,
     mask values, label); the first bad one raises :class:`DataError` naming its origin, and
     nothing is left at ``out_path`` (an existing store there is kept). The same records, split
@@ -191,6 +195,8 @@ def write_dataset(
     n = len(records)
     if n == 0:
         raise DataError(f"{source}: no images to prepare (the source is empty)")
+    if not 0 <= positive_class < len(class_names):
+        raise DataError(f"{source}: positive class {positive_class} is not an index of the classes {class_names}")
 
     if out.exists() and not (out / "zarr.json").is_file():
         # Never delete something that is not a store (e.g. a mistyped data.root).
@@ -201,7 +207,8 @@ def write_dataset(
     for stale in (tmp, old):  # left behind by a run that was killed
         _remove(stale)
     try:
-        attrs = _write(records, n, tmp, class_names=class_names, mask_classes=mask_classes, source=source,
+        attrs = _write(records, n, tmp, class_names=class_names, mask_classes=mask_classes,
+                       positive_class=int(positive_class), source=source,
                        image_size=image_size, split=split, seed=seed, source_info=dict(source_info or {}))
     except BaseException:
         _remove(tmp)
@@ -218,7 +225,7 @@ def write_dataset(
 
 
 def _write(records: Iterable[Record], n: int, path: Path, *, class_names: list[str], mask_classes: list[str],
-           source: str, image_size: int, split: SplitParams, seed: int, source_info: dict[str, Any]) -> dict[str, Any]:
+           positive_class: int, source: str, image_size: int, split: SplitParams, seed: int, source_info: dict[str, Any]) -> dict[str, Any]:
     s = image_size
     shard = _shard_length(s, n)
     group = zarr.create_group(store=LocalStore(path), zarr_format=3)
@@ -285,6 +292,7 @@ def _write(records: Iterable[Record], n: int, path: Path, *, class_names: list[s
         "format": FORMAT,
         "class_names": class_names,
         "mask_classes": mask_classes,
+        "positive_class": positive_class,
         "source": source,
         "source_info": source_info,
         "image_size": int(s),
@@ -371,6 +379,9 @@ class PreparedData:
         missing = [k for k in REQUIRED_ATTRS if k not in self.attrs]
         if missing:
             raise self._fail(f"missing attributes {missing}")
+        positive, classes = self.attrs["positive_class"], self.attrs["class_names"]
+        if not isinstance(positive, int) or not 0 <= positive < len(classes):
+            raise self._fail(f"positive_class {positive!r} is not an index of the classes {classes}")
         members = set(group.array_keys())
         expected = {"images": ("uint8", 4), "masks": ("uint8", 3), "labels": ("int64", 1)}
         for name, (dtype, ndim) in expected.items():
@@ -463,6 +474,11 @@ class PreparedData:
     @property
     def mask_classes(self) -> list[str]:
         return list(self.attrs["mask_classes"])
+
+    @property
+    def positive_class(self) -> int:
+        """Index of the class that the binary metrics score (declared by the data source)."""
+        return int(self.attrs["positive_class"])
 
     @property
     def image_size(self) -> int:

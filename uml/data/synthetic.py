@@ -60,7 +60,7 @@ import numpy as np
 from scipy import integrate, optimize, stats
 
 from uml.config import SyntheticParams
-from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, Record
+from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, FUNDUS_POSITIVE_CLASS, Record
 from uml.errors import ConfigError
 from uml.image_io import resize_image, resize_mask
 
@@ -359,6 +359,7 @@ class SyntheticSource:
         self.num_images = params.num_images if num_images is None else num_images
         self.class_names = list(FUNDUS_CLASS_NAMES)
         self.mask_classes = list(FUNDUS_MASK_CLASSES)
+        self.positive_class = FUNDUS_POSITIVE_CLASS
 
     def __len__(self) -> int:
         return self.num_images
