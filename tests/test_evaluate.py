@@ -23,7 +23,7 @@ from uml import metrics
 from uml.config import EvaluateParams, Paths, parse_params
 from uml.errors import ConfigError, ModelFileError
 from uml.evaluate import evaluate, evaluate_arrays, run_pass
-from uml.predict import OnnxModel
+from uml.onnx_model import OnnxModel
 
 # Few noise levels keep the module fast; the keys for each are still all checked.
 CFG = EvaluateParams(batch_size=8, gaussian_sigmas=[0.05, 0.2], salt_pepper_amounts=[0.1], num_panels=3)
@@ -248,52 +248,6 @@ def test_single_task_models_get_the_metrics_they_allow(tasks, data, tmp_path):
     assert (tmp_path / "plots" / "roc.csv").exists() == ("cls" in tasks)
     assert (tmp_path / "plots" / "robustness_gaussian.csv").exists()
     assert len(list((tmp_path / "plots" / "panels").glob("*.png"))) == 3
-
-
-# --------------------------------------------------------------------------- model checks
-def _model_error(folder: Path) -> str:
-    with pytest.raises(ModelFileError) as info:
-        OnnxModel(folder / "model.onnx")
-    return str(info.value)
-
-
-def test_model_file_errors(tmp_path, toy_dir):
-    # Controlled models (toy): exports that break the contract on purpose (input and output names).
-    assert "model file not found" in _model_error(tmp_path / "nothing")
-
-    no_meta = tmp_path / "no_meta"
-    no_meta.mkdir()
-    shutil.copy(toy_dir / "model.onnx", no_meta / "model.onnx")
-    message = _model_error(no_meta)
-    assert "metadata.json" in message and "not found" in message
-
-    text = tmp_path / "text"
-    text.mkdir()
-    (text / "model.onnx").write_text("not a model")
-    shutil.copy(toy_dir / "metadata.json", text / "metadata.json")
-    message = _model_error(text)
-    assert str(text / "model.onnx") in message and "not a loadable ONNX model" in message
-
-    wrong_input = tmp_path / "wrong_input"
-    export_toy(wrong_input, input_name="input")
-    assert "expected one input named 'image'" in _model_error(wrong_input)
-
-    wrong_outputs = tmp_path / "wrong_outputs"
-    export_toy(wrong_outputs, names=["logits", "u", "seg", "seg_u"])
-    assert "neither 'class_prob' nor 'seg_prob'" in _model_error(wrong_outputs)
-
-    meta_mismatch = tmp_path / "meta_mismatch"
-    export_toy(meta_mismatch, tasks=("seg",))
-    meta = json.loads((toy_dir / "metadata.json").read_text())
-    (meta_mismatch / "metadata.json").write_text(json.dumps(meta))  # declares class outputs too
-    assert "class_prob" in _model_error(meta_mismatch)
-
-    wrong_size = tmp_path / "wrong_size"
-    export_toy(wrong_size)
-    meta["preprocessing"]["image_size"] = 128
-    (wrong_size / "metadata.json").write_text(json.dumps(meta))
-    # The export fixes H and W, so a metadata size that disagrees is caught.
-    assert "image_size 128" in _model_error(wrong_size)
 
 
 # ---------------------------------------------------------------------------------- stage

@@ -15,7 +15,7 @@ from uml.data.store import load_split
 from uml.errors import UMLError
 from uml.export import INPUT_NAME, export, export_onnx, parity, session
 from uml.models import build_model, save_model
-from uml.predict import OnnxModel
+from uml.onnx_model import OnnxModel
 
 from tests.train.tiny import write_tiny_params
 

@@ -52,7 +52,7 @@ def test_code_files_hash_the_sources_the_stage_imports():
     assert "uml/train/sweep.py" not in files and "uml/evaluate.py" not in files
     for rel, digest in files.items():
         assert hashlib.sha256((REPO / rel).read_bytes()).hexdigest() == digest
-    assert "uml/predict.py" in stage_sources("evaluate") and "uml/plots.py" in stage_sources("evaluate")
+    assert "uml/onnx_model.py" in stage_sources("evaluate") and "uml/plots.py" in stage_sources("evaluate")
 
 
 def test_sweep_name_tracks_what_the_trials_run_but_not_concurrency():

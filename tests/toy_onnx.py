@@ -77,6 +77,7 @@ def metadata(image_size: int, tasks: tuple[str, ...]) -> dict:
         "seg_uncertainty": ["batch", 1, image_size, image_size],
     }
     return {
+        "format": "uml-onnx/1",
         "input": {"name": "image", "dtype": "float32", "shape": ["batch", 3, image_size, image_size], "range": [0.0, 1.0]},
         "outputs": {n: {"shape": shapes[n], "dtype": "float32", "range": [0, 1]} for n in output_names(tasks)},
         "class_names": CLASS_NAMES,

@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _predict(args: argparse.Namespace) -> int:
     from uml.errors import UMLError
-    from uml.predict import OnnxModel, predict_files
+    from uml.onnx_model import OnnxModel
+    from uml.predict import predict_files
 
     try:
         model = OnnxModel(args.model, args.metadata, threads=args.threads)

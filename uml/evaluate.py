@@ -3,7 +3,7 @@
 :func:`evaluate` reads ``data/models/model.onnx`` + ``metadata.json`` and the test split of the
 prepared store, and writes ``data/reports/metrics.json`` (flat keys, ``null`` for undefined values)
 and the plots under ``data/reports/plots/``. :func:`evaluate_arrays` is the same evaluation on
-numpy arrays and an :class:`~uml.predict.OnnxModel`.
+numpy arrays and an :class:`~uml.onnx_model.OnnxModel`.
 
 Keys (each only when the model has the outputs it needs; ``<s>`` is a structure of
 :func:`uml.metrics.structures`, ``disc`` and ``cup`` for fundus masks):
@@ -58,7 +58,7 @@ from uml import metrics, plots
 from uml.config import EvaluateParams, Params, Paths
 from uml.errors import DataError, ModelFileError
 from uml.noise import gaussian_noise, salt_and_pepper
-from uml.predict import OnnxModel
+from uml.onnx_model import OnnxModel
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ and ``seg_uncertainty`` (the single-task ablations export only the outputs they 
 checks the graph with ``onnx.checker``, runs it in onnxruntime against torch on validation
 images and random inputs, and fails if they differ by more than ``export.parity_atol``.
 
-``metadata.json`` records the SHA-256 of ``model.onnx`` (``onnx_sha256``), which every reader
+``metadata.json`` is an :class:`uml.onnx_model.ExportMetadata` (the contract every reader parses).
+It records the SHA-256 of ``model.onnx`` (``onnx_sha256``), which every reader
 checks, so the two files are used as one unit: a pair from different exports (an export killed
 between its two renames, a file copied from elsewhere) is refused instead of run with the wrong
 class names or preprocessing. ``hashes`` records the data content hash, the params hash and the
@@ -15,7 +16,6 @@ fingerprint of the code that trained the model.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import warnings
@@ -30,17 +30,25 @@ import torch
 from torch import nn
 
 from uml.config import Params, Paths
-from uml.data.store import load_split
+from uml.data.store import PreparedData, load_split, open_prepared
 from uml.errors import ModelFileError, UMLError
 from uml.models import UMLNet, load_model
 from uml.models import read_model_file
-from uml.predict import METADATA_SHA256_KEY, file_sha256
+from uml.onnx_model import (
+    INPUT_NAME,
+    METADATA_FORMAT,
+    OUTPUT_ORDER,
+    ExportMetadata,
+    ExportRecord,
+    Hashes,
+    InputSpec,
+    OutputSpec,
+    Preprocessing,
+    TrainingRecord,
+    file_sha256,
+)
 
 log = logging.getLogger(__name__)
-
-INPUT_NAME = "image"
-OUTPUT_ORDER = ("class_prob", "class_uncertainty", "seg_prob", "seg_uncertainty")
-METADATA_FORMAT = "uml-onnx/1"
 # protobuf's hard limit on one serialised message; beyond it ONNX needs external data files.
 PROTOBUF_LIMIT = 2 * 1024**3
 
@@ -118,7 +126,8 @@ def _version(package: str) -> str | None:
 
 
 def build_metadata(model: UMLNet, extra: dict[str, Any], outputs: list[str], params: Params,
-                   parity_diff: dict[str, float], opset: int, onnx_sha256: str) -> dict[str, Any]:
+                   parity_diff: dict[str, float], opset: int, onnx_sha256: str, positive_class: int) -> ExportMetadata:
+    """The metadata of an export; ``positive_class`` is the prepared data set's."""
     cfg = model.cfg
     size = cfg.image_size
     shapes = {
@@ -135,33 +144,39 @@ def build_metadata(model: UMLNet, extra: dict[str, Any], outputs: list[str], par
                             if cfg.uncertainty and "cls" in cfg.tasks else
                             "per-pixel uncertainty C/S" if cfg.uncertainty else "per-pixel normalised entropy"),
     }
-    class_names = list(extra.get("class_names") or [f"class_{k}" for k in range(cfg.num_classes)])
-    positive = next((i for i, n in enumerate(class_names) if n.lower() in ("glaucoma", "positive", "malignant")), cfg.num_classes - 1)
-    return {
-        "format": METADATA_FORMAT,
-        # Readers (uml.predict.OnnxModel, hence evaluate) refuse a model.onnx with another hash.
-        METADATA_SHA256_KEY: onnx_sha256,
-        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, size, size], "range": [0.0, 1.0]},
-        "outputs": {name: {"dtype": "float32", "shape": shapes[name], "range": [0.0, 1.0], "meaning": meaning[name]}
-                    for name in outputs},
-        "class_names": class_names,
-        "mask_classes": list(extra.get("mask_classes") or [f"class_{c}" for c in range(cfg.num_mask_classes)]),
-        "positive_class": positive,
-        "tasks": list(cfg.tasks),
-        "uncertainty": cfg.uncertainty,
-        "preprocessing": {
-            "image_size": size, "channels": "RGB", "layout": "NCHW", "dtype": "float32",
-            "scale": 1.0 / 255.0, "resize": "area",
-            "note": "RGB uint8 image resized to image_size x image_size (area when shrinking, linear when enlarging), divided by 255",
-        },
-        "model": {"config": cfg.to_dict(), "run": extra.get("run"), "best_epoch": extra.get("best_epoch"),
-                  "best_metrics": extra.get("best_metrics"), "loss": extra.get("loss")},
-        "hashes": {"data": extra.get("data_hash"), "params": params.section_hash("model", "loss", "train"),
-                   "code": extra.get("code_fingerprint")},
-        "export": {"opset": opset, "parity_max_abs_diff": parity_diff, "parity_atol": params.export.parity_atol},
-        "versions": {"uml": _version("uml"), "torch": torch.__version__, "onnx": onnx.__version__,
-                     "onnxruntime": ort.__version__, "timm": _version("timm"), "python": platform.python_version()},
-    }
+    return ExportMetadata(
+        format=METADATA_FORMAT,
+        # Readers (uml.onnx_model.OnnxModel, hence evaluate and predict) refuse a model.onnx with another hash.
+        onnx_sha256=onnx_sha256,
+        input=InputSpec(name=INPUT_NAME, dtype="float32", shape=["batch", 3, size, size], range=[0.0, 1.0]),
+        outputs={name: OutputSpec(dtype="float32", shape=shapes[name], range=[0.0, 1.0], meaning=meaning[name])
+                 for name in outputs},
+        class_names=list(extra.get("class_names") or [f"class_{k}" for k in range(cfg.num_classes)]),
+        mask_classes=list(extra.get("mask_classes") or [f"class_{c}" for c in range(cfg.num_mask_classes)]),
+        positive_class=positive_class,
+        tasks=list(cfg.tasks),
+        uncertainty=cfg.uncertainty,
+        preprocessing=Preprocessing(
+            image_size=size, channels="RGB", layout="NCHW", dtype="float32", scale=1.0 / 255.0, resize="area",
+            note="RGB uint8 image resized to image_size x image_size (area when shrinking, linear when enlarging), divided by 255",
+        ),
+        model=TrainingRecord(config=cfg.to_dict(), run=extra.get("run"), best_epoch=extra.get("best_epoch"),
+                             best_metrics=extra.get("best_metrics"), loss=extra.get("loss")),
+        hashes=Hashes(data=extra.get("data_hash"), params=params.section_hash("model", "loss", "train"),
+                      code=extra.get("code_fingerprint")),
+        export=ExportRecord(opset=opset, parity_max_abs_diff=parity_diff, parity_atol=params.export.parity_atol),
+        versions={"uml": _version("uml"), "torch": torch.__version__, "onnx": onnx.__version__,
+                  "onnxruntime": ort.__version__, "timm": _version("timm"), "python": platform.python_version()},
+    )
+
+
+def _positive_class(prepared: PreparedData, extra: dict[str, Any], model_pt: Path) -> int:
+    """The data set's positive class, after checking that the model was trained on its classes."""
+    trained_on = extra.get("class_names")
+    if trained_on is not None and list(trained_on) != prepared.class_names:
+        raise ModelFileError(f"{model_pt} was trained on the classes {list(trained_on)}, the data set {prepared.path} "
+                             f"has {prepared.class_names}: retrain on this data set")
+    return prepared.positive_class
 
 
 def export(params: Params) -> Path:
@@ -169,12 +184,14 @@ def export(params: Params) -> Path:
     paths = Paths(params)
     extra = read_model_file(paths.model_pt).get("extra", {})
     model = load_model(paths.model_pt)
+    prepared = open_prepared(paths.dataset)
+    positive_class = _positive_class(prepared, extra, paths.model_pt)
     opset = params.export.opset
     log.info("exporting %s (%s, %d px) to ONNX opset %d", paths.model_pt, "+".join(model.cfg.tasks), model.cfg.image_size, opset)
     # Export under a staging name: model.onnx appears only once it has passed the parity check.
     staging = paths.model_onnx.with_name(paths.model_onnx.name + ".partial")
     outputs = export_onnx(model, staging, opset)
-    images, _, _, _ = load_split(paths.dataset, "val", limit=params.export.parity_images)
+    images, _, _, _ = load_split(prepared, "val", limit=params.export.parity_images)
     if images.shape[1] != model.cfg.image_size:
         staging.unlink(missing_ok=True)
         raise ModelFileError(f"{paths.model_pt} expects {model.cfg.image_size} px images but {paths.dataset} holds "
@@ -192,9 +209,10 @@ def export(params: Params) -> Path:
             stale.unlink(missing_ok=True)
         raise UMLError(f"ONNX parity check failed: max |onnxruntime - torch| = {max(worst.values()):.3e} > "
                        f"export.parity_atol {params.export.parity_atol:g} ({worst}); no model.onnx was written")
-    meta = build_metadata(model, extra, outputs, params, worst, opset, onnx_sha256=file_sha256(staging))
+    meta = build_metadata(model, extra, outputs, params, worst, opset, onnx_sha256=file_sha256(staging),
+                          positive_class=positive_class)
     tmp = paths.metadata.with_name(paths.metadata.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.write_text(meta.to_json())
     # Two renames cannot be one atomic step: a kill between them leaves a new metadata.json beside
     # the old model.onnx, which every reader refuses because the recorded SHA-256 differs.
     tmp.replace(paths.metadata)

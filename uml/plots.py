@@ -11,11 +11,12 @@ import csv
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from uml import metrics
 
@@ -155,3 +156,39 @@ def panel_figure(
         ax.set_axis_off()
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def overlay_figure(
+    out: str | Path | IO[bytes],
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    uncertainty: np.ndarray | None,
+    mask_classes: Sequence[str],
+    title: str,
+) -> None:
+    """The ``uml predict`` overlay as PNG (to a path or a binary stream): ``image`` with translucent
+    structure masks, contours and a legend, and the pixel-uncertainty heat map beside it when
+    given. ``mask`` and ``uncertainty`` may be at a lower (model) resolution than ``image``: they are
+    stretched over it."""
+    panels = 2 if uncertainty is not None else 1
+    fig = Figure(figsize=(5 * panels, 5.4), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    height, width = image.shape[:2]
+    extent = (-0.5, width - 0.5, height - 0.5, -0.5)
+    axes[0].imshow(image)
+    axes[0].set_title("prediction")
+    if mask is not None:
+        draw_mask_overlay(axes[0], mask, mask_classes, extent=extent)
+        # The same colour per structure as draw_mask_overlay (metrics.structures order).
+        handles = [Patch(facecolor=STRUCTURE_COLORS[i % len(STRUCTURE_COLORS)], edgecolor=STRUCTURE_COLORS[i % len(STRUCTURE_COLORS)],
+                         alpha=0.6, label=name) for i, name in enumerate(metrics.structures(mask_classes))]
+        axes[0].legend(handles=handles, loc="lower right", fontsize=8)
+    if uncertainty is not None:
+        axes[1].imshow(image)
+        heat = axes[1].imshow(uncertainty, cmap="magma", vmin=0.0, vmax=1.0, alpha=0.7, extent=extent)
+        axes[1].set_title("pixel uncertainty")
+        fig.colorbar(heat, ax=axes[1], shrink=0.8)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title)
+    fig.savefig(out, dpi=100, format="png")

@@ -1,11 +1,5 @@
-"""Inference with the exported ONNX model: the model wrapper shared with the evaluation stage, and
-``uml predict`` on image files.
-
-:class:`OnnxModel` opens ``model.onnx`` in onnxruntime together with the ``metadata.json`` written
-next to it, and checks that the pair honours the export contract (input ``image`` (B, 3, S, S)
-float32 in [0, 1]; outputs ``class_prob``, ``class_uncertainty``, ``seg_prob``,
-``seg_uncertainty``, of which a single-task model has only its own pair). Anything else is a
-:class:`~uml.errors.ModelFileError` that names the file.
+"""``uml predict`` on image files, with an exported model opened by
+:class:`uml.onnx_model.OnnxModel` (which checks the model against its ``metadata.json``).
 
 Accepted image files (:func:`uml.image_io.read_rgb`): anything Pillow reads as one 2-D frame with
 1 (grayscale), 2 (grayscale + alpha), 3 (RGB) or 4 (RGBA) channels, 8-bit, or 16-bit grayscale
@@ -25,14 +19,11 @@ million pixels) are refused before decoding, and the overlay is drawn from a cop
 temporary file in the output folder and renamed over ``<stem>.json`` / ``<stem>_overlay.png``, so a
 symbolic link already there is replaced, never followed, and no half-written file is left.
 
-The ONNX file must be the one its ``metadata.json`` describes: ``onnx_sha256`` in the metadata is
-checked against the file (:class:`OnnxModel`), so a model and metadata of different exports are
-refused instead of run with the wrong class names or preprocessing.
+The overlay figure is drawn by :func:`uml.plots.overlay_figure`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -47,176 +38,12 @@ import cv2
 import numpy as np
 
 from uml import metrics
-from uml.errors import DataError, ModelFileError
-from uml.image_io import RESAMPLING, read_rgb, resize_image
-
-INPUT_NAME = "image"
-CLASS_OUTPUTS = ("class_prob", "class_uncertainty")
-SEG_OUTPUTS = ("seg_prob", "seg_uncertainty")
-KNOWN_OUTPUTS = CLASS_OUTPUTS + SEG_OUTPUTS
+from uml.errors import DataError
+from uml.image_io import read_rgb, resize_image
+from uml.onnx_model import OnnxModel
 
 # The overlay figure is 500 px per panel; a copy this size keeps it sharp and its memory small.
 OVERLAY_MAX_SIDE = 1024
-METADATA_SHA256_KEY = "onnx_sha256"
-
-
-def _default_threads() -> int:
-    # The machine is shared; two intra-op threads is what one stage may take.
-    return max(1, min(2, os.cpu_count() or 1))
-
-
-class OnnxModel:
-    """An exported model in onnxruntime, checked against its ``metadata.json``.
-
-    Attributes: ``path``, ``metadata_path``, ``metadata`` (the parsed JSON), ``outputs`` (the
-    present output names, in session order), ``image_size``, ``class_names``, ``mask_classes``,
-    ``positive_class``, ``has_cls``, ``has_seg``, ``has_class_uncertainty``,
-    ``has_seg_uncertainty``.
-    """
-
-    def __init__(self, path: str | Path, metadata_path: str | Path | None = None, threads: int | None = None):
-        import onnxruntime as ort
-
-        self.path = Path(path)
-        self.metadata_path = Path(metadata_path) if metadata_path is not None else self.path.with_name("metadata.json")
-        if not self.path.is_file():
-            raise ModelFileError(f"{self.path}: model file not found (run the export stage, or pass --model)")
-        if not self.metadata_path.is_file():
-            raise ModelFileError(f"{self.metadata_path}: metadata file not found (the export stage writes it next to model.onnx)")
-        try:
-            self.metadata: dict[str, Any] = json.loads(self.metadata_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelFileError(f"{self.metadata_path}: not valid JSON: {exc}") from None
-        if not isinstance(self.metadata, dict):
-            raise ModelFileError(f"{self.metadata_path}: expected a JSON object")
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or _default_threads()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only: onnxruntime's warnings are not actionable here
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types for every load failure
-            raise ModelFileError(f"{self.path}: not a loadable ONNX model: {exc}") from None
-        self._check_contract()
-        check_model_hash(self.path, self.metadata, self.metadata_path)
-
-    # ------------------------------------------------------------------ contract checks
-    def _meta(self, *keys: str) -> Any:
-        node: Any = self.metadata
-        for key in keys:
-            if not isinstance(node, dict) or key not in node:
-                raise ModelFileError(f"{self.metadata_path}: missing key '{'.'.join(keys)}'")
-            node = node[key]
-        return node
-
-    def _check_contract(self) -> None:
-        where = f"{self.path}"
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
-            names = [i.name for i in inputs]
-            raise ModelFileError(f"{where}: expected one input named '{INPUT_NAME}', the model has {names}")
-        shape = inputs[0].shape
-        if inputs[0].type != "tensor(float)" or len(shape) != 4 or shape[1] not in (3, "3"):
-            raise ModelFileError(f"{where}: input '{INPUT_NAME}' must be float32 (batch, 3, H, W), got {inputs[0].type} {shape}")
-        if self._meta("input", "name") != INPUT_NAME:
-            raise ModelFileError(f"{self.metadata_path}: input.name must be '{INPUT_NAME}', got {self._meta('input', 'name')!r}")
-
-        try:
-            self.image_size = int(self._meta("preprocessing", "image_size"))
-        except (TypeError, ValueError):
-            raise ModelFileError(f"{self.metadata_path}: preprocessing.image_size must be an integer") from None
-        for dim in shape[2:]:
-            if isinstance(dim, int) and dim != self.image_size:
-                raise ModelFileError(f"{where}: input is {shape[2]}x{shape[3]} but metadata says image_size {self.image_size}")
-        resize = self.metadata["preprocessing"].get("resize", "area")
-        if resize not in RESAMPLING:
-            raise ModelFileError(f"{self.metadata_path}: unknown preprocessing.resize {resize!r} (known: {sorted(RESAMPLING)})")
-        self.resize = resize
-        self.scale = float(self.metadata["preprocessing"].get("scale", 1.0 / 255.0))
-        channels = self.metadata["preprocessing"].get("channels", "RGB")
-        if channels not in ("RGB", "BGR"):
-            raise ModelFileError(f"{self.metadata_path}: preprocessing.channels must be RGB or BGR, got {channels!r}")
-        self.bgr = channels == "BGR"
-
-        session_outputs = {o.name: o for o in self.session.get_outputs()}
-        self.outputs = tuple(name for name in session_outputs if name in KNOWN_OUTPUTS)
-        if "class_prob" not in session_outputs and "seg_prob" not in session_outputs:
-            raise ModelFileError(
-                f"{where}: has neither 'class_prob' nor 'seg_prob' among its outputs {list(session_outputs)}; "
-                "not a model exported by uml"
-            )
-        declared = self._meta("outputs")
-        if not isinstance(declared, dict):
-            raise ModelFileError(f"{self.metadata_path}: 'outputs' must map output names to their description")
-        missing = sorted(set(declared) - set(session_outputs))
-        if missing:
-            raise ModelFileError(f"{self.metadata_path}: lists outputs {missing} that {self.path.name} does not have")
-
-        self.has_cls = "class_prob" in session_outputs
-        self.has_seg = "seg_prob" in session_outputs
-        self.has_class_uncertainty = self.has_cls and "class_uncertainty" in session_outputs
-        self.has_seg_uncertainty = self.has_seg and "seg_uncertainty" in session_outputs
-        self.class_names = [str(c) for c in self.metadata.get("class_names") or []]
-        self.mask_classes = [str(c) for c in self.metadata.get("mask_classes") or []]
-        self.positive_class = int(self.metadata.get("positive_class", 1))
-        if self.has_cls:
-            self._check_classes("class_prob", 1, self.class_names, "class_names", session_outputs)
-            if not 0 <= self.positive_class < len(self.class_names):
-                raise ModelFileError(f"{self.metadata_path}: positive_class {self.positive_class} is not a class index")
-        if self.has_seg:
-            self._check_classes("seg_prob", 1, self.mask_classes, "mask_classes", session_outputs)
-
-    def _check_classes(self, output: str, axis: int, names: list[str], key: str, session_outputs: dict[str, Any]) -> None:
-        if not names:
-            raise ModelFileError(f"{self.metadata_path}: '{key}' is missing or empty, but the model has '{output}'")
-        size = session_outputs[output].shape[axis] if len(session_outputs[output].shape) > axis else None
-        if isinstance(size, int) and size != len(names):
-            raise ModelFileError(f"{self.path}: '{output}' has {size} classes but metadata {key} lists {len(names)}")
-
-    # ------------------------------------------------------------------------ inference
-    def scale_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 RGB images (N, S, S, 3) at model resolution -> float32 NHWC in the model's value range."""
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(f"expected uint8 images (N, {self.image_size}, {self.image_size}, 3), got {images.shape}")
-        return images.astype(np.float32) * np.float32(self.scale)
-
-    def to_input(self, images: np.ndarray) -> np.ndarray:
-        """Scaled float NHWC RGB images (from :meth:`scale_images`, possibly corrupted) -> the NCHW model input."""
-        batch = np.asarray(images, dtype=np.float32)
-        if self.bgr:
-            batch = batch[..., ::-1]
-        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
-
-    def preprocess(self, images: np.ndarray) -> np.ndarray:
-        """uint8 RGB images (N, S, S, 3) at model resolution -> the float32 NCHW input."""
-        return self.to_input(self.scale_images(images))
-
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """One forward pass of a float32 (B, 3, S, S) batch; returns the present outputs by name."""
-        values = self.session.run(list(self.outputs), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
-        return dict(zip(self.outputs, values))
-
-
-def file_sha256(path: str | Path) -> str:
-    with Path(path).open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
-
-
-def check_model_hash(model_path: Path, metadata: dict[str, Any], metadata_path: Path) -> None:
-    """Raise :class:`ModelFileError` unless ``metadata`` records ``model_path``'s SHA-256: the export
-    stage writes the pair together, and a pair from different exports (an interrupted export, a
-    file copied from elsewhere) would otherwise run with the wrong names or preprocessing."""
-    recorded = metadata.get(METADATA_SHA256_KEY)
-    if not isinstance(recorded, str):
-        raise ModelFileError(f"{metadata_path}: has no '{METADATA_SHA256_KEY}' (written by an older export); "
-                             "re-run the export stage so that the model and its metadata are checked as a pair")
-    actual = file_sha256(model_path)
-    if actual != recorded:
-        raise ModelFileError(f"{model_path}: its SHA-256 {actual[:16]}... is not the {recorded[:16]}... that "
-                             f"{metadata_path} describes: the two files come from different exports (an interrupted "
-                             "export?); re-run the export stage")
 
 
 # -------------------------------------------------------------------------- prediction
@@ -302,47 +129,17 @@ def _title(model: OnnxModel, record: dict[str, Any]) -> str:
 
 
 def save_overlay(model: OnnxModel, prediction: Prediction, record: dict[str, Any], path: str | Path | IO[bytes]) -> None:
-    """Write the overlay PNG (to a path or a binary stream): the image with translucent structure
-    masks and contours, and the pixel-uncertainty heat map beside it when the model has one. It is
-    drawn from the display copy of the image."""
-    from matplotlib.figure import Figure
+    """Write the overlay PNG of one prediction (to a path or a binary stream); see
+    :func:`uml.plots.overlay_figure`. It is drawn from the display copy of the image."""
+    # matplotlib is imported only when a figure is drawn, not when the CLI starts.
+    from uml.plots import overlay_figure
 
-    from uml.plots import STRUCTURE_COLORS, draw_mask_overlay
-
-    panels = 2 if prediction.seg_uncertainty is not None else 1
-    fig = Figure(figsize=(5 * panels, 5.4), layout="constrained")
-    axes = fig.subplots(1, panels, squeeze=False)[0]
-    height, width = prediction.display.shape[:2]
-    # Masks are at model resolution; the extent stretches them over the image.
-    extent = (-0.5, width - 0.5, height - 0.5, -0.5)
-    axes[0].imshow(prediction.display)
-    axes[0].set_title("prediction")
-    if prediction.mask is not None:
-        draw_mask_overlay(axes[0], prediction.mask, model.mask_classes, extent=extent)
-        handles = [
-            _legend_patch(STRUCTURE_COLORS[i % len(STRUCTURE_COLORS)], name)
-            for i, name in enumerate(metrics.structures(model.mask_classes))
-        ]
-        axes[0].legend(handles=handles, loc="lower right", fontsize=8)
-    if prediction.seg_uncertainty is not None:
-        axes[1].imshow(prediction.display)
-        heat = axes[1].imshow(prediction.seg_uncertainty, cmap="magma", vmin=0.0, vmax=1.0, alpha=0.7, extent=extent)
-        axes[1].set_title("pixel uncertainty")
-        fig.colorbar(heat, ax=axes[1], shrink=0.8)
-    for ax in axes:
-        ax.set_axis_off()
-    fig.suptitle(_title(model, record))
-    fig.savefig(path, dpi=100, format="png")
+    overlay_figure(path, prediction.display, prediction.mask, prediction.seg_uncertainty, model.mask_classes,
+                   _title(model, record))
 
 
 def _print_error(message: str) -> None:
     print(message, file=sys.stderr)
-
-
-def _legend_patch(color: str, label: str):
-    from matplotlib.patches import Patch
-
-    return Patch(facecolor=color, edgecolor=color, alpha=0.6, label=label)
 
 
 def write_replacing(folder: Path, name: str, write: Callable[[IO[bytes]], None]) -> Path:

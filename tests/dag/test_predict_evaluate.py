@@ -21,7 +21,7 @@ from tests.dag import reference as ref
 from tests.dag.miniature import MiniDag
 from uml.config import EvaluateParams
 from uml.evaluate import evaluate_arrays
-from uml.predict import OnnxModel
+from uml.onnx_model import OnnxModel
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,270 @@
+"""The export -> inference contract: ``metadata.json`` as one typed model, and the onnxruntime
+wrapper that checks an exported model against it.
+
+The export stage (:mod:`uml.export`) builds an :class:`ExportMetadata` and writes it next to
+``model.onnx``; every reader (:mod:`uml.evaluate`, ``uml predict``) opens the pair through
+:class:`OnnxModel`, which parses the file with :func:`read_metadata` and checks that the graph
+honours the contract: input ``image`` (B, 3, S, S) float32 in [0, 1]; outputs ``class_prob``,
+``class_uncertainty``, ``seg_prob``, ``seg_uncertainty``, of which a single-task model has only its
+own pair. Anything else is a :class:`~uml.errors.ModelFileError` that names the file.
+
+``format`` versions the file layout (:data:`METADATA_FORMAT`); a reader refuses another version.
+The ONNX file must be the one its metadata describes: ``onnx_sha256`` is checked against the file,
+so a model and metadata of different exports are refused instead of run with the wrong class
+names or preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from uml.errors import ModelFileError
+
+METADATA_FORMAT = "uml-onnx/1"
+INPUT_NAME = "image"
+CLASS_OUTPUTS = ("class_prob", "class_uncertainty")
+SEG_OUTPUTS = ("seg_prob", "seg_uncertainty")
+# The order in which the export traces the outputs (a single-task model has a subset).
+OUTPUT_ORDER = CLASS_OUTPUTS + SEG_OUTPUTS
+METADATA_SHA256_KEY = "onnx_sha256"
+# How an image is brought to the model's size; uml.image_io.RESAMPLING maps each to OpenCV interpolations.
+ResizeMethod = Literal["area", "bilinear", "bicubic", "nearest"]
+
+
+class _Part(BaseModel):
+    # Readers ignore keys they do not know, so a file from a newer export of the same format
+    # still opens; the writer only ever sets the declared fields.
+    model_config = ConfigDict(extra="ignore")
+
+
+class InputSpec(_Part):
+    name: str
+    dtype: str = "float32"
+    shape: list[int | str]
+    range: list[float] = [0.0, 1.0]
+
+
+class OutputSpec(_Part):
+    dtype: str = "float32"
+    shape: list[int | str]
+    range: list[float] = [0.0, 1.0]
+    meaning: str | None = None
+
+
+class Preprocessing(_Part):
+    image_size: int = Field(gt=0)
+    channels: Literal["RGB", "BGR"] = "RGB"
+    layout: Literal["NCHW"] = "NCHW"
+    dtype: str = "float32"
+    scale: float = 1.0 / 255.0
+    resize: ResizeMethod = "area"
+    note: str | None = None
+
+
+class TrainingRecord(_Part):
+    """What the training stage recorded about the exported weights (provenance, not used to run)."""
+
+    config: dict[str, Any]
+    run: str | None = None
+    best_epoch: int | None = None
+    best_metrics: dict[str, Any] | None = None
+    loss: dict[str, Any] | None = None
+
+
+class Hashes(_Part):
+    data: str | None = None
+    params: str | None = None
+    code: str | None = None
+
+
+class ExportRecord(_Part):
+    opset: int
+    parity_max_abs_diff: dict[str, float]
+    parity_atol: float
+
+
+class ExportMetadata(_Part):
+    """The content of ``metadata.json``: what a reader needs to run the graph, plus provenance.
+
+    ``positive_class`` is the index (into ``class_names``) of the class that the binary metrics
+    score (sensitivity, F1, AUC); the export copies it from the prepared data set, where the data
+    source declares it. ``model``, ``hashes``, ``export`` and ``versions`` are provenance: the
+    export always writes them, readers do not need them.
+    """
+
+    format: Literal["uml-onnx/1"]
+    # Optional only so that the reader can say what is wrong with a file of an older export.
+    onnx_sha256: str | None = None
+    input: InputSpec
+    outputs: dict[str, OutputSpec]
+    class_names: list[str] = []
+    mask_classes: list[str] = []
+    positive_class: int = Field(ge=0)
+    tasks: list[Literal["cls", "seg"]]
+    uncertainty: bool
+    preprocessing: Preprocessing
+    model: TrainingRecord | None = None
+    hashes: Hashes | None = None
+    export: ExportRecord | None = None
+    versions: dict[str, str | None] | None = None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+def read_metadata(path: str | Path) -> ExportMetadata:
+    """Parse ``metadata.json``; a :class:`ModelFileError` names the file and the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: metadata file not found (the export stage writes it next to model.onnx)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ModelFileError(f"{path}: expected a JSON object")
+    try:
+        return ExportMetadata.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+                             for err in exc.errors())
+        raise ModelFileError(f"{path}: does not follow the {METADATA_FORMAT} metadata format: {problems}") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    with Path(path).open("rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def check_model_hash(model_path: Path, metadata: ExportMetadata, metadata_path: Path) -> None:
+    """Raise :class:`ModelFileError` unless ``metadata`` records ``model_path``'s SHA-256: the export
+    stage writes the pair together, and a pair from different exports (an interrupted export, a
+    file copied from elsewhere) would otherwise run with the wrong names or preprocessing."""
+    recorded = metadata.onnx_sha256
+    if recorded is None:
+        raise ModelFileError(f"{metadata_path}: has no '{METADATA_SHA256_KEY}' (written by an older export); "
+                             "re-run the export stage so that the model and its metadata are checked as a pair")
+    actual = file_sha256(model_path)
+    if actual != recorded:
+        raise ModelFileError(f"{model_path}: its SHA-256 {actual[:16]}... is not the {recorded[:16]}... that "
+                             f"{metadata_path} describes: the two files come from different exports (an interrupted "
+                             "export?); re-run the export stage")
+
+
+def _default_threads() -> int:
+    # The machine is shared; two intra-op threads is what one stage may take.
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+class OnnxModel:
+    """An exported model in onnxruntime, checked against its ``metadata.json``.
+
+    Attributes: ``path``, ``metadata_path``, ``metadata`` (the :class:`ExportMetadata`),
+    ``outputs`` (the present output names, in session order), ``image_size``, ``resize``,
+    ``scale``, ``bgr``, ``class_names``, ``mask_classes``, ``positive_class``, ``has_cls``,
+    ``has_seg``, ``has_class_uncertainty``, ``has_seg_uncertainty``.
+    """
+
+    def __init__(self, path: str | Path, metadata_path: str | Path | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.metadata_path = Path(metadata_path) if metadata_path is not None else self.path.with_name("metadata.json")
+        if not self.path.is_file():
+            raise ModelFileError(f"{self.path}: model file not found (run the export stage, or pass --model)")
+        self.metadata = read_metadata(self.metadata_path)
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or _default_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: onnxruntime's warnings are not actionable here
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for every load failure
+            raise ModelFileError(f"{self.path}: not a loadable ONNX model: {exc}") from None
+        self._check_contract()
+        check_model_hash(self.path, self.metadata, self.metadata_path)
+
+    # ------------------------------------------------------------------ contract checks
+    def _check_contract(self) -> None:
+        where, meta = f"{self.path}", self.metadata
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+            names = [i.name for i in inputs]
+            raise ModelFileError(f"{where}: expected one input named '{INPUT_NAME}', the model has {names}")
+        shape = inputs[0].shape
+        if inputs[0].type != "tensor(float)" or len(shape) != 4 or shape[1] not in (3, "3"):
+            raise ModelFileError(f"{where}: input '{INPUT_NAME}' must be float32 (batch, 3, H, W), got {inputs[0].type} {shape}")
+        if meta.input.name != INPUT_NAME:
+            raise ModelFileError(f"{self.metadata_path}: input.name must be '{INPUT_NAME}', got {meta.input.name!r}")
+
+        self.image_size = meta.preprocessing.image_size
+        for dim in shape[2:]:
+            if isinstance(dim, int) and dim != self.image_size:
+                raise ModelFileError(f"{where}: input is {shape[2]}x{shape[3]} but metadata says image_size {self.image_size}")
+        self.resize = meta.preprocessing.resize
+        self.scale = meta.preprocessing.scale
+        self.bgr = meta.preprocessing.channels == "BGR"
+
+        session_outputs = {o.name: o for o in self.session.get_outputs()}
+        self.outputs = tuple(name for name in session_outputs if name in OUTPUT_ORDER)
+        if "class_prob" not in session_outputs and "seg_prob" not in session_outputs:
+            raise ModelFileError(
+                f"{where}: has neither 'class_prob' nor 'seg_prob' among its outputs {list(session_outputs)}; "
+                "not a model exported by uml"
+            )
+        missing = sorted(set(meta.outputs) - set(session_outputs))
+        if missing:
+            raise ModelFileError(f"{self.metadata_path}: lists outputs {missing} that {self.path.name} does not have")
+
+        self.has_cls = "class_prob" in session_outputs
+        self.has_seg = "seg_prob" in session_outputs
+        self.has_class_uncertainty = self.has_cls and "class_uncertainty" in session_outputs
+        self.has_seg_uncertainty = self.has_seg and "seg_uncertainty" in session_outputs
+        self.class_names = list(meta.class_names)
+        self.mask_classes = list(meta.mask_classes)
+        self.positive_class = meta.positive_class
+        if self.has_cls:
+            self._check_classes("class_prob", 1, self.class_names, "class_names", session_outputs)
+            if not 0 <= self.positive_class < len(self.class_names):
+                raise ModelFileError(f"{self.metadata_path}: positive_class {self.positive_class} is not a class index")
+        if self.has_seg:
+            self._check_classes("seg_prob", 1, self.mask_classes, "mask_classes", session_outputs)
+
+    def _check_classes(self, output: str, axis: int, names: list[str], key: str, session_outputs: dict[str, Any]) -> None:
+        if not names:
+            raise ModelFileError(f"{self.metadata_path}: '{key}' is missing or empty, but the model has '{output}'")
+        size = session_outputs[output].shape[axis] if len(session_outputs[output].shape) > axis else None
+        if isinstance(size, int) and size != len(names):
+            raise ModelFileError(f"{self.path}: '{output}' has {size} classes but metadata {key} lists {len(names)}")
+
+    # ------------------------------------------------------------------------ inference
+    def scale_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 RGB images (N, S, S, 3) at model resolution -> float32 NHWC in the model's value range."""
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(f"expected uint8 images (N, {self.image_size}, {self.image_size}, 3), got {images.shape}")
+        return images.astype(np.float32) * np.float32(self.scale)
+
+    def to_input(self, images: np.ndarray) -> np.ndarray:
+        """Scaled float NHWC RGB images (from :meth:`scale_images`, possibly corrupted) -> the NCHW model input."""
+        batch = np.asarray(images, dtype=np.float32)
+        if self.bgr:
+            batch = batch[..., ::-1]
+        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        """uint8 RGB images (N, S, S, 3) at model resolution -> the float32 NCHW input."""
+        return self.to_input(self.scale_images(images))
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """One forward pass of a float32 (B, 3, S, S) batch; returns the present outputs by name."""
+        values = self.session.run(list(self.outputs), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+        return dict(zip(self.outputs, values))
