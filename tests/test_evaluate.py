@@ -313,3 +313,16 @@ def test_stage_entry_point_reports_a_missing_model(tmp_path, toy_dir, data, caps
     assert run_stage("evaluate", "test", stage_fn, ["--params", str(params_file)]) == 1
     err = capsys.readouterr().err
     assert "evaluate: error:" in err and str(root / "models" / "model.onnx") in err
+
+
+def test_stage_refuses_a_model_whose_positive_class_is_not_the_data_sets(tmp_path, toy_dir, data):
+    # The metadata is edited below: the toy export only provides the store-and-model layout quickly.
+    root = _prepared_root(tmp_path, toy_dir, data)  # the store declares class 1 ("glaucoma")
+    meta_path = root / "models" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["positive_class"] = 0
+    meta_path.write_text(json.dumps(meta))
+    params = parse_params({"data": {"root": str(root)}})
+    with pytest.raises(ModelFileError, match=r"positive class 0 differs from the data set's 1"):
+        evaluate(params)
+    assert not Paths(params).metrics.exists()

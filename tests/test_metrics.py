@@ -51,9 +51,9 @@ def test_hand_made_confusion():
     labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
     pred = np.array([1, 1, 1, 0, 0, 0, 0, 0, 1, 1])
     assert metrics.acc(labels, pred) == pytest.approx(0.7)
-    assert metrics.sensitivity(labels, pred) == pytest.approx(3 / 4)
-    assert metrics.specificity(labels, pred) == pytest.approx(4 / 6)
-    assert metrics.f1(labels, pred) == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))
+    assert metrics.sensitivity(labels, pred, positive=1) == pytest.approx(3 / 4)
+    assert metrics.specificity(labels, pred, positive=1) == pytest.approx(4 / 6)
+    assert metrics.f1(labels, pred, positive=1) == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))
 
 
 def test_multiclass_auc_and_f1_follow_sklearn():
@@ -61,17 +61,17 @@ def test_multiclass_auc_and_f1_follow_sklearn():
     labels = np.tile([0, 1, 2], 30)
     logits = rng.normal(size=(90, 3)) + 2.0 * np.eye(3)[labels]
     prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    assert metrics.auc(labels, prob) == pytest.approx(roc_auc_score(labels, prob, multi_class="ovr"))
+    assert metrics.auc(labels, prob, positive=0) == pytest.approx(roc_auc_score(labels, prob, multi_class="ovr"))
     pred = prob.argmax(1)
-    assert metrics.f1(labels, pred, num_classes=3) == pytest.approx(f1_score(labels, pred, average="macro"))
+    assert metrics.f1(labels, pred, positive=0, num_classes=3) == pytest.approx(f1_score(labels, pred, average="macro"))
 
 
 def test_undefined_classification_metrics_are_nan():
     labels = np.zeros(5, dtype=int)
     prob = np.tile([0.7, 0.3], (5, 1))
-    assert math.isnan(metrics.auc(labels, prob))
-    assert math.isnan(metrics.sensitivity(labels, prob.argmax(1)))  # no positives
-    assert metrics.specificity(labels, prob.argmax(1)) == 1.0
+    assert math.isnan(metrics.auc(labels, prob, positive=1))
+    assert math.isnan(metrics.sensitivity(labels, prob.argmax(1), positive=1))  # no positives
+    assert metrics.specificity(labels, prob.argmax(1), positive=1) == 1.0
     assert math.isnan(metrics.kappa(labels, prob.argmax(1)))
 
 
@@ -192,11 +192,11 @@ def test_vcdr_edge_cases_and_aggregates():
     assert metrics.vcdr_mae(np.array([0.5, np.nan, 0.2]), np.array([0.4, 0.3, 0.5])) == pytest.approx(0.2)
     labels = np.array([0, 0, 1, 1, 1])
     vcdr = np.array([0.3, 0.4, 0.7, np.nan, 0.35])  # the nan case is left out
-    assert metrics.vcdr_auc(labels, vcdr) == pytest.approx(roc_auc_score([0, 0, 1, 1], [0.3, 0.4, 0.7, 0.35]))
+    assert metrics.vcdr_auc(labels, vcdr, positive=1) == pytest.approx(roc_auc_score([0, 0, 1, 1], [0.3, 0.4, 0.7, 0.35]))
     # A model that finds no disc in any image (an untrained one, say) has no vCDR anywhere: the AUC
     # is undefined, not a crash of the evaluate stage (it raised scikit-learn's ValueError).
-    assert math.isnan(metrics.vcdr_auc(labels, np.full(5, np.nan)))
-    assert math.isnan(metrics.auc(np.array([], dtype=int), np.zeros((0, 2))))
+    assert math.isnan(metrics.vcdr_auc(labels, np.full(5, np.nan), positive=1))
+    assert math.isnan(metrics.auc(np.array([], dtype=int), np.zeros((0, 2)), positive=1))
 
 
 # --------------------------------------------------------------------------- uncertainty
@@ -355,14 +355,14 @@ def test_resampled_multiclass_auc_and_f1_follow_sklearn():
     prob /= prob.sum(axis=1, keepdims=True)
     pred = prob.argmax(1)
     counts = rng.multinomial(90, np.full(90, 1 / 90), size=3).astype(float)
-    auc = metrics.resampled_class_auc(labels, prob)(counts)
-    f1 = metrics.resampled_f1(labels, pred, num_classes=3)(counts)
+    auc = metrics.resampled_class_auc(labels, prob, positive=0)(counts)
+    f1 = metrics.resampled_f1(labels, pred, positive=0, num_classes=3)(counts)
     for b, row in enumerate(counts):
         y, p = _resample(row, labels, prob)
         assert auc[b] == pytest.approx(roc_auc_score(y, p, multi_class="ovr"))
         assert f1[b] == pytest.approx(f1_score(y, p.argmax(1), average="macro"))
     # A resample without class 2 has no one-vs-rest AUC.
-    assert np.isnan(metrics.resampled_class_auc(labels, prob)(np.where(labels == 2, 0.0, 1.0)[None]))[0]
+    assert np.isnan(metrics.resampled_class_auc(labels, prob, positive=0)(np.where(labels == 2, 0.0, 1.0)[None]))[0]
 
 
 def test_resampled_pixel_auc_pools_the_pixels_of_resampled_images():
@@ -380,3 +380,34 @@ def test_resampled_pixel_auc_pools_the_pixels_of_resampled_images():
     # More errors than hits swaps the roles inside; the result is the same AUC.
     flipped = metrics.resampled_auc(-uncertainty.ravel(), ~error.ravel(), group=image_of_pixel, n_groups=images)
     np.testing.assert_allclose(flipped(counts), values)
+
+
+# ------------------------------------------------------------ shared by validation and evaluation
+def test_segmentation_metrics_average_per_image_values_by_hand():
+    gt = np.zeros((2, 12, 12), np.uint8)
+    gt[:, 2:10, 2:10] = 1  # disc rim
+    gt[:, 4:8, 4:8] = 2  # cup (16 px) inside the disc (64 px)
+    pred = gt.copy()
+    pred[1][pred[1] == 2] = 1  # image 1: the cup is missed, the disc (rim + cup) is still right
+    got = metrics.segmentation_metrics(pred, gt, ["background", "disc", "cup"])
+    assert list(got) == ["dice_disc", "dice_cup", "assd_disc", "hd95_disc", "dist_undefined_disc",
+                         "assd_cup", "hd95_cup", "dist_undefined_cup"]
+    assert got["dice_disc"] == 1.0 and got["dice_cup"] == pytest.approx((1.0 + 0.0) / 2)
+    # Image 1 has no predicted cup: no distance to measure, so it is counted, not averaged.
+    assert got["assd_cup"] == 0.0 and got["hd95_cup"] == 0.0 and got["dist_undefined_cup"] == 1.0
+    assert got["dist_undefined_disc"] == 0.0
+    assert list(metrics.segmentation_metrics(pred, gt, ["background", "disc", "cup"], distances=False)) == ["dice_disc", "dice_cup"]
+
+
+def test_task_metrics_prefix_and_select(binary_case):
+    labels, prob = binary_case
+    masks = np.zeros((len(labels), 4, 4), np.uint8)
+    got = metrics.task_metrics(labels, prob, None, masks, positive=0, mask_classes=["background", "disc", "cup"],
+                               classification=("f1", "acc"))
+    pred = prob.argmax(1)
+    assert got == {"cls/f1": pytest.approx(f1_score(labels, pred, pos_label=0)),
+                   "cls/acc": pytest.approx(np.mean(pred == labels))}
+    seg_only = metrics.task_metrics(labels, None, masks, masks, positive=0, mask_classes=["background", "lesion"])
+    assert seg_only["seg/dice_lesion"] == 1.0 and not any(k.startswith("cls/") for k in seg_only)
+    with pytest.raises(ValueError, match="unknown classification metrics"):
+        metrics.task_metrics(labels, prob, None, masks, positive=0, mask_classes=[], classification=("precision",))

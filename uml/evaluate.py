@@ -9,7 +9,9 @@ Keys (each only when the model has the outputs it needs; ``<s>`` is a structure 
 :func:`uml.metrics.structures`, ``disc`` and ``cup`` for fundus masks):
 
 - ``cls/acc``, ``cls/auc``, ``cls/kappa``, ``cls/sensitivity``, ``cls/specificity``, ``cls/f1``,
-  ``cls/ece`` (see :mod:`uml.metrics`; the predicted class is the argmax of ``class_prob``)
+  ``cls/ece`` and the ``seg/`` keys below: :func:`uml.metrics.task_metrics`, the function that
+  validation uses too (the predicted class is the argmax of ``class_prob``; the positive class is
+  the model metadata's ``positive_class``, copied from the prepared data set)
 - ``seg/dice_<s>``, ``seg/assd_<s>``, ``seg/hd95_<s>``: per-image values averaged over the test
   images (distances in pixels at model resolution); ``seg/dist_undefined_<s>``: how many images
   were left out of the distance means because exactly one of prediction and ground truth is empty
@@ -177,37 +179,9 @@ def run_pass(
 
 
 # ------------------------------------------------------------------------------ metrics
-def _dice_per_image(pred_masks: np.ndarray, gt_masks: np.ndarray, mask_classes: Sequence[str]) -> dict[str, np.ndarray]:
-    """Structure name -> the Dice of each image (n,)."""
-    return {name: np.array([metrics.dice(p, g) for p, g in zip(select(pred_masks), select(gt_masks))])
-            for name, select in metrics.structures(mask_classes).items()}
-
-
-def _segmentation(pred_masks: np.ndarray, gt_masks: np.ndarray, mask_classes: Sequence[str], distances: bool) -> dict[str, float]:
-    result: dict[str, float] = {}
-    for name, dice in _dice_per_image(pred_masks, gt_masks, mask_classes).items():
-        result[f"seg/dice_{name}"] = float(dice.mean())
-    if not distances:
-        return result
-    for name, select in metrics.structures(mask_classes).items():
-        pred_bin, gt_bin = select(pred_masks), select(gt_masks)
-        assd = np.array([metrics.assd(p, g) for p, g in zip(pred_bin, gt_bin)])
-        hd95 = np.array([metrics.hd95(p, g) for p, g in zip(pred_bin, gt_bin)])
-        defined = np.isfinite(assd)
-        result[f"seg/assd_{name}"] = float(assd[defined].mean()) if defined.any() else math.nan
-        result[f"seg/hd95_{name}"] = float(hd95[defined].mean()) if defined.any() else math.nan
-        result[f"seg/dist_undefined_{name}"] = float((~defined).sum())
-    return result
-
-
 def _robust_metrics(model: OnnxModel, outputs: PassOutputs, labels: np.ndarray, gt_masks: np.ndarray) -> dict[str, float]:
-    result: dict[str, float] = {}
-    if outputs.class_prob is not None:
-        pred = metrics.predicted_class(outputs.class_prob)
-        result["cls/acc"] = metrics.acc(labels, pred)
-        result["cls/auc"] = metrics.auc(labels, outputs.class_prob, model.positive_class)
-    if outputs.pred_masks is not None:
-        result.update(_segmentation(outputs.pred_masks, gt_masks, model.mask_classes, distances=False))
+    result = metrics.task_metrics(labels, outputs.class_prob, outputs.pred_masks, gt_masks, positive=model.positive_class,
+                                  mask_classes=model.mask_classes, classification=("acc", "auc"), distances=False)
     if outputs.class_uncertainty is not None:
         result["unc/mean_class_uncertainty"] = float(outputs.class_uncertainty.mean())
     if outputs.mean_pixel_uncertainty is not None:
@@ -257,14 +231,11 @@ def evaluate_arrays(
     panels = _panel_positions(n, cfg.num_panels) if plots_dir is not None else []
     clean = run_pass(model, images, cfg.batch_size, seed=cfg.seed, ids=ids, gt_masks=masks, panel_positions=panels)
 
-    result: dict[str, float] = {}
-    if clean.class_prob is not None:
-        cls = metrics.classification_metrics(labels, clean.class_prob, model.positive_class, cfg.calibration_bins)
-        result.update({f"cls/{k}": v for k, v in cls.items()})
+    result = metrics.task_metrics(labels, clean.class_prob, clean.pred_masks, masks, positive=model.positive_class,
+                                  mask_classes=model.mask_classes, bins=cfg.calibration_bins)
     gt_vcdr = np.array([metrics.vertical_cdr(m) for m in masks]) if fundus else None
     pred_vcdr = None
     if clean.pred_masks is not None:
-        result.update(_segmentation(clean.pred_masks, masks, model.mask_classes, distances=True))
         if fundus:
             pred_vcdr = np.array([metrics.vertical_cdr(m) for m in clean.pred_masks])
             result["clinical/vcdr_mae"] = metrics.vcdr_mae(pred_vcdr, gt_vcdr)
@@ -340,7 +311,7 @@ def _bootstrap_intervals(
         if clean.class_uncertainty is not None:
             statistics["unc/error_auroc"] = metrics.resampled_auc(clean.class_uncertainty, ~correct)
     if clean.pred_masks is not None:
-        for name, dice in _dice_per_image(clean.pred_masks, masks, model.mask_classes).items():
+        for name, dice in metrics.dice_per_image(clean.pred_masks, masks, model.mask_classes).items():
             statistics[f"seg/dice_{name}"] = metrics.resampled_ratio(dice, every_image)
     if clean.pixel_uncertainty_sample is not None:
         statistics["unc/pixel_error_auroc"] = metrics.resampled_auc(
@@ -473,6 +444,11 @@ def evaluate(params: Params) -> dict[str, float | None]:
         raise ModelFileError(
             f"{paths.metadata}: the model has {len(model.class_names)} classes {model.class_names}, "
             f"the data set {paths.dataset} has {len(prepared.class_names)} {list(prepared.class_names)}"
+        )
+    if model.has_cls and prepared.positive_class != model.positive_class:
+        raise ModelFileError(
+            f"{paths.metadata}: positive class {model.positive_class} differs from the data set's "
+            f"{prepared.positive_class} ({paths.dataset}): re-run the export stage"
         )
     if model.has_seg and list(prepared.mask_classes) != model.mask_classes:
         raise ModelFileError(

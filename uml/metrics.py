@@ -6,6 +6,11 @@ Function names follow the metric keys of ``data/reports/metrics.json`` (``cls/ac
 - ``labels`` are int class indices (n,); ``prob`` is (n, K) class probabilities (rows sum to 1);
   ``positive`` is the index of the positive class (glaucoma) for the binary-style metrics
   (sensitivity, specificity, F1 and AUC with K = 2). With K > 2 these are "positive vs rest".
+  It has no default: every caller passes the data set's declared positive class (the prepared
+  store's ``positive_class``, which the export copies into the model's metadata).
+- One function per metric; :func:`classification_metrics` and :func:`segmentation_metrics` are
+  the sets of them that both validation (``uml.train.worker.validate``) and evaluation
+  (``uml.evaluate``) compute, through :func:`task_metrics`. A new metric added there reaches both.
 - A metric that is undefined on its input (an AUC with a single class present, a sensitivity
   without positives, a distance to an empty mask) is ``nan``, never an exception:
   the evaluation stage writes it as ``null``.
@@ -84,7 +89,7 @@ def acc(labels: np.ndarray, pred: np.ndarray) -> float:
     return float(accuracy_score(labels, pred))
 
 
-def auc(labels: np.ndarray, prob: np.ndarray, positive: int = 1) -> float:
+def auc(labels: np.ndarray, prob: np.ndarray, positive: int) -> float:
     """ROC AUC: of ``prob[:, positive]`` for K = 2, one-vs-rest macro AUC for K > 2.
 
     ``prob`` may also be a 1-D score for the positive class. ``nan`` when ``labels`` hold a
@@ -118,19 +123,19 @@ def kappa(labels: np.ndarray, pred: np.ndarray) -> float:
     return float(cohen_kappa_score(labels, pred))
 
 
-def sensitivity(labels: np.ndarray, pred: np.ndarray, positive: int = 1) -> float:
+def sensitivity(labels: np.ndarray, pred: np.ndarray, positive: int) -> float:
     """True positive rate TP / (TP + FN) of the positive class (``nan`` without positives)."""
     _, _, fn, tp = _binary_confusion(labels, pred, positive)
     return _safe_ratio(tp, tp + fn)
 
 
-def specificity(labels: np.ndarray, pred: np.ndarray, positive: int = 1) -> float:
+def specificity(labels: np.ndarray, pred: np.ndarray, positive: int) -> float:
     """True negative rate TN / (TN + FP) (``nan`` without negatives)."""
     tn, fp, _, _ = _binary_confusion(labels, pred, positive)
     return _safe_ratio(tn, tn + fp)
 
 
-def f1(labels: np.ndarray, pred: np.ndarray, positive: int = 1, num_classes: int = 2) -> float:
+def f1(labels: np.ndarray, pred: np.ndarray, positive: int, num_classes: int = 2) -> float:
     """F1 of the positive class for K = 2; macro F1 over all classes for K > 2.
 
     0.0 (not ``nan``) when there are neither positive labels nor positive predictions, as
@@ -191,19 +196,29 @@ def ece(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
     return float((stats["count"][filled] * gap).sum() / n)
 
 
-def classification_metrics(labels: np.ndarray, prob: np.ndarray, positive: int = 1, bins: int = 10) -> dict[str, float]:
-    """All image-level metrics, keyed as in metrics.json without the ``cls/`` prefix."""
+CLASSIFICATION_METRICS: tuple[str, ...] = ("acc", "auc", "kappa", "sensitivity", "specificity", "f1", "ece")
+
+
+def classification_metrics(labels: np.ndarray, prob: np.ndarray, positive: int, bins: int = 10,
+                           names: Sequence[str] = CLASSIFICATION_METRICS) -> dict[str, float]:
+    """The image-level metrics ``names`` (all by default, in that order), keyed as in metrics.json
+    without the ``cls/`` prefix; the predicted class is the argmax of ``prob``."""
     prob = _as_prob(prob)
+    labels = np.asarray(labels)
     pred = predicted_class(prob)
-    return {
-        "acc": acc(labels, pred),
-        "auc": auc(labels, prob, positive),
-        "kappa": kappa(labels, pred),
-        "sensitivity": sensitivity(labels, pred, positive),
-        "specificity": specificity(labels, pred, positive),
-        "f1": f1(labels, pred, positive, num_classes=prob.shape[1]),
-        "ece": ece(labels, prob, bins),
+    compute: dict[str, Callable[[], float]] = {
+        "acc": lambda: acc(labels, pred),
+        "auc": lambda: auc(labels, prob, positive),
+        "kappa": lambda: kappa(labels, pred),
+        "sensitivity": lambda: sensitivity(labels, pred, positive),
+        "specificity": lambda: specificity(labels, pred, positive),
+        "f1": lambda: f1(labels, pred, positive, num_classes=prob.shape[1]),
+        "ece": lambda: ece(labels, prob, bins),
     }
+    unknown = [name for name in names if name not in compute]
+    if unknown:
+        raise ValueError(f"unknown classification metrics {unknown}; known: {list(compute)}")
+    return {name: compute[name]() for name in names}
 
 
 # ------------------------------------------------------------------------- segmentation
@@ -292,6 +307,59 @@ def structures(mask_classes: Sequence[str]) -> dict[str, Callable[[np.ndarray], 
     return {name: (lambda m, c=c: m == c) for c, name in enumerate(mask_classes) if c > 0}
 
 
+def dice_per_image(pred_masks: np.ndarray, gt_masks: np.ndarray, mask_classes: Sequence[str]) -> dict[str, np.ndarray]:
+    """Structure name (:func:`structures`) -> the Dice of each image, for label-mask stacks (n, H, W)."""
+    pred_masks, gt_masks = np.asarray(pred_masks), np.asarray(gt_masks)
+    return {name: np.array([dice(p, g) for p, g in zip(select(pred_masks), select(gt_masks))], dtype=np.float64)
+            for name, select in structures(mask_classes).items()}
+
+
+def segmentation_metrics(pred_masks: np.ndarray, gt_masks: np.ndarray, mask_classes: Sequence[str],
+                         distances: bool = True) -> dict[str, float]:
+    """Per-image segmentation metrics averaged over the images, keyed as in metrics.json without
+    the ``seg/`` prefix: ``dice_<s>`` for every structure ``<s>``, then, with ``distances``,
+    ``assd_<s>``, ``hd95_<s>`` (means over the images where they are defined) and
+    ``dist_undefined_<s>`` (how many images were left out: exactly one mask empty)."""
+    result = {f"dice_{name}": float(values.mean()) for name, values in dice_per_image(pred_masks, gt_masks, mask_classes).items()}
+    if not distances:
+        return result
+    for name, select in structures(mask_classes).items():
+        pred_bin, gt_bin = select(np.asarray(pred_masks)), select(np.asarray(gt_masks))
+        assd_values = np.array([assd(p, g) for p, g in zip(pred_bin, gt_bin)])
+        hd95_values = np.array([hd95(p, g) for p, g in zip(pred_bin, gt_bin)])
+        defined = np.isfinite(assd_values)
+        result[f"assd_{name}"] = float(assd_values[defined].mean()) if defined.any() else math.nan
+        result[f"hd95_{name}"] = float(hd95_values[defined].mean()) if defined.any() else math.nan
+        result[f"dist_undefined_{name}"] = float((~defined).sum())
+    return result
+
+
+def task_metrics(
+    labels: np.ndarray,
+    prob: np.ndarray | None,
+    pred_masks: np.ndarray | None,
+    gt_masks: np.ndarray,
+    *,
+    positive: int,
+    mask_classes: Sequence[str],
+    bins: int = 10,
+    classification: Sequence[str] = CLASSIFICATION_METRICS,
+    distances: bool = True,
+) -> dict[str, float]:
+    """The classification (``cls/<name>``, from :func:`classification_metrics`) and segmentation
+    (``seg/<name>``, from :func:`segmentation_metrics`) metrics of one set of predictions: the one
+    path by which validation and evaluation compute them. ``prob`` or ``pred_masks`` is ``None``
+    for a model without that task; its keys are then absent."""
+    result: dict[str, float] = {}
+    if prob is not None:
+        values = classification_metrics(labels, prob, positive, bins, classification)
+        result.update({f"cls/{k}": v for k, v in values.items()})
+    if pred_masks is not None:
+        values = segmentation_metrics(pred_masks, gt_masks, mask_classes, distances)
+        result.update({f"seg/{k}": v for k, v in values.items()})
+    return result
+
+
 # ----------------------------------------------------------------------------- clinical
 def vertical_cdr(mask: np.ndarray) -> float:
     """Vertical cup-to-disc ratio of a fundus label mask (0 background, 1 rim, 2 cup).
@@ -324,7 +392,7 @@ def vcdr_mae(pred_vcdr: np.ndarray, gt_vcdr: np.ndarray) -> float:
     return float(np.abs(pred_vcdr[valid] - gt_vcdr[valid]).mean())
 
 
-def vcdr_auc(labels: np.ndarray, pred_vcdr: np.ndarray, positive: int = 1) -> float:
+def vcdr_auc(labels: np.ndarray, pred_vcdr: np.ndarray, positive: int) -> float:
     """AUC of the predicted vCDR as a glaucoma score; images without a predicted disc are left out
     (``nan`` when that leaves a single class or none)."""
     labels, pred_vcdr = np.asarray(labels), np.asarray(pred_vcdr, dtype=np.float64)
@@ -474,7 +542,7 @@ def resampled_ratio(numerator: np.ndarray, denominator: np.ndarray, empty: float
     return statistic
 
 
-def resampled_f1(labels: np.ndarray, pred: np.ndarray, positive: int = 1, num_classes: int = 2) -> ResampledStatistic:
+def resampled_f1(labels: np.ndarray, pred: np.ndarray, positive: int, num_classes: int = 2) -> ResampledStatistic:
     """:func:`f1` per resample: ``2TP / (2TP + FP + FN)`` of the positive class (macro over all
     classes for K > 2), 0.0 where a class has neither labels nor predictions."""
     labels, pred = np.asarray(labels), np.asarray(pred)
@@ -556,7 +624,7 @@ def resampled_auc(
     return statistic
 
 
-def resampled_class_auc(labels: np.ndarray, prob: np.ndarray, positive: int = 1) -> ResampledStatistic:
+def resampled_class_auc(labels: np.ndarray, prob: np.ndarray, positive: int) -> ResampledStatistic:
     """:func:`auc` per resample: of ``prob[:, positive]`` for K = 2, the one-vs-rest macro AUC for
     K > 2 (``nan`` when a resample lacks a class, as there)."""
     prob, labels = _as_prob(prob), np.asarray(labels)

@@ -112,20 +112,32 @@ def _unwrap(model: torch.nn.Module) -> UMLNet:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+# The classification metrics of a validation row (the evaluation stage computes them all).
+VALIDATION_CLASSIFICATION_METRICS = ("acc", "auc", "f1")
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    # A rank whose share is empty contributes a 1-D placeholder that the others' (n, H, W) masks
+    # cannot be joined with.
+    filled = [p for p in parts if p.size]
+    return np.concatenate(filled) if filled else np.zeros(0)
+
+
 @torch.no_grad()
 def validate(model: UMLNet, store: str, indices: np.ndarray, mask_classes: list[str], batch_size: int,
              device: torch.device, dtype: torch.dtype | None = None) -> dict[str, float]:
     """Validation metrics over ``indices``, each worker taking a disjoint share.
 
-    Per-image results are gathered to every rank, so all ranks report identical metrics.
+    The predictions are gathered to every rank, so all ranks report identical metrics. The
+    classification and segmentation metrics come from :func:`uml.metrics.task_metrics`, as in the
+    evaluation stage, with the data set's declared positive class.
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     share = validation_share(indices, rank, world)
     dataset = SegClsDataset(store, share)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    structures = metrics.structures(mask_classes)
-    rows: dict[str, list] = {"label": [], "prob": [], "unc": [], "pix_unc": [], **{f"dice_{s}": [] for s in structures}}
+    rows: dict[str, list] = {"label": [], "prob": [], "unc": [], "pix_unc": [], "pred_mask": [], "gt_mask": []}
     model.eval()
     for batch in loader:
         with _autocast(device, dtype):
@@ -135,30 +147,32 @@ def validate(model: UMLNet, store: str, indices: np.ndarray, mask_classes: list[
             rows["prob"].append(out["class_prob"].float().cpu().numpy())
             rows["unc"].append(out["class_uncertainty"].float().cpu().numpy()[:, 0])
         if "seg_prob" in out:
-            pred = out["seg_prob"].argmax(1).cpu().numpy()
-            gt = batch["mask"].numpy()
+            rows["pred_mask"].append(out["seg_prob"].argmax(1).cpu().numpy().astype(np.uint8))
+            rows["gt_mask"].append(batch["mask"].numpy().astype(np.uint8))
             rows["pix_unc"].append(out["seg_uncertainty"].float().mean(dim=(1, 2, 3)).cpu().numpy())
-            for name, select in structures.items():
-                rows[f"dice_{name}"].append(np.array([metrics.dice(select(p), select(g)) for p, g in zip(pred, gt)]))
-    local = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in rows.items()}
+    local = {k: _concat(v) for k, v in rows.items()}
     if world > 1:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, local)
-        local = {k: np.concatenate([g[k] for g in gathered]) for k in local}
-    result: dict[str, float] = {}
-    if local["prob"].size:
-        prob = local["prob"].reshape(len(local["label"]), -1)
-        pred = metrics.predicted_class(prob)
-        result.update({
-            "cls/acc": metrics.acc(local["label"], pred),
-            "cls/auc": metrics.auc(local["label"], prob),
-            "cls/f1": metrics.f1(local["label"], pred, num_classes=prob.shape[1]),
-            "unc/class": float(local["unc"].mean()),
-        })
-    if local["pix_unc"].size:
+        local = {k: _concat([g[k] for g in gathered]) for k in local}
+    has_cls, has_seg = local["prob"].size > 0, local["pred_mask"].size > 0
+    task = metrics.task_metrics(
+        local["label"],
+        local["prob"].reshape(len(local["label"]), -1) if has_cls else None,
+        local["pred_mask"] if has_seg else None,
+        local["gt_mask"],
+        positive=dataset.positive_class,
+        mask_classes=mask_classes,
+        classification=VALIDATION_CLASSIFICATION_METRICS,
+        distances=False,
+    )
+    # Key order as the history has always had it: classification, uncertainties, segmentation.
+    result = {k: v for k, v in task.items() if k.startswith("cls/")}
+    if has_cls:
+        result["unc/class"] = float(local["unc"].mean())
+    if has_seg:
         result["unc/pixel"] = float(local["pix_unc"].mean())
-        for name in structures:
-            result[f"seg/dice_{name}"] = float(local[f"dice_{name}"].mean())
+    result.update({k: v for k, v in task.items() if k.startswith("seg/")})
     result["score"] = selection_score(result)
     return result
 
