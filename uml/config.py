@@ -514,18 +514,34 @@ def parse_params(raw: dict[str, Any] | None, source: str = "<params>") -> Params
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            key = _key_path(err["loc"]) or "<top level>"
-            if err["type"] == "extra_forbidden":
-                lines.append(f"{source}: unknown key '{key}'")
-            else:
-                got = err.get("input")
-                got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-                lines.append(f"{source}: {key}: {err['msg']}{got_text}{_yaml_number_hint(err['type'], got)}")
-        raise ConfigError("\n".join(lines)) from None
+        raise _config_error(exc, source) from None
     params._source = source
     return params
+
+
+def _config_error(exc: ValidationError, source: str, prefix: tuple[str, ...] = ()) -> ConfigError:
+    """One line per validation error, naming the source, the dotted key and the value."""
+    lines = []
+    for err in exc.errors():
+        key = _key_path(prefix + tuple(err["loc"])) or "<top level>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            got = err.get("input")
+            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: {key}: {err['msg']}{got_text}{_yaml_number_hint(err['type'], got)}")
+    return ConfigError("\n".join(lines))
+
+
+def check_model_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``values`` (keys of the ``model:`` section) checked by :class:`ModelParams`' rules, the one
+    definition of what each key accepts; returns them normalised (tuples to lists, numpy scalars
+    to Python numbers). Lax, unlike params files: the values come from code or a saved model."""
+    try:
+        checked = ModelParams.model_validate(values, strict=False)
+    except ValidationError as exc:
+        raise _config_error(exc, source, prefix=("model",)) from None
+    return {key: getattr(checked, key) for key in values}
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:

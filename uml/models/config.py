@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from uml.config import ModelParams, check_model_keys
 from uml.errors import ConfigError
 
 
@@ -45,16 +46,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.tasks = sorted(set(self.tasks))
-        if not self.tasks or any(t not in ("cls", "seg") for t in self.tasks):
-            raise ConfigError(f"model.tasks must be a non-empty subset of [cls, seg], got {self.tasks}")
-        for name in ("feature_strides", "mixer_widths", "decoder_widths", "instructor_widths"):
-            value = list(getattr(self, name))
-            if len(value) != 4 or any(int(v) < 1 for v in value):
-                raise ConfigError(f"model.{name} must list four positive values, got {value}")
-            setattr(self, name, [int(v) for v in value])
-        for name in ("mixer_width", "mutual_head_width", "instructor_dilation"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        # The keys params.yaml's model: section also has follow its rules (uml.config.ModelParams);
+        # what only the resolved architecture can violate is checked below.
+        shared = {f.name: getattr(self, f.name) for f in fields(self) if f.name in ModelParams.model_fields}
+        for name, value in check_model_keys(shared, source="model config").items():
+            # params.yaml's null means "the preset's value"; a resolved config has a value.
+            if value is None and next(f for f in fields(self) if f.name == name).default is not None:
+                raise ConfigError(f"model config: model.{name} needs a value, got None")
+            setattr(self, name, value)
         if (2 * self.mixer_width) % FEATURE_MIXER_SHUFFLE_GROUP:
             raise ConfigError(f"model.mixer_width must make 2 * mixer_width divisible by {FEATURE_MIXER_SHUFFLE_GROUP} "
                               f"(channel shuffle), got {self.mixer_width}")
@@ -65,10 +64,6 @@ class ModelConfig:
             raise ConfigError(f"image size {self.image_size} must be divisible by the coarsest feature stride {s[3]}")
         if self.num_classes < 2 or self.num_mask_classes < 2:
             raise ConfigError(f"need >= 2 classes and mask classes, got {self.num_classes} and {self.num_mask_classes}")
-        if self.navigator_head_init not in NAVIGATOR_HEAD_INITS:
-            raise ConfigError(f"model.navigator_head_init must be one of {list(NAVIGATOR_HEAD_INITS)}, got {self.navigator_head_init!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,7 +79,6 @@ class ModelConfig:
 
 # The channel shuffle of the published mixer works on groups of four channels.
 FEATURE_MIXER_SHUFFLE_GROUP = 4
-NAVIGATOR_HEAD_INITS = ("kaiming_fan_out", "fan_in")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The published configuration (authors' 2023 code): Res2Net-50 v1b 26w x 4s (deep stem kept
