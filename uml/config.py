@@ -23,6 +23,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, 
                       model_validator)
 
 from uml.errors import ConfigError
+from uml.fundus import FUNDUS_MASK_CLASSES
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -110,7 +111,7 @@ class DataParams(_Section):
     split: SplitParams = SplitParams()
     # Folder importer: class names in label-index order (null: sorted unique CSV labels).
     class_names: list[str] | None = None
-    mask_classes: list[str] = ["background", "disc", "cup"]
+    mask_classes: list[str] = list(FUNDUS_MASK_CLASSES)
     # Folder importer: pixel value -> mask class index (null: pixel values are the class indices).
     mask_values: dict[int, int] | None = None
     synthetic: SyntheticParams = SyntheticParams()

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 from uml import metrics, plots
 from uml.config import EvaluateParams, Params, Paths
 from uml.errors import DataError, ModelFileError
+from uml.fundus import FUNDUS_MASK_CLASSES
 from uml.noise import gaussian_noise, salt_and_pepper
 from uml.onnx_model import OnnxModel
 
@@ -227,7 +228,7 @@ def evaluate_arrays(
     if model.has_seg and masks.max() >= len(model.mask_classes):
         raise DataError(f"test masks hold class {masks.max()} but the model has {len(model.mask_classes)} mask classes")
 
-    fundus = tuple(model.mask_classes) == metrics.FUNDUS_MASK_CLASSES
+    fundus = tuple(model.mask_classes) == FUNDUS_MASK_CLASSES
     panels = _panel_positions(n, cfg.num_panels) if plots_dir is not None else []
     clean = run_pass(model, images, cfg.batch_size, seed=cfg.seed, ids=ids, gt_masks=masks, panel_positions=panels)
 

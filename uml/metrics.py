@@ -51,6 +51,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from uml.fundus import FUNDUS_MASK_CLASSES
+
 # Pixel-level AUROC above this many pixels is computed on a deterministic random subset:
 # roc_auc_score sorts its input, and a full REFUGE test split has ~26M pixels at 256².
 PIXEL_AUROC_MAX_PIXELS = 1_000_000
@@ -290,9 +292,6 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = Non
     if a.size == 0:
         return 0.0
     return float(max(np.percentile(a, 95), np.percentile(b, 95)))
-
-
-FUNDUS_MASK_CLASSES = ("background", "disc", "cup")
 
 
 def structures(mask_classes: Sequence[str]) -> dict[str, Callable[[np.ndarray], np.ndarray]]:

@@ -39,6 +39,7 @@ import numpy as np
 
 from uml import metrics
 from uml.errors import DataError
+from uml.fundus import FUNDUS_MASK_CLASSES
 from uml.image_io import read_rgb, resize_image
 from uml.onnx_model import OnnxModel
 
@@ -106,7 +107,7 @@ def summarize(model: OnnxModel, prediction: Prediction, source: str | Path) -> d
             record["class_uncertainty"] = prediction.class_uncertainty
     if prediction.mask is not None:
         total = prediction.mask.size
-        if tuple(model.mask_classes) == metrics.FUNDUS_MASK_CLASSES:
+        if tuple(model.mask_classes) == FUNDUS_MASK_CLASSES:
             record["vcdr"] = _finite_or_none(metrics.vertical_cdr(prediction.mask))
         for name, select in metrics.structures(model.mask_classes).items():
             pixels = int(select(prediction.mask).sum())

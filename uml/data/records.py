@@ -13,12 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-# Fundus data (synthetic and REFUGE): mask class 1 is the disc rim, 2 the cup; "disc" metrics are
-# computed on rim ∪ cup downstream, as the REFUGE challenge does.
-FUNDUS_MASK_CLASSES: tuple[str, ...] = ("background", "disc", "cup")
-FUNDUS_CLASS_NAMES: tuple[str, ...] = ("non-glaucoma", "glaucoma")
-# The class that the binary metrics (sensitivity, F1, AUC) score: glaucoma.
-FUNDUS_POSITIVE_CLASS: int = FUNDUS_CLASS_NAMES.index("glaucoma")
+# Re-exported: the sources name their classes through this module.
+from uml.fundus import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, FUNDUS_POSITIVE_CLASS  # noqa: F401
 
 
 @dataclass(frozen=True)
