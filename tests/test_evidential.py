@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from uml.evidential import belief, dirichlet, evidential_terms, kl_to_uniform, normalized_entropy
+from uml.evidential import belief, dirichlet, evidential_terms, kl_to_uniform, normalized_entropy, one_hot
 from uml.losses import evidential_loss
 
 
@@ -101,9 +101,21 @@ def test_safe_under_bf16_autocast():
     assert float(loss) == pytest.approx(float(reference), rel=2e-2)
 
 
-def test_target_out_of_range_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"\[0, 2\]"):
-        evidential_loss(torch.rand(1, 3), torch.tensor([3]), 1.0)
+def test_target_out_of_range_still_fails_without_a_range_check():
+    # one_hot no longer reads the range back (a host sync); scatter's bounds check still refuses
+    # an index outside [0, K). The clear message is the data set's (tests/data/test_dataset.py).
+    for bad in (3, -1):
+        with pytest.raises(RuntimeError, match="out of bounds"):
+            evidential_loss(torch.rand(1, 3), torch.tensor([bad]), 1.0)
+
+
+def test_one_hot_matches_torch_and_puts_classes_at_dim():
+    target = torch.tensor([[[0, 2], [1, 0]]], dtype=torch.uint8)  # (1, 2, 2), uint8 as masks arrive
+    encoded = one_hot(target, 3)
+    assert encoded.dtype == torch.float32 and encoded.shape == (1, 3, 2, 2)
+    assert torch.equal(encoded, torch.nn.functional.one_hot(target.long(), 3).movedim(-1, 1).float())
+    assert encoded[0, :, 0, 1].tolist() == [0.0, 0.0, 1.0]  # pixel (0, 1) is class 2
+    assert torch.equal(one_hot(torch.tensor([2, 0]), 3, dim=-1), torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))
 
 
 def test_normalized_entropy_bounds():

@@ -67,12 +67,18 @@ def kl_to_uniform(alpha: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 
 def one_hot(target: torch.Tensor, num_classes: int, dim: int = 1) -> torch.Tensor:
-    """Integer labels (B, ...) -> float one-hot with the class axis at ``dim``."""
-    if target.dtype != torch.int64:
-        target = target.long()
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-        raise ValueError(f"target values must lie in [0, {num_classes - 1}], got [{int(target.min())}, {int(target.max())}]")
-    return F.one_hot(target, num_classes).movedim(-1, dim).float()
+    """Integer labels (B, ...) -> float one-hot with the class axis at ``dim``.
+
+    Reads no value back to the host: checking the range here (or ``F.one_hot``, which does so
+    on the CPU) would block on the device eight times per training step (min and max in each of the
+    loss's four calls). The data set checks
+    labels and mask values when it loads them (:class:`uml.data.dataset.SegClsDataset`); an index
+    outside ``[0, num_classes)`` that gets here anyway still fails in ``scatter_``'s own bounds
+    check (an error on the CPU, a device-side assert on a GPU), never silently.
+    """
+    target = target.long()
+    encoded = torch.zeros(*target.shape, num_classes, dtype=torch.float32, device=target.device)
+    return encoded.scatter_(-1, target.unsqueeze(-1), 1.0).movedim(-1, dim)
 
 
 def evidential_cross_entropy(alpha: torch.Tensor, target_one_hot: torch.Tensor, dim: int = 1) -> torch.Tensor:

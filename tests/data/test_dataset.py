@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from torch.utils.data import DataLoader
 
 from uml.config import AffineParams, AugmentParams, ColorParams, SplitParams, SyntheticParams
 from uml.data.dataset import SegClsDataset, build_augmentation, worker_init_fn
-from uml.data.store import open_prepared, write_dataset
+from uml.data.store import file_checksums, open_prepared, write_dataset
 from uml.data.synthetic import SyntheticSource
 from uml.errors import DataError
 
@@ -54,6 +56,33 @@ def test_bad_indices_and_missing_store(store: Path, tmp_path: Path) -> None:
         SegClsDataset(store, [0, 24])
     with pytest.raises(DataError, match="pipeline.prepare"):
         SegClsDataset(tmp_path / "nope.zarr", [0])
+
+
+def _tampered(store: Path, tmp_path: Path, array: str, index: tuple[int, ...], value: int) -> Path:
+    """A copy of ``store`` with one value of ``array`` changed and the checksums rewritten to match,
+    so only the dataset's own check can notice (the writer refuses such values)."""
+    copy = tmp_path / "tampered.zarr"
+    shutil.copytree(store, copy)
+    group = zarr.open_group(copy, mode="r+")
+    group[array][index] = value
+    group.update_attributes({"checksums": file_checksums(copy)})
+    return copy
+
+
+def test_a_label_outside_the_classes_is_refused_when_the_dataset_opens(store: Path, tmp_path: Path) -> None:
+    bad = _tampered(store, tmp_path, "labels", (5,), 7)
+    with pytest.raises(DataError, match=r"tampered.zarr: label\(s\) \[7\] of image\(s\) \[5\] are not class indices "
+                                        r"in 0..1; re-run `python -m pipeline.prepare`"):
+        SegClsDataset(bad, [0, 1])  # any split: the whole store's labels are checked once
+
+
+def test_a_mask_value_outside_the_mask_classes_is_refused_when_the_item_loads(store: Path, tmp_path: Path) -> None:
+    bad = _tampered(store, tmp_path, "masks", (3, 0, 0), 3)
+    ds = SegClsDataset(bad, [2, 3])
+    assert ds[0]["mask"].max() <= 2
+    with pytest.raises(DataError, match=r"tampered.zarr: mask of image 3 holds value\(s\) \[3\] outside the mask "
+                                        r"classes 0..2"):
+        ds[1]
 
 
 def test_flip_is_joint_and_exact(store: Path) -> None:

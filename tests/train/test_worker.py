@@ -1,12 +1,13 @@
 """The training loop's pieces run in-process, without a Ray cluster (one worker, Ray Train's
 model and loader preparation replaced by the identity): resume from a checkpoint continues
-exactly as the uninterrupted run."""
+exactly as the uninterrupted run; a training step reads nothing back from the device."""
 
 from __future__ import annotations
 
 import pytest
 import ray.train.torch
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from uml.config import Paths, load_params
 from uml.data.prepare import prepare
@@ -17,6 +18,21 @@ from uml.train.trainer import model_config
 from tests.train.tiny import write_tiny_params
 
 CPU = torch.device("cpu")
+
+
+class HostReads(TorchDispatchMode):
+    """Every tensor whose value is read back to Python: ``.item()``, ``int()``, ``float()`` and
+    ``bool()`` of a tensor all end in ``aten._local_scalar_dense``, and on a GPU each is a blocking
+    host sync. Counted on the CPU here, where torch dispatches the same ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tensors: list[torch.Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.tensors.append(args[0])  # kept alive, so data_ptr() identifies it afterwards
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +82,20 @@ def test_a_split_smaller_than_one_global_batch_is_refused(tiny_store, one_worker
     big = params.with_overrides({"train.batch_size": 64})
     with pytest.raises(ValueError, match=r"smaller than one global batch of train.batch_size=64: lower the batch size"):
         worker.open_worker_data(big, str(Paths(params).dataset), rank=0, world=1, device=CPU)
+
+
+def test_a_training_step_reads_nothing_back_but_adams_cpu_step_counters(tiny_store, one_worker):
+    params, model_cfg = tiny_store
+    data = worker.open_worker_data(params, str(Paths(params).dataset), rank=0, world=1, device=CPU)
+    state = worker.build_state(params, model_cfg, epochs=2, device=CPU)
+    with HostReads() as reads:
+        losses, _, steps = worker.train_one_epoch(state, data, params, 0, 0, CPU, None)
+    counters = {s["step"].data_ptr() for s in state.optimizer.state.values()}
+    adam = [t for t in reads.tensors if t.data_ptr() in counters]
+    others = [t for t in reads.tensors if t.data_ptr() not in counters]
+    # Adam (capturable=False) reads its step counter per parameter; those live on the CPU, not a sync.
+    assert steps == 2 and len(adam) == steps * len(state.optimizer.state)
+    assert all(s["step"].device == CPU for s in state.optimizer.state.values())
+    # Once per epoch, not per step: the mean of each logged loss, and the DataLoader's base seed
+    # (a CPU tensor). A label check in the loss would add reads at every step (16 before).
+    assert len(others) == len(losses) + 1, [tuple(t.shape) for t in others]

@@ -84,7 +84,9 @@ class SegClsDataset(Dataset):
     ``data.augment`` params) enables training augmentation; None or ``enabled: false`` reads the
     images as stored.
 
-    The store is validated when the dataset is built; zarr handles are opened lazily in each
+    The store is validated when the dataset is built, including every label; each mask's values
+    are checked when its item loads. These are the only range checks of labels and masks before
+    the loss (see :func:`uml.evidential.one_hot`). Zarr handles are opened lazily in each
     process and dropped when the dataset is pickled (DataLoader workers, Ray), so none is shared
     across processes.
     """
@@ -103,6 +105,15 @@ class SegClsDataset(Dataset):
         self.image_size = data.image_size
         # Labels are tiny: keep them in memory (also what samplers need).
         self._all_labels = np.asarray(data.labels[:], dtype=np.int64)
+        # Labels and mask values are checked here, on the CPU, and nowhere downstream: a range
+        # check in the loss would read the values back from the device at every step.
+        num_classes = len(self.class_names)
+        bad = np.flatnonzero((self._all_labels < 0) | (self._all_labels >= num_classes))
+        if bad.size:
+            raise DataError(f"{self.store_path}: label(s) {self._all_labels[bad[:5]].tolist()} of image(s) "
+                            f"{bad[:5].tolist()} are not class indices in 0..{num_classes - 1}; re-run "
+                            "`python -m pipeline.prepare`")
+        self._num_mask_classes = len(self.mask_classes)
         self.augment = augment
         self.seed = int(seed)
         self.epoch = 0
@@ -146,6 +157,10 @@ class SegClsDataset(Dataset):
         images, masks = self._store_arrays()
         image = np.asarray(images[index])
         mask = np.asarray(masks[index])
+        if mask.max(initial=0) >= self._num_mask_classes:  # ~10 us per 256 px mask
+            values = np.unique(mask[mask >= self._num_mask_classes])[:5].tolist()
+            raise DataError(f"{self.store_path}: mask of image {index} holds value(s) {values} outside the mask "
+                            f"classes 0..{self._num_mask_classes - 1}; re-run `python -m pipeline.prepare`")
         if self._transform is not None:
             seq = sample_seed(self.seed, self.epoch, self.rank, index)
             py_seed = int(seq.generate_state(1, np.uint64)[0])
