@@ -70,11 +70,11 @@ def one_hot(target: torch.Tensor, num_classes: int, dim: int = 1) -> torch.Tenso
     """Integer labels (B, ...) -> float one-hot with the class axis at ``dim``.
 
     Reads no value back to the host: checking the range here (or ``F.one_hot``, which does so
-    on the CPU) would block on the device eight times per training step (min and max in each of the
-    loss's four calls). The data set checks
-    labels and mask values when it loads them (:class:`uml.data.dataset.SegClsDataset`); an index
-    outside ``[0, num_classes)`` that gets here anyway still fails in ``scatter_``'s own bounds
-    check (an error on the CPU, a device-side assert on a GPU), never silently.
+    on the CPU) would block on the device eight times per training step (min and max in each of
+    the loss's four calls). The data set checks labels and mask values when it loads them
+    (:class:`uml.data.dataset.SegClsDataset`); an index outside ``[0, num_classes)`` that gets
+    here anyway still fails in ``scatter_``'s own bounds check (an error on the CPU, a device-side
+    assert on a GPU), never silently.
     """
     target = target.long()
     encoded = torch.zeros(*target.shape, num_classes, dtype=torch.float32, device=target.device)
