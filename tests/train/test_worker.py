@@ -4,6 +4,8 @@ exactly as the uninterrupted run; a training step reads nothing back from the de
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import ray.train.torch
 import torch
@@ -12,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from uml.config import Paths, load_params
 from uml.data.prepare import prepare
 from uml.data.store import open_prepared
+from uml.models import ModelConfig, UMLNet
 from uml.train import worker
 from uml.train.trainer import model_config
 
@@ -64,8 +67,9 @@ def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(tiny_store, on
 
     torch.manual_seed(123)  # the fresh process of a restarted worker: other global RNG state
     resumed = worker.build_state(params, model_cfg, epochs=2, device=CPU)
-    assert worker.load_state(resumed, tmp_path, CPU) == 1
+    assert worker.load_state(resumed, tmp_path) == 1
     assert resumed.history == [{"epoch": 0, "train/loss": 1.0}]
+    assert all(s["step"].device == CPU for s in resumed.optimizer.state.values())
     losses, lr, steps = worker.train_one_epoch(resumed, data, params, 1, 0, CPU, None)
 
     assert steps == 2 and losses == expected_losses and lr == expected_lr
@@ -99,3 +103,25 @@ def test_a_training_step_reads_nothing_back_but_adams_cpu_step_counters(tiny_sto
     # Once per epoch, not per step: the mean of each logged loss, and the DataLoader's base seed
     # (a CPU tensor). A label check in the loss would add reads at every step (16 before).
     assert len(others) == len(losses) + 1, [tuple(t.shape) for t in others]
+
+
+def test_a_resume_keeps_adams_step_counters_on_the_cpu_and_the_rest_on_the_model_device(tiny_store, one_worker,
+                                                                                        tmp_path):
+    # "meta" stands in for a GPU: a device other than the CPU that the test machine has.
+    params, model_cfg = tiny_store
+    trained = worker.build_state(params, model_cfg, epochs=2, device=CPU)
+    trained.model(torch.rand(2, 3, 64, 64))["class_logits"].sum().backward()
+    trained.optimizer.step()
+    worker.save_state(trained, 0, tmp_path)
+
+    net = UMLNet(ModelConfig.from_dict(model_cfg)).to("meta")
+    optimizer = torch.optim.Adam(net.parameters(), lr=params.train.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    on_device = worker.TrainingState(net, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # copying weights into meta tensors is a no-op
+        assert worker.load_state(on_device, tmp_path) == 1
+    moments = [s for s in optimizer.state.values()]
+    assert len(moments) == len(trained.optimizer.state) > 0
+    assert all(s["step"].device == CPU and float(s["step"]) == 1.0 for s in moments)
+    assert all(s["exp_avg"].device.type == "meta" and s["exp_avg_sq"].device.type == "meta" for s in moments)

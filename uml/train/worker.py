@@ -246,9 +246,16 @@ def save_state(state: TrainingState, epoch: int, directory: Path) -> None:
     (directory / HISTORY_FILE).write_text(json.dumps(state.history))
 
 
-def load_state(state: TrainingState, directory: Path, device: torch.device) -> int:
-    """Restore ``state`` from a directory :func:`save_state` wrote; returns the next epoch to run."""
-    saved = torch.load(directory / STATE_FILE, map_location=device, weights_only=True)
+def load_state(state: TrainingState, directory: Path) -> int:
+    """Restore ``state`` from a directory :func:`save_state` wrote; returns the next epoch to run.
+
+    The file is read onto the CPU and each ``load_state_dict`` copies onto the device of what it
+    fills: the weights and Adam's moments follow the parameters, while Adam's ``step`` counters
+    stay on the CPU, where a fresh optimiser keeps them (with ``capturable=False`` Adam reads the
+    counter with ``.item()`` at every step: a blocking sync per parameter if it lived on a GPU, as
+    ``map_location=<device>`` would put it).
+    """
+    saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     state.net.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
@@ -357,7 +364,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
-            start_epoch = load_state(state, Path(ckpt_dir), device)
+            start_epoch = load_state(state, Path(ckpt_dir))
         if rank == 0:
             log.info("resuming from the checkpoint of epoch %d (%d/%d epochs done)", start_epoch, start_epoch, epochs)
     data = open_worker_data(params, config["store"], rank, world, device)
