@@ -48,14 +48,61 @@ def test_int_for_float_lists_and_mappings_still_validate():
     assert parse_params(params.model_dump()) == params
 
 
-def test_the_shipped_params_files_validate(tmp_path):
-    # Every section of the real params.yaml but model (whose fields another change is reworking)
-    # must pass strict validation: YAML gives ints, floats, bools, lists and mappings as such.
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw.pop("model")
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert load_params(path).train.epochs == raw["train"]["epochs"]
+def _leaves(tree, prefix=""):
+    """Dotted key -> value for every leaf of a nested mapping (search-space entries kept whole)."""
+    out = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and dotted not in ("tune.search_space", "ray.resources_per_worker"):
+            out.update(_leaves(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def test_params_yaml_lists_every_key_with_exactly_the_schema_default():
+    # One source of defaults: params.yaml is the schema's defaults written out in full (DVC reads
+    # every tracked key from it). A default changed in one and not the other fails here by key.
+    shipped = _leaves(yaml.safe_load((REPO / "params.yaml").read_text()))
+    defaults = _leaves(Params().model_dump())
+    assert sorted(shipped) == sorted(defaults)
+    differing = {k: (shipped[k], defaults[k]) for k in defaults if shipped[k] != defaults[k]}
+    assert not differing, differing
+    assert shipped["train.epochs"] == 10 and shipped["data.image_size"] == 128  # the CPU default run
+
+
+def test_the_published_recipe_file_holds_only_what_differs():
+    # configs/paper-gpu.yaml is an overrides file, not a third full copy: each key it sets
+    # changes the default; the keys it leaves out are the schema's.
+    raw = yaml.safe_load((REPO / "configs" / "paper-gpu.yaml").read_text())
+    overrides, defaults = _leaves(raw), _leaves(Params().model_dump())
+    unknown = set(overrides) - set(defaults)
+    assert not unknown, unknown
+    same = {k: v for k, v in overrides.items() if v == defaults[k]}
+    assert not same, f"configs/paper-gpu.yaml repeats defaults: {same}"
+    params = load_params(REPO / "configs" / "paper-gpu.yaml")
+    assert params.train.weight_decay == 1e-5 and params.loss.mut_weight == 0.1  # left out: published = default
+    assert params.data.image_size == 256 and params.train.epochs == 100
+
+
+def test_uml_params_writes_the_full_file_dvc_reads(tmp_path, capsys):
+    from uml.cli import main
+
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("train:\n  epochs: 3\ndata:\n  mask_values: {0: 0, 128: 1, 255: 2}\n")
+    out = tmp_path / "params.yaml"
+    assert main(["params", str(partial), "--out", str(out)]) == 0
+    written = yaml.safe_load(out.read_text())
+    assert written["train"]["epochs"] == 3 and written["train"]["lr"] == Params().train.lr
+    assert written["data"]["mask_values"] == {0: 0, 128: 1, 255: 2}  # integer keys stay integers
+    assert {k: sorted(v) for k, v in written.items()} == {k: sorted(v) for k, v in Params().model_dump().items()}
+    assert load_params(out).model_dump() == load_params(partial).model_dump()
+    # An invalid file: exit 1 naming the key, and the existing output untouched.
+    before = out.read_bytes()
+    partial.write_text("train:\n  epochs: 0\n")
+    assert main(["params", str(partial), "--out", str(out)]) == 1
+    assert "train.epochs" in capsys.readouterr().err and out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
 
 
 def test_a_params_file_that_is_not_utf8_names_the_file(tmp_path):

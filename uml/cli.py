@@ -5,6 +5,10 @@ files (any size; see :mod:`uml.predict` for the accepted formats) and writes, pe
 ``<stem>.json`` and ``<stem>_overlay.png`` into ``DIR``. ``metadata.json`` is read from next to the
 model. Exit status: 0 when every image was predicted, 1 when the model is unusable or any image
 failed (the others are still written), 2 for a command-line usage error.
+
+``uml params FILE [--out PATH]`` prints (or writes) every params key resolved from FILE, keys it
+leaves out taking the schema's defaults: how an overrides file such as ``configs/paper-gpu.yaml``
+becomes the full ``params.yaml`` that ``dvc repro`` reads. Exit status 1 for an invalid FILE.
 """
 
 from __future__ import annotations
@@ -31,7 +35,34 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--metadata", default=None, help="metadata file (default: metadata.json next to the model)")
     predict.add_argument("--out", required=True, help="output folder (created if missing)")
     predict.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: 2)")
+    params = commands.add_parser(
+        "params",
+        help="resolve a params file against the schema's defaults",
+        description="Print every params key: FILE's values, and the schema's defaults for the keys FILE leaves out.",
+    )
+    params.add_argument("file", metavar="FILE", help="a params file, complete or partial (e.g. configs/paper-gpu.yaml)")
+    params.add_argument("--out", default=None, help="write here (atomically) instead of printing, e.g. params.yaml")
     return parser
+
+
+def _params(args: argparse.Namespace) -> int:
+    from uml.config import dump_params, load_params
+    from uml.errors import UMLError
+
+    try:
+        text = dump_params(load_params(args.file), header=f"Resolved from {args.file} by `uml params`; "
+                           "keys it leaves out take the schema's defaults (uml/config.py).")
+    except UMLError as exc:
+        print(f"uml params: error: {exc}", file=sys.stderr)
+        return 1
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    from uml.atomic import write_text_replacing
+
+    write_text_replacing(args.out, text)
+    print(f"uml params: wrote {args.out}", file=sys.stderr)
+    return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -56,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "predict":
         return _predict(args)
+    if args.command == "params":
+        return _params(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse only accepts known commands
 
 

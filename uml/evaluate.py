@@ -57,6 +57,7 @@ from sklearn.metrics import roc_curve
 from tqdm.auto import tqdm
 
 from uml import metrics, plots
+from uml.atomic import write_text_replacing
 from uml.config import EvaluateParams, Params, Paths
 from uml.errors import DataError, ModelFileError
 from uml.fundus import FUNDUS_MASK_CLASSES
@@ -423,12 +424,8 @@ def to_json_ready(values: dict[str, float]) -> dict[str, float | None]:
 
 def write_metrics(path: str | Path, values: dict[str, float]) -> dict[str, float | None]:
     """Write the flat metrics JSON atomically (a reader never sees half a file)."""
-    path = Path(path)
     ready = to_json_ready(values)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(ready, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_text_replacing(path, json.dumps(ready, indent=2, allow_nan=False) + "\n")
     return ready
 
 

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ import cv2
 import numpy as np
 
 from uml import metrics
+from uml.atomic import write_replacing
 from uml.errors import DataError
 from uml.fundus import FUNDUS_MASK_CLASSES
 from uml.image_io import read_rgb, resize_image
@@ -141,27 +140,6 @@ def save_overlay(model: OnnxModel, prediction: Prediction, record: dict[str, Any
 
 def _print_error(message: str) -> None:
     print(message, file=sys.stderr)
-
-
-def write_replacing(folder: Path, name: str, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write ``folder/name`` through a new temporary file in ``folder`` renamed over it.
-
-    The temporary file is created exclusively (it never opens an existing file or link), and the
-    rename replaces whatever entry ``name`` was, a symbolic link included, without following it.
-    A failed write leaves the old file and no temporary one."""
-    target = folder / name
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".partial")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as an ordinary new file would be, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as stream:
-            write(stream)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def output_folder(out_dir: str | Path) -> Path:
