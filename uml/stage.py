@@ -5,17 +5,58 @@ and a non-zero exit."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from uml.config import DEFAULT_PARAMS, Params, load_params
-from uml.errors import UMLError
+from uml.errors import ConfigError, UMLError
 
 # albumentations otherwise checks online for a newer version at import.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+# Ray's job manager gives the entrypoint of `ray job submit` its job config in this variable
+# (ray._private.runtime_env.constants.RAY_JOB_CONFIG_JSON_ENV_VAR; read by its ray.init), with
+# the submission id under metadata.job_submission_id.
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def submitted_job_id(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The submission id when this process is the entrypoint of a Ray job, else None."""
+    raw = environ.get(RAY_JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        metadata = json.loads(raw).get("metadata") or {}
+    except (ValueError, AttributeError):
+        metadata = {}
+    return str(metadata.get("job_submission_id") or "(id unknown)")
+
+
+def check_job_paths(params: Params, environ: Mapping[str, str] = os.environ) -> None:
+    """Inside a Ray job, refuse a relative ``data.root`` or ``ray.storage_path``.
+
+    The job runs in a temporary copy of the uploaded working dir on the head node: git-ignored
+    data was not uploaded, outputs vanish with the copy, and no other node sees it."""
+    job = submitted_job_id(environ)
+    if job is None:
+        return
+    paths = {"data.root": params.data.root, "ray.storage_path": params.ray.storage_path}
+    relative = {key: value for key, value in paths.items()
+                if value and "://" not in value and not Path(value).expanduser().is_absolute()}
+    if relative:
+        named = ", ".join(f"{key} '{value}'" for key, value in relative.items())
+        raise ConfigError(
+            f"{params._source}: {named} {'is' if len(relative) == 1 else 'are'} relative, and this stage runs inside the Ray job {job} (ray job submit), "
+            f"whose working directory ({Path.cwd()}) is a temporary copy of the uploaded code on the head node: "
+            "git-ignored data is not in it, outputs written there are lost, and other nodes cannot see it. Set "
+            f"{' and '.join(relative)} to an absolute path on storage every node mounts (e.g. /mnt/shared/uml/data; "
+            "ray.storage_path may also be s3://... or gs://...).")
 
 
 def stage_parser(name: str, description: str) -> argparse.ArgumentParser:
@@ -31,6 +72,7 @@ def run_stage(name: str, description: str, fn: Callable[[Params], object], argv:
     start = time.perf_counter()
     try:
         params = load_params(args.params)
+        check_job_paths(params)
         fn(params)
     except UMLError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Training pieces that need no Ray cluster: LR schedule, sharding, storage check, search space,
+"""Training pieces that need no Ray cluster: LR schedule, sharding, search space,
 tuned params, run names."""
 
 import re
@@ -11,7 +11,6 @@ from torch.utils.data import DistributedSampler
 
 from uml.config import Params, Paths, parse_params
 from uml.errors import ClusterError, ConfigError
-from uml.train.cluster import check_storage
 from uml.train.schedule import ConstantThenPoly, build_scheduler
 from uml.train.sweep import build_search_space
 from uml.provenance import flatten
@@ -207,7 +206,6 @@ def test_workers_get_params_that_validate_strictly_again(tmp_path, monkeypatch):
             raise RuntimeError("captured")
 
     monkeypatch.setattr(trainer, "TorchTrainer", CapturingTrainer)
-    monkeypatch.setattr(trainer, "alive_nodes", lambda: 1)
     params = parse_params({"data": {"root": str(tmp_path), "mask_values": {0: 0, 128: 1, 255: 2}}})
     with pytest.raises(RuntimeError, match="captured"):
         trainer.run_trainer(params, name="x", model_cfg=SimpleNamespace(to_dict=dict), epochs=1)

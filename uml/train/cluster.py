@@ -1,5 +1,6 @@
 """Connecting to Ray: a local instance on loopback, or the cluster that ``ray.address`` /
-``RAY_ADDRESS`` names, and the shared-storage check for multi-node clusters."""
+``RAY_ADDRESS`` names; and who may write to ``ray.storage_path``. (What the cluster must offer
+before a run starts, shared storage included, is :mod:`uml.train.preflight`.)"""
 
 from __future__ import annotations
 
@@ -16,14 +17,6 @@ from uml.config import Params, Paths, is_loopback_host
 from uml.errors import ClusterError
 
 log = logging.getLogger(__name__)
-
-# Mount types that every node of a cluster can see at the same path.
-NETWORK_FILESYSTEMS = {
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "cephfs", "ceph", "glusterfs",
-    "fuse.glusterfs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.cephfs", "wekafs",
-    "fuse.weka", "9p", "virtiofs", "fuse.mountpoint-s3", "fuse.rclone", "alluxio", "fuse.alluxio",
-}
-
 
 def cluster_address(params: Params) -> str | None:
     """``ray.address`` from params, else ``RAY_ADDRESS`` (set inside ``ray job submit``), else None."""
@@ -118,48 +111,6 @@ def _single_node_mode(loopback: bool) -> Iterator[None]:
             os.environ.pop(SINGLE_NODE_ENV, None)
         else:
             os.environ[SINGLE_NODE_ENV] = saved_env
-
-
-def _mount_type(path: Path) -> str | None:
-    """Filesystem type of the mount that holds ``path`` (Linux ``/proc/mounts``)."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    best, best_type = "", None
-    resolved = str(path.resolve())
-    for line in mounts:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount_point = parts[1].replace("\\040", " ")
-        if (resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")) and len(mount_point) > len(best):
-            best, best_type = mount_point, parts[2]
-    return best_type
-
-
-def check_storage(params: Params, num_nodes: int) -> None:
-    """Refuse a node-local ``storage_path`` on a multi-node cluster: checkpoints written by one
-    node would be invisible to the others, and resume or the final model would silently break."""
-    paths = Paths(params)
-    if num_nodes <= 1 or paths.ray_storage_uri or params.ray.shared_storage:
-        return
-    existing = paths.ray_storage
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    fs_type = _mount_type(existing)
-    if fs_type in NETWORK_FILESYSTEMS:
-        return
-    raise ClusterError(
-        f"the Ray cluster has {num_nodes} nodes but ray.storage_path resolves to '{paths.ray_storage}' "
-        f"on a local filesystem ({fs_type or 'unknown type'}). Checkpoints must be on shared storage that every "
-        "node sees: set ray.storage_path to an NFS path or an s3:// (gs://, ...) URI, and data.root to shared "
-        "storage too; or set ray.shared_storage: true if this path is shared in a way the stage cannot detect."
-    )
-
-
-def alive_nodes() -> int:
-    return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
 def check_storage_trust(params: Params, *restored: Path) -> None:

@@ -58,6 +58,7 @@ from uml.data.store import open_prepared
 from uml.errors import ClusterError, ConfigError
 from uml.provenance import RunInputs, announce, code_files, select_params, tuning_target
 from uml.train.cluster import check_storage_trust, ray_session
+from uml.train.preflight import bundle, preflight, scaling_config
 from uml.train.trainer import TRAIN_KEYS_NOT_IN_IDENTITY, model_config, run_trainer
 from uml.train.worker import SCORE_KEY
 
@@ -108,10 +109,8 @@ def max_concurrent(params: Params) -> int:
     if params.tune.max_concurrent_trials:
         return params.tune.max_concurrent_trials
     total = ray.cluster_resources()
-    per_worker = dict(params.ray.resources_per_worker)
-    if params.ray.use_gpu:
-        per_worker.setdefault("GPU", 1)
-    fits = [total.get(name, 0.0) / (amount * params.tune.workers_per_trial) for name, amount in per_worker.items() if amount > 0]
+    per_worker = bundle(scaling_config(params, params.tune.workers_per_trial))
+    fits = [total.get(name, 0.0) / (amount * params.tune.workers_per_trial) for name, amount in per_worker.items()]
     return max(1, int(math.floor(min(fits)))) if fits else 1
 
 
@@ -274,6 +273,7 @@ def sweep(params: Params) -> dict[str, Any]:
     check_storage_trust(params, Path(experiment_path))
     tp = params.tune
     with ray_session(params):
+        preflight(params, tp.workers_per_trial)
         trainable = tune.with_parameters(_trial, base=params.model_dump(), experiment=name, model_cfg=cfg.to_dict())
         # The trial function only waits on its TorchTrainer, whose workers hold the CPUs/GPUs. It
         # asks for a little memory instead (a resource every node has): Tune refuses an empty

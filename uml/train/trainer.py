@@ -22,7 +22,7 @@ from pathlib import Path
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
 from uml.config import Params, Paths, TrainParams
@@ -32,8 +32,9 @@ from uml.models import ModelConfig, UMLNet, save_model
 from uml.models.config import resolve_config
 from uml.provenance import RunInputs, announce, code_files, run_exists, select_params
 from uml.train.checkpoints import best_state
-from uml.train.cluster import alive_nodes, check_storage, check_storage_trust, ray_session
+from uml.train.cluster import check_storage_trust, ray_session
 from uml.train.live import LiveLogger, write_live_log
+from uml.train.preflight import preflight, scaling_config
 from uml.train.rendezvous import BoundTorchConfig
 from uml.train.tuned import effective_params
 from uml.train.worker import SCORE_KEY, train_loop_per_worker
@@ -74,14 +75,6 @@ def run_name(params: Params, data_hash: str, code: Mapping[str, str] | None = No
     return run_inputs(params, data_hash, code).name
 
 
-def scaling_config(params: Params, num_workers: int | None = None) -> ScalingConfig:
-    resources = dict(params.ray.resources_per_worker)
-    if params.ray.use_gpu:
-        resources.setdefault("GPU", 1)
-    return ScalingConfig(num_workers=num_workers or params.ray.num_workers, use_gpu=params.ray.use_gpu,
-                         resources_per_worker=resources)
-
-
 def run_trainer(params: Params, *, name: str, model_cfg: ModelConfig, epochs: int,
                 callbacks: Sequence[UserCallback] = (), num_workers: int | None = None,
                 train_loop: Callable[[dict], None] = train_loop_per_worker) -> ray.train.Result:
@@ -92,7 +85,6 @@ def run_trainer(params: Params, *, name: str, model_cfg: ModelConfig, epochs: in
     if params.train.batch_size % workers:
         raise ConfigError(f"train.batch_size ({params.train.batch_size}) is the global batch and must be divisible by the "
                           f"number of training workers ({workers}: ray.num_workers, or tune.workers_per_trial in a sweep)")
-    check_storage(params, alive_nodes())
     if not paths.ray_storage_uri:
         paths.ray_storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
@@ -138,6 +130,7 @@ def train(params: Params) -> Path:
              name, paths.storage, params.train.epochs, params.ray.num_workers, params.model.preset,
              params.loss.cls_weight, params.loss.seg_weight, params.loss.mut_weight, params.loss.kl_annealing_epochs)
     with ray_session(params):
+        preflight(params, params.ray.num_workers)
         try:
             result = run_trainer(params, name=name, model_cfg=cfg, epochs=params.train.epochs,
                                  callbacks=[LiveLogger(paths.train_dir, logged_params)])

@@ -1,0 +1,98 @@
+"""The driver's checks that need no cluster: GPU shares, whether the workers fit on the nodes (as
+ray.nodes() lists them), and relative paths inside a `ray job submit`. The same checks against a
+real two-node cluster are in tests/train/test_cluster.py."""
+
+import json
+
+import pytest
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+from uml.config import Params, parse_params
+from uml.errors import ClusterError, ConfigError
+from uml.stage import RAY_JOB_CONFIG_ENV, check_job_paths, submitted_job_id
+from uml.train.preflight import bundle, check_gpu_request, check_resources_fit, scaling_config
+
+
+def _node(alive=True, **resources):
+    return {"Alive": alive, "NodeID": "n" * 56, "NodeManagerAddress": "10.0.0.1", "Resources": resources}
+
+
+@pytest.mark.parametrize(("gpus", "workers"), [(0.5, 2), (0.25, 4), (0.99, 2)])
+def test_a_fraction_of_a_gpu_per_rank_with_several_ranks_is_refused(gpus, workers):
+    with pytest.raises(ClusterError, match="Duplicate GPU detected") as err:
+        check_gpu_request(True, gpus, workers)
+    assert f"GPU is {gpus:g} with {workers} workers" in str(err.value)
+
+
+def test_gpu_shares_nccl_can_run_pass():
+    check_gpu_request(True, 0.5, 1)  # one rank: nothing to collide with
+    check_gpu_request(True, 1, 8)
+    check_gpu_request(True, 2, 4)
+    check_gpu_request(False, 0, 4)
+    with pytest.raises(ClusterError, match="whole number"):
+        check_gpu_request(True, 1.5, 2)
+
+
+def test_the_bundle_is_what_ray_reserves_per_worker():
+    params = Params().with_overrides({"ray.use_gpu": True, "ray.resources_per_worker": {"CPU": 8, "node_slot": 1}})
+    assert bundle(scaling_config(params, 2)) == {"CPU": 8.0, "GPU": 1.0, "node_slot": 1.0}
+    params = params.with_overrides({"ray.resources_per_worker": {"CPU": 4, "GPU": 2}})
+    assert bundle(scaling_config(params, 2)) == {"CPU": 4.0, "GPU": 2.0}
+    assert bundle(scaling_config(Params())) == {"CPU": 1.0}
+
+
+def test_a_worker_larger_than_every_node_is_refused():
+    nodes = [_node(CPU=16.0, GPU=8.0), _node(CPU=64.0), _node(alive=False, CPU=128.0, GPU=8.0)]
+    check_resources_fit({"CPU": 2.0, "GPU": 1.0}, 8, nodes)  # 8 workers on the first node
+    with pytest.raises(ClusterError, match="no alive node") as err:
+        check_resources_fit({"CPU": 32.0, "GPU": 1.0}, 1, nodes)  # the dead node would have had room
+    assert "{CPU: 32, GPU: 1}" in str(err.value) and "{CPU: 64, GPU: 8}" in str(err.value)
+    with pytest.raises(ClusterError, match="no alive node"):
+        check_resources_fit({"CPU": 1.0, "node_slot": 1.0}, 1, nodes)  # a custom resource no node has
+
+
+def test_more_workers_than_the_cluster_holds_are_refused():
+    # 3 + 1 workers of 5 CPUs fit on nodes of 16 and 7 CPUs (whole workers per node, not 23 / 5).
+    nodes = [_node(CPU=16.0), _node(CPU=7.0)]
+    check_resources_fit({"CPU": 5.0}, 4, nodes)
+    with pytest.raises(ClusterError, match="5 training workers") as err:
+        check_resources_fit({"CPU": 5.0}, 5, nodes)
+    assert "hold 4 (per node: [3, 1])" in str(err.value)
+    # One GPU per worker, 2 GPUs on each of 2 nodes.
+    gpu_nodes = [_node(CPU=32.0, GPU=2.0), _node(CPU=32.0, GPU=2.0)]
+    check_resources_fit({"CPU": 8.0, "GPU": 1.0}, 4, gpu_nodes)
+    with pytest.raises(ClusterError, match="do not fit"):
+        check_resources_fit({"CPU": 8.0, "GPU": 1.0}, 5, gpu_nodes)
+
+
+def _job_env(submission_id="raysubmit_abc"):
+    # The variable as Ray's job supervisor writes it for the entrypoint (job_supervisor.py).
+    return {RAY_JOB_CONFIG_JSON_ENV_VAR: json.dumps({"runtime_env": {}, "metadata": {
+        "job_submission_id": submission_id, "job_name": submission_id}})}
+
+
+def test_the_job_variable_is_rays():
+    assert RAY_JOB_CONFIG_ENV == RAY_JOB_CONFIG_JSON_ENV_VAR
+    assert submitted_job_id(_job_env()) == "raysubmit_abc"
+    assert submitted_job_id({}) is None
+
+
+def test_relative_paths_are_refused_inside_a_ray_job(tmp_path):
+    params = parse_params({"data": {"root": "data"}}, source="configs/paper-gpu.yaml")
+    check_job_paths(params, environ={})  # not a job: a relative root is fine
+    with pytest.raises(ConfigError) as err:
+        check_job_paths(params, environ=_job_env())
+    message = str(err.value)
+    assert message.startswith("configs/paper-gpu.yaml: data.root 'data' is relative")
+    assert "raysubmit_abc" in message and "absolute path on storage every node mounts" in message
+    storage = parse_params({"data": {"root": str(tmp_path)}, "ray": {"storage_path": "runs"}})
+    with pytest.raises(ConfigError, match="ray.storage_path 'runs' is relative"):
+        check_job_paths(storage, environ=_job_env())
+    both = parse_params({"ray": {"storage_path": "runs"}})
+    with pytest.raises(ConfigError, match="data.root 'data', ray.storage_path 'runs' are relative"):
+        check_job_paths(both, environ=_job_env())
+    # Absolute paths, a home-relative path and object storage are accepted.
+    for ok in ({"data": {"root": str(tmp_path)}},
+               {"data": {"root": "~/uml-data"}, "ray": {"storage_path": "s3://bucket/uml"}},
+               {"data": {"root": str(tmp_path)}, "ray": {"storage_path": str(tmp_path / "ray")}}):
+        check_job_paths(parse_params(ok), environ=_job_env())
