@@ -108,8 +108,9 @@ class DataParams(_Section):
     source: Literal["synthetic", "refuge", "folder"] = "synthetic"
     # Raw data set root for the refuge and folder importers.
     path: str | None = None
-    # Where every stage reads and writes. Relative paths resolve against the working directory;
-    # point it at shared storage for `ray job submit` on a multi-node cluster.
+    # Where every stage reads and writes: a local or mounted folder. Relative paths resolve
+    # against the working directory (refused inside `ray job submit`); on a multi-node cluster it
+    # must be storage every node mounts at the same path.
     root: str = "data"
     image_size: int = Field(128, ge=32, le=2048)
     seed: int = 0
@@ -121,6 +122,17 @@ class DataParams(_Section):
     mask_values: dict[int, int] | None = None
     synthetic: SyntheticParams = SyntheticParams()
     augment: AugmentParams = AugmentParams()
+
+    @field_validator("root")
+    @classmethod
+    def _a_filesystem_path(cls, v: str) -> str:
+        # Path.resolve() would turn s3://bucket/x into <cwd>/s3:/bucket/x and write there.
+        if "://" in v:
+            raise ValueError(
+                f"must be a filesystem path, got the URI {v!r}: prepare, tune, train, export and evaluate write "
+                "local files (zarr store, model files, reports) under data.root. Mount the bucket (s3fs, "
+                "mountpoint-s3, gcsfuse) and give its mount path; ray.storage_path can be s3:// or gs:// itself")
+        return v
 
     @field_validator("mask_classes")
     @classmethod
@@ -232,11 +244,10 @@ class RayParams(_Section):
     use_gpu: bool = False
     # Resources per training worker, e.g. {CPU: 1} or {CPU: 8, GPU: 1}.
     resources_per_worker: dict[str, float] = {"CPU": 1}
-    # Checkpoints and run state. null: <data.root>/ray. Must be shared storage (NFS path or
-    # s3://...) on a multi-node cluster.
+    # Checkpoints and run state. null: <data.root>/ray. A URI (s3://, gs://, ...) is handed to
+    # Ray's pyarrow filesystems as is. On a multi-node cluster a folder must be shared storage:
+    # the preflight checks that every node sees it.
     storage_path: str | None = None
-    # Declare a local-looking storage_path as shared (e.g. a mount the stage can't recognise).
-    shared_storage: bool = False
     max_failures: int = Field(2, ge=-1)
     # The local instance's dashboard and services listen here.
     host: str = "127.0.0.1"

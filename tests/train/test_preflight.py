@@ -7,7 +7,7 @@ import json
 import pytest
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
-from uml.config import Params, parse_params
+from uml.config import Params, Paths, load_params, parse_params
 from uml.errors import ClusterError, ConfigError
 from uml.stage import RAY_JOB_CONFIG_ENV, check_job_paths, submitted_job_id
 from uml.train.preflight import bundle, check_gpu_request, check_resources_fit, scaling_config
@@ -96,3 +96,20 @@ def test_relative_paths_are_refused_inside_a_ray_job(tmp_path):
                {"data": {"root": "~/uml-data"}, "ray": {"storage_path": "s3://bucket/uml"}},
                {"data": {"root": str(tmp_path)}, "ray": {"storage_path": str(tmp_path / "ray")}}):
         check_job_paths(parse_params(ok), environ=_job_env())
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/uml", "gs://bucket/uml", "file:///mnt/uml"])
+def test_a_uri_data_root_is_refused_instead_of_becoming_a_local_folder(uri, tmp_path, monkeypatch):
+    # Before: Path("s3://bucket/uml").resolve() was <cwd>/s3:/bucket/uml, written to silently.
+    monkeypatch.chdir(tmp_path)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(f"data:\n  root: {uri}\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(params_file)
+    message = str(err.value)
+    assert message.startswith(f"{params_file}: data.root: ") and repr(uri) in message
+    assert "prepare, tune, train, export and evaluate" in message and "Mount the bucket" in message
+    assert not any(tmp_path.rglob("*bucket*")) and not (tmp_path / "file:").exists()
+    # Object storage stays possible for Ray's checkpoints.
+    params = parse_params({"data": {"root": str(tmp_path)}, "ray": {"storage_path": uri}})
+    assert Paths(params).storage == uri and Paths(params).ray_storage_uri == uri
