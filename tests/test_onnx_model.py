@@ -12,8 +12,8 @@ import pytest
 
 from tests.toy_onnx import export_toy
 from uml.errors import ModelFileError
-from uml.image_io import RESAMPLING
-from uml.onnx_model import METADATA_FORMAT, ExportMetadata, OnnxModel, ResizeMethod, read_metadata
+from uml.image_io import RESAMPLING, ResizeMethod
+from uml.onnx_model import METADATA_FORMAT, ExportMetadata, OnnxModel, read_metadata
 
 # The top-level keys of metadata.json as the export has always written them (format uml-onnx/1);
 # renaming one would break every reader of an existing export.

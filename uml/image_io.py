@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -38,9 +39,15 @@ from uml.errors import DataError
 # file: Pillow's limit is process-wide, and other readers (uml predict) keep the default.
 MAX_IMAGE_PIXELS = 400_000_000
 
+# Every model sees a uint8 RGB value v as v / PIXEL_MAX, in [0, 1]: training (on the device,
+# uml.data.dataset.to_model_input), the export's parity check and its metadata's ``scale``, which
+# uml evaluate and uml predict apply. The one definition of the model's input scale.
+PIXEL_MAX = 255.0
+
 # Resize method names (an exported model's ``preprocessing.resize``) -> OpenCV interpolation when
 # the image shrinks / grows. "area" is what the importers use, so inference sees training's pixels.
-RESAMPLING = {
+ResizeMethod = Literal["area", "bilinear", "bicubic", "nearest"]
+RESAMPLING: dict[ResizeMethod, tuple[int, int]] = {
     "area": (cv2.INTER_AREA, cv2.INTER_LINEAR),
     "bilinear": (cv2.INTER_LINEAR, cv2.INTER_LINEAR),
     "bicubic": (cv2.INTER_CUBIC, cv2.INTER_CUBIC),

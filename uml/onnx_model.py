@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from uml.errors import ModelFileError
+from uml.image_io import ResizeMethod
 
 METADATA_FORMAT = "uml-onnx/1"
 INPUT_NAME = "image"
@@ -34,8 +35,6 @@ SEG_OUTPUTS = ("seg_prob", "seg_uncertainty")
 # The order in which the export traces the outputs (a single-task model has a subset).
 OUTPUT_ORDER = CLASS_OUTPUTS + SEG_OUTPUTS
 METADATA_SHA256_KEY = "onnx_sha256"
-# How an image is brought to the model's size; uml.image_io.RESAMPLING maps each to OpenCV interpolations.
-ResizeMethod = Literal["area", "bilinear", "bicubic", "nearest"]
 
 
 class _Part(BaseModel):
