@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from uml import metrics  # noqa: E402
 from uml.data.store import load_split, open_prepared  # noqa: E402
+from uml.image_io import PIXEL_MAX  # noqa: E402
 from uml.models import load_model  # noqa: E402
 from uml.noise import gaussian_noise, salt_and_pepper  # noqa: E402
 
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"{root / 'models' / 'model.pt'} has no segmentation head (model.tasks without seg)")
     data = open_prepared(root / "prepared" / "dataset.zarr")
     images, gt_masks, _, _ = load_split(data, "test")
-    images01 = images.astype(np.float32) / 255.0
+    images01 = images.astype(np.float32) / PIXEL_MAX
     rng = np.random.default_rng(0)
     corruptions = {
         "clean": lambda a: a,

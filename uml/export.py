@@ -32,6 +32,7 @@ from torch import nn
 from uml.config import Params, Paths
 from uml.data.store import PreparedData, load_split, open_prepared
 from uml.errors import ModelFileError, UMLError
+from uml.image_io import PIXEL_MAX
 from uml.models import UMLNet, load_model
 from uml.models import read_model_file
 from uml.onnx_model import (
@@ -157,7 +158,7 @@ def build_metadata(model: UMLNet, extra: dict[str, Any], outputs: list[str], par
         tasks=list(cfg.tasks),
         uncertainty=cfg.uncertainty,
         preprocessing=Preprocessing(
-            image_size=size, channels="RGB", layout="NCHW", dtype="float32", scale=1.0 / 255.0, resize="area",
+            image_size=size, channels="RGB", layout="NCHW", dtype="float32", scale=1.0 / PIXEL_MAX, resize="area",
             note="RGB uint8 image resized to image_size x image_size (area when shrinking, linear when enlarging), divided by 255",
         ),
         model=TrainingRecord(config=cfg.to_dict(), run=extra.get("run"), best_epoch=extra.get("best_epoch"),
@@ -196,7 +197,7 @@ def export(params: Params) -> Path:
         staging.unlink(missing_ok=True)
         raise ModelFileError(f"{paths.model_pt} expects {model.cfg.image_size} px images but {paths.dataset} holds "
                              f"{images.shape[1]} px: retrain after changing data.image_size")
-    data = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    data = images.transpose(0, 3, 1, 2).astype(np.float32) / PIXEL_MAX
     rng = np.random.default_rng(0)
     random_inputs = rng.random((3, 3, model.cfg.image_size, model.cfg.image_size), dtype=np.float32)
     diffs = [parity(model, staging, data), parity(model, staging, data[:1]), parity(model, staging, random_inputs)]

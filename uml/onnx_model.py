@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from uml.errors import ModelFileError
-from uml.image_io import ResizeMethod
+from uml.image_io import PIXEL_MAX, ResizeMethod
 
 METADATA_FORMAT = "uml-onnx/1"
 INPUT_NAME = "image"
@@ -62,7 +62,7 @@ class Preprocessing(_Part):
     channels: Literal["RGB", "BGR"] = "RGB"
     layout: Literal["NCHW"] = "NCHW"
     dtype: str = "float32"
-    scale: float = 1.0 / 255.0
+    scale: float = 1.0 / PIXEL_MAX
     resize: ResizeMethod = "area"
     note: str | None = None
 

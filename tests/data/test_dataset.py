@@ -13,7 +13,7 @@ import zarr
 from torch.utils.data import DataLoader
 
 from uml.config import AffineParams, AugmentParams, ColorParams, SplitParams, SyntheticParams
-from uml.data.dataset import SegClsDataset, build_augmentation, worker_init_fn
+from uml.data.dataset import EpochSampler, SegClsDataset, build_augmentation, to_model_input, worker_init_fn
 from uml.data.store import file_checksums, open_prepared, write_dataset
 from uml.data.synthetic import SyntheticSource
 from uml.errors import DataError
@@ -40,15 +40,28 @@ def test_items_match_store(store: Path) -> None:
     assert len(ds) == len(idx) and np.array_equal(ds.labels, np.asarray(data.labels[:])[idx])
     item = ds[2]
     assert set(item) == {"image", "mask", "label", "index"}
-    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, SIZE, SIZE)
-    assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
-    assert item["mask"].dtype == torch.int64 and item["mask"].shape == (SIZE, SIZE)
+    # uint8 as stored: a quarter of the float32 bytes for images, an eighth of int64 for masks.
+    assert item["image"].dtype == torch.uint8 and item["image"].shape == (SIZE, SIZE, 3)
+    assert item["mask"].dtype == torch.uint8 and item["mask"].shape == (SIZE, SIZE)
     assert item["label"].dtype == torch.int64 and item["label"].ndim == 0
     assert item["index"].item() == idx[2]
-    stored = np.asarray(data.images[idx[2]])
-    assert np.array_equal((item["image"] * 255).round().byte().permute(1, 2, 0).numpy(), stored)
+    assert np.array_equal(item["image"].numpy(), np.asarray(data.images[idx[2]]))
     assert np.array_equal(item["mask"].numpy(), np.asarray(data.masks[idx[2]]))
     assert item["label"].item() == int(data.labels[idx[2]])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_model_input_is_each_stored_value_over_255_in_nchw(store: Path, channels_last: bool) -> None:
+    data = open_prepared(store)
+    batch = next(iter(DataLoader(SegClsDataset(store, [3, 7]), batch_size=2)))
+    assert batch["image"].dtype == torch.uint8 and batch["mask"].dtype == torch.uint8
+    x = to_model_input(batch["image"], torch.device("cpu"), channels_last=channels_last)
+    # The float pipeline the dataset used to run per item: (3, H, W) float32 of value / 255.
+    expected = np.stack([np.asarray(data.images[i]).transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
+                         for i in (3, 7)])
+    assert x.dtype == torch.float32 and x.shape == (2, 3, SIZE, SIZE)
+    np.testing.assert_array_equal(x.numpy(), expected)
+    assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def test_bad_indices_and_missing_store(store: Path, tmp_path: Path) -> None:
@@ -89,7 +102,8 @@ def test_flip_is_joint_and_exact(store: Path) -> None:
     plain, flipped = SegClsDataset(store, range(6)), SegClsDataset(store, range(6), augment=FLIP_ONLY)
     for i in range(6):
         a, b = plain[i], flipped[i]
-        assert torch.equal(b["image"], a["image"].flip(-1)) and torch.equal(b["mask"], a["mask"].flip(-1))
+        # (H, W, 3) images and (H, W) masks: the width axis is 1 for both.
+        assert torch.equal(b["image"], a["image"].flip(1)) and torch.equal(b["mask"], a["mask"].flip(1))
 
 
 def test_augmentation_reproducible_per_seed_epoch_rank(store: Path) -> None:
@@ -143,3 +157,21 @@ def test_same_batches_with_and_without_workers(store: Path) -> None:
     for a, b in zip(serial, parallel, strict=True):
         for key in ("image", "mask", "label", "index"):
             assert torch.equal(a[key], b[key])
+
+
+def test_persistent_workers_follow_the_epoch_through_the_sampler(store: Path) -> None:
+    # Persistent workers keep the copy of the dataset they started with; the epoch reaches them
+    # in the sampler's keys, so every epoch's batches are the in-process reads of that epoch.
+    ds = SegClsDataset(store, range(8), augment=FULL, seed=5)
+    sampler = EpochSampler(ds, num_replicas=1, rank=0, shuffle=False)
+    loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, worker_init_fn=worker_init_fn,
+                        persistent_workers=True, multiprocessing_context="fork")
+    epochs = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        images = torch.cat([b["image"] for b in loader])
+        ds.set_epoch(epoch)
+        assert torch.equal(images, torch.stack([ds[i]["image"] for i in range(8)])), epoch
+        epochs.append(images)
+    assert not torch.equal(epochs[0], epochs[1])
+    assert next(iter(sampler)) == (1, 0, 0)  # (epoch, rank, position)

@@ -22,7 +22,7 @@ from uml.data.records import Record
 from uml.data.store import write_dataset
 from uml.evaluate import evaluate_arrays
 from uml.onnx_model import OnnxModel
-from uml.train.worker import validate
+from uml.train.worker import validate, validation_loader
 
 POSITIVE = 0  # "non-glaucoma": not the class index 1 that validation used to assume
 # Binary F1 is 2 TP / (2 TP + errors): it tells the classes apart only when their true positives
@@ -45,6 +45,10 @@ class ToyNet(torch.nn.Module):
 def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
     total = pred.sum() + gt.sum()
     return 1.0 if total == 0 else 2.0 * np.logical_and(pred, gt).sum() / total
+
+
+def _loader(store) -> torch.utils.data.DataLoader:
+    return validation_loader(str(store), KEPT, rank=0, world=1, batch_size=8, workers=0, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +93,7 @@ def reference(case):
 
 def test_validation_metrics_use_the_declared_positive_class(case, reference):
     store, _, _, _, _ = case
-    got = validate(ToyNet(), str(store), KEPT, MASK_CLASSES, batch_size=8, device=torch.device("cpu"))
+    got = validate(ToyNet(), _loader(store), MASK_CLASSES, device=torch.device("cpu"))
     for key, expected in reference.items():
         assert got[key] == pytest.approx(expected, abs=1e-6), key
 
@@ -98,7 +102,7 @@ def test_evaluation_gives_validations_numbers(case, reference):
     store, model_path, images, masks, labels = case
     cfg = EvaluateParams(batch_size=8, gaussian_sigmas=[], salt_pepper_amounts=[], num_panels=0, bootstrap_samples=0)
     got = evaluate_arrays(OnnxModel(model_path), images, masks, labels, cfg)
-    val = validate(ToyNet(), str(store), KEPT, MASK_CLASSES, batch_size=8, device=torch.device("cpu"))
+    val = validate(ToyNet(), _loader(store), MASK_CLASSES, device=torch.device("cpu"))
     for key, expected in reference.items():
         assert got[key] == pytest.approx(expected, abs=1e-6), key
         assert got[key] == pytest.approx(val[key], abs=1e-6), key

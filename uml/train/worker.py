@@ -26,11 +26,11 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from uml import metrics
 from uml.config import Params, parse_params
-from uml.data.dataset import SegClsDataset, worker_init_fn
+from uml.data.dataset import EpochSampler, SegClsDataset, to_model_input, worker_init_fn
 from uml.data.store import open_prepared
 from uml.losses import kl_annealing, uml_loss
 from uml.models import ModelConfig, UMLNet
@@ -123,25 +123,41 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(filled) if filled else np.zeros(0)
 
 
+def loader_options(workers: int, device: torch.device) -> dict[str, Any]:
+    """DataLoader settings shared by the training and validation loaders: ``workers`` processes
+    that persist across epochs (the default re-forks them at every epoch; each re-opens the store
+    lazily, see :mod:`uml.data.dataset`), and page-locked batches for a GPU, so that the
+    host-to-device copy can run asynchronously. Each worker keeps torch's default of two batches
+    in flight; Ray Train's loader wrapper copies one more batch to the GPU ahead of the step."""
+    return {"num_workers": workers, "worker_init_fn": worker_init_fn, "persistent_workers": workers > 0,
+            "pin_memory": device.type == "cuda"}
+
+
+def validation_loader(store: str, indices: np.ndarray, rank: int, world: int, batch_size: int, workers: int,
+                      device: torch.device) -> DataLoader:
+    """A loader over this rank's share of the validation split (:func:`validation_share`), read
+    in order, built once and used at every epoch."""
+    dataset = SegClsDataset(store, validation_share(indices, rank, world))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(workers, device))
+
+
 @torch.no_grad()
-def validate(model: UMLNet, store: str, indices: np.ndarray, mask_classes: list[str], batch_size: int,
-             device: torch.device, dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Validation metrics over ``indices``, each worker taking a disjoint share.
+def validate(model: UMLNet, loader: DataLoader, mask_classes: list[str], device: torch.device,
+             dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Validation metrics over the validation split, each worker reading its disjoint share
+    through ``loader`` (:func:`validation_loader`).
 
     The predictions are gathered to every rank, so all ranks report identical metrics. The
     classification and segmentation metrics come from :func:`uml.metrics.task_metrics`, as in the
     evaluation stage, with the data set's declared positive class.
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    share = validation_share(indices, rank, world)
-    dataset = SegClsDataset(store, share)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    dataset: SegClsDataset = loader.dataset
     rows: dict[str, list] = {"label": [], "prob": [], "unc": [], "pix_unc": [], "pred_mask": [], "gt_mask": []}
     model.eval()
     for batch in loader:
         with _autocast(device, dtype):
-            out = model.infer(batch["image"].to(device))
+            out = model.infer(to_model_input(batch["image"], device))
         rows["label"].append(batch["label"].numpy())
         if "class_prob" in out:
             rows["prob"].append(out["class_prob"].float().cpu().numpy())
@@ -199,12 +215,11 @@ class WorkerData:
     """This worker's training shard (a loader over it) and the validation split."""
 
     train_set: SegClsDataset
-    sampler: DistributedSampler
+    sampler: EpochSampler
     loader: DataLoader
     batch_size: int  # per worker: train.batch_size / world
-    val_idx: np.ndarray
+    val_loader: DataLoader  # this rank's share of the validation split
     mask_classes: list[str]
-    store: str
 
 
 def configure_worker(params: Params) -> tuple[int, int, torch.device]:
@@ -265,7 +280,8 @@ def load_state(state: TrainingState, directory: Path) -> int:
 
 
 def open_worker_data(params: Params, store: str, rank: int, world: int, device: torch.device) -> WorkerData:
-    """The training loader over this rank's shard of the train split, and the validation split."""
+    """The training loader over this rank's shard of the train split, and the validation loader
+    over its share of the validation split; both with ``train.loader_workers`` persistent workers."""
     tp = params.train
     data = open_prepared(store)
     train_idx, val_idx = data.split("train"), data.split("val")
@@ -275,20 +291,21 @@ def open_worker_data(params: Params, store: str, rank: int, world: int, device: 
     del data  # workers re-open lazily; no handle crosses a fork
     train_set = SegClsDataset(store, train_idx, augment=params.data.augment, seed=tp.seed)
     # Our own DistributedSampler (Ray keeps a sampler that is already distributed) so that the
-    # shuffle follows train.seed; it pads the shards to equal length, as DDP needs.
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=tp.seed, drop_last=False)
+    # shuffle follows train.seed; it pads the shards to equal length, as DDP needs. Its keys carry
+    # the epoch to the persistent workers' copies of the dataset.
+    sampler = EpochSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=tp.seed, drop_last=False)
     # train.batch_size is the global batch; the driver checked that the workers divide it.
     batch_size = tp.batch_size // world
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
-                        num_workers=tp.loader_workers, worker_init_fn=worker_init_fn,
-                        persistent_workers=False, pin_memory=device.type == "cuda")
+                        **loader_options(tp.loader_workers, device))
     if len(loader) == 0:
         raise ValueError(
             f"the training split ({len(train_idx)} images over {world} workers) is smaller than one global batch of "
             f"train.batch_size={tp.batch_size}: lower the batch size"
         )
-    return WorkerData(train_set, sampler, ray.train.torch.prepare_data_loader(loader), batch_size, val_idx,
-                      mask_classes, store)
+    val_loader = validation_loader(store, val_idx, rank, world, batch_size, tp.loader_workers, device)
+    return WorkerData(train_set, sampler, ray.train.torch.prepare_data_loader(loader), batch_size, val_loader,
+                      mask_classes)
 
 
 def train_one_epoch(state: TrainingState, data: WorkerData, params: Params, epoch: int, rank: int,
@@ -308,10 +325,13 @@ def train_one_epoch(state: TrainingState, data: WorkerData, params: Params, epoc
     sums: dict[str, torch.Tensor] = {}
     steps = 0
     for batch in data.loader:
-        images = batch["image"].contiguous(memory_format=torch.channels_last) if channels_last else batch["image"]
+        # uint8 in the batch (Ray Train's loader has already copied it to a GPU); float on the device.
+        images = to_model_input(batch["image"], device, channels_last)
+        masks = batch["mask"].to(device, non_blocking=True).long()
+        labels = batch["label"].to(device, non_blocking=True)
         with _autocast(device, dtype):
             outputs = model(images)
-        loss, parts = uml_loss(outputs, batch["mask"], batch["label"], params.loss, epoch, evidential)
+        loss, parts = uml_loss(outputs, masks, labels, params.loss, epoch, evidential)
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(loss).backward()
         state.scaler.step(state.optimizer)
@@ -377,7 +397,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         drift = replica_drift(state.model)
         if drift > 1e-6 and rank == 0:
             log.warning("DDP replicas diverged: parameter checksums differ by %.3g across ranks", drift)
-        val = validate(state.net, data.store, data.val_idx, data.mask_classes, data.batch_size, device, dtype)
+        val = validate(state.net, data.val_loader, data.mask_classes, device, dtype)
         row = {
             "epoch": epoch,
             **losses,
