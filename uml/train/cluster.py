@@ -45,6 +45,7 @@ def ray_session(params: Params) -> Iterator[None]:
         host = params.ray.host
         log.info("starting a local Ray instance on %s (%d CPUs)", host, os.cpu_count() or 1)
         runtime_env["env_vars"].update(collective_socket_env(host))
+        runtime_env["worker_process_setup_hook"] = f"{__name__}.{pin_ray_address.__name__}"
         with _single_node_mode(loopback=is_loopback_host(host)):
             # address="local" never attaches to some other cluster that happens to run here.
             ray.init(
@@ -59,10 +60,32 @@ def ray_session(params: Params) -> Iterator[None]:
         node_ip = ray.util.get_node_ip_address()
         if is_loopback_host(host) and not is_loopback_host(node_ip):
             log.warning("Ray chose node address %s: its services may listen beyond loopback", node_ip)
+    saved_address = os.environ.get(RAY_ADDRESS_ENV)
+    if not address:
+        pin_ray_address()
     try:
         yield
     finally:
         ray.shutdown()
+        if not address:
+            if saved_address is None:
+                os.environ.pop(RAY_ADDRESS_ENV, None)
+            else:
+                os.environ[RAY_ADDRESS_ENV] = saved_address
+
+
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def pin_ray_address() -> None:
+    """Point this process's address-less Ray lookups at the instance it is connected to.
+
+    Some Ray components find "the" cluster with no address given (the state API, which Ray
+    Train's placement-group cleaner actor calls), and with two local instances on one machine
+    (two runs, or a run and a test) they fail with "Found multiple active Ray instances".
+    ``RAY_ADDRESS`` is what that lookup reads first. A local instance runs this in its driver and,
+    as the ``worker_process_setup_hook`` of its runtime env, in every worker process."""
+    os.environ[RAY_ADDRESS_ENV] = ray.get_runtime_context().gcs_address
 
 
 def collective_socket_env(host: str) -> dict[str, str]:

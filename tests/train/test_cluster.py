@@ -1,0 +1,218 @@
+"""A real two-node Ray cluster on this machine, set up with the README's commands ("Training on a
+Ray cluster"): a token made with ``ray get-auth-token --generate``, a head started with
+``RAY_AUTH_MODE=token ray start --head``, a second node joining with ``ray start --address`` and
+the token in ``RAY_AUTH_TOKEN``, and ``ray job submit`` of the train stage.
+
+The nodes use the loopback addresses 127.0.0.2 (head) and 127.0.0.3: Ray rewrites 127.0.0.1 to
+the machine's LAN address unless it runs in single-node mode, which refuses a second node.
+Traffic between the nodes stays on loopback, but in multi-node mode Ray's GCS and raylets listen
+on every interface (Ray 2.60 binds them to the wildcard address), so the cluster requires its own
+random token for the few seconds it runs. Each node has one ``uml_slot``, a custom resource a
+training worker asks for, which places one worker per node.
+
+One cluster serves the module; it is stopped by the process ids of its own processes (those whose
+command line names its temp folder, and their children), never ``ray stop``, which stops every
+Ray instance on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from uml.config import Paths, load_params
+from uml.data.prepare import prepare
+from uml.models import load_model
+
+from tests.train.cluster_checks import LACKS_ENV
+from tests.train.test_job_submit import _stop
+from tests.train.tiny import write_tiny_params
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
+CHECKS = Path(__file__).with_name("cluster_checks.py")
+HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+# One training worker per node: each node offers one, each worker asks for one.
+SLOT = {"CPU": 1, "uml_slot": 1}
+
+
+def _cluster_processes(base: Path) -> set[int]:
+    """The processes of the test cluster: those whose command line names its folder, and their children."""
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(base) in part for part in proc.info["cmdline"] or ()):
+                found.add(proc.pid)
+                found.update(child.pid for child in proc.children(recursive=True))
+        except psutil.Error:
+            continue
+    return found
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class Cluster:
+    def __init__(self, base: Path, gcs: str, dashboard: str, env: dict[str, str]):
+        self.base, self.gcs, self.dashboard, self.env = base, gcs, dashboard, env
+
+    def checks(self, mode: str, *params: Path) -> dict:
+        """cluster_checks.py as a driver of its own (authenticated by the head's token file)."""
+        out = _run([sys.executable, str(CHECKS), self.gcs, mode, *map(str, params)],
+                   env={**self.env, "PYTHONPATH": str(REPO)}, timeout=300)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def submit(self, params: Path, stage: str = "train") -> subprocess.CompletedProcess:
+        """The README's job submission, with this cluster's dashboard address (and this venv's python)."""
+        return _run([RAY, "job", "submit", "--address", self.dashboard, "--working-dir", str(REPO), "--",
+                     sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)], env=self.env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # A short path: Ray's unix sockets live under it and AF_UNIX paths are limited to ~107 bytes.
+    base = Path(tempfile.mkdtemp(prefix="umlc", dir="/tmp"))
+    head_home, worker_home = base / "head-home", base / "worker-home"
+    head_home.mkdir()
+    worker_home.mkdir()
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
+    # The head's user: its own home, so `ray get-auth-token --generate` writes a fresh
+    # ~/.ray/auth_token (not this machine's). gloo binds the loopback interface.
+    env.update(HOME=str(head_home), RAY_AUTH_MODE="token", GLOO_SOCKET_IFNAME="lo",
+               MPLCONFIGDIR=str(base / "matplotlib"), NO_ALBUMENTATIONS_UPDATE="1")
+    try:
+        made = _run([RAY, "get-auth-token", "--generate"], env=env)
+        assert made.returncode == 0, made.stderr[-2000:]
+        token = (head_home / ".ray" / "auth_token").read_text().strip()
+        assert token and made.stdout.strip() == token
+        head = _run([RAY, "start", "--head", f"--node-ip-address={HEAD_IP}", "--port=0", f"--dashboard-host={HEAD_IP}",
+                     "--dashboard-port=0", "--dashboard-agent-listen-port=0",
+                     "--num-cpus=2", f"--resources={json.dumps({'uml_slot': 1})}", f"--temp-dir={base / 'ray'}",
+                     "--disable-usage-stats"], env=env)
+        log = head.stdout + head.stderr
+        assert head.returncode == 0, log[-3000:]
+        gcs = re.search(rf"ray start --address='({re.escape(HEAD_IP)}:\d+)'", log)
+        dashboard = re.search(rf"http://{re.escape(HEAD_IP)}:\d+", log)
+        assert gcs and dashboard, log[-3000:]
+        # A node joins with the token alone (its user has no token file), and lacks one folder
+        # (simulated, see cluster_checks.py). Its own temp folder, as on a machine of its own: a
+        # node otherwise takes the head's, and the two would delete each other's unpacked job
+        # working dirs.
+        worker_env = {**env, "HOME": str(worker_home), "RAY_AUTH_TOKEN": token, LACKS_ENV: str(base / "node-local")}
+        worker = _run([RAY, "start", f"--address={gcs.group(1)}", f"--node-ip-address={WORKER_IP}", "--num-cpus=1",
+                       f"--resources={json.dumps({'uml_slot': 1})}", "--dashboard-agent-listen-port=0",
+                       f"--temp-dir={base / 'ray-node2'}", "--disable-usage-stats"], env=worker_env)
+        assert worker.returncode == 0, (worker.stdout + worker.stderr)[-3000:]
+        yield Cluster(base, gcs.group(1), dashboard.group(0), env)
+    finally:
+        _stop(_cluster_processes(base))
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shared_data(cluster):
+    """Tiny params whose data.root is a folder both nodes see, prepared once."""
+    root = cluster.base / "shared"
+    root.mkdir()
+    path = write_tiny_params(root, train={"epochs": 2, "use_tuned": False},
+                             ray={"num_workers": 2, "resources_per_worker": SLOT, "max_failures": 0})
+    prepare(load_params(path))
+    return path
+
+
+def _variant(shared_params: Path, name: str, **sections) -> Path:
+    raw = yaml.safe_load(shared_params.read_text())
+    for section, values in sections.items():
+        raw[section].update(values)
+    path = shared_params.with_name(f"{name}.yaml")
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_job_submit_trains_one_worker_per_node_with_identical_replicas(cluster, shared_data):
+    job = cluster.submit(shared_data)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-5000:]
+    assert "joining Ray cluster" in log and "succeeded" in log
+    params = load_params(shared_data)
+    paths = Paths(params)
+    assert load_model(paths.model_pt).extra["best_epoch"] in (0, 1)
+    # Placement: the two training workers ran on the two nodes (Ray's own record of the actors).
+    assert sorted(cluster.checks("workers")["workers"]) == [HEAD_IP, WORKER_IP]
+    # DDP kept the replicas identical: the parameter checksums of both ranks agreed every epoch.
+    drift = (paths.train_dir / "plots" / "metrics" / "ddp" / "param_drift.tsv").read_text().splitlines()[1:]
+    assert [float(row.split("\t")[1]) for row in drift] == [0.0, 0.0]
+
+
+def test_job_submit_with_a_relative_data_root_stops_before_anything_runs(cluster, shared_data):
+    relative = _variant(shared_data, "relative", data={"root": "data"})
+    job = cluster.submit(relative)
+    log = job.stdout + job.stderr
+    assert job.returncode != 0
+    assert f"train: error: {relative}: data.root 'data' is relative" in log
+    assert "absolute path on storage every node mounts" in log
+    assert "joining Ray cluster" not in log  # refused before the stage did anything
+
+
+def test_the_store_and_storage_check_accepts_shared_folders_and_refuses_a_node_local_one(cluster, shared_data):
+    node_local = cluster.base / "node-local"  # the worker node lacks this folder (simulated)
+    store = Paths(load_params(shared_data)).dataset
+    shutil.copytree(store, node_local / "data" / "prepared" / "dataset.zarr")
+    local_data = _variant(shared_data, "local-data", data={"root": str(node_local / "data")},
+                          ray={"storage_path": str(cluster.base / "shared" / "data" / "ray")})
+    local_storage = _variant(shared_data, "local-storage", ray={"storage_path": str(node_local / "ray")})
+    results = cluster.checks("paths", shared_data, local_data, local_storage)
+    assert results["nodes"] == [HEAD_IP, WORKER_IP]
+    assert results[str(shared_data)] == "ok"
+    refused = results[str(local_data)]
+    assert f"node {WORKER_IP} (" in refused and f"node {HEAD_IP} (" not in refused
+    assert f"the prepared store {node_local}/data/prepared/dataset.zarr (data.root) does not exist there" in refused
+    refused = results[str(local_storage)]
+    assert f"node {WORKER_IP} (" in refused and f"node {HEAD_IP} (" not in refused
+    assert f"a file the driver wrote into ray.storage_path ({node_local}/ray) is not visible there" in refused
+    # The check cleans up after itself.
+    assert not list((cluster.base / "shared" / "data" / "ray").glob(".uml-preflight/*"))
+
+
+def test_train_and_tune_drivers_refuse_what_the_cluster_cannot_place(cluster, shared_data):
+    too_big = _variant(shared_data, "too-big", ray={"resources_per_worker": {"CPU": 64}})
+    too_many = _variant(shared_data, "too-many", ray={"num_workers": 3}, tune={"workers_per_trial": 3})
+    half_gpus = _variant(shared_data, "half-gpus", ray={"use_gpu": True, "resources_per_worker": {"CPU": 1, "GPU": 0.5}},
+                         tune={"workers_per_trial": 2})
+    results = cluster.checks("stages", too_big, too_many, half_gpus)
+    for stage in ("train", "sweep"):
+        big = results[f"{too_big}:{stage}"]
+        assert "no alive node of the 2 has that much" in big["error"] and "{CPU: 64}" in big["error"]
+        assert "CPU: 2" in big["error"]  # the largest node, the head
+        many = results[f"{too_many}:{stage}"]
+        assert "3 training workers of {CPU: 1, uml_slot: 1} each do not fit" in many["error"]
+        assert "hold 2 (per node: [1, 1])" in many["error"]
+        assert "Duplicate GPU detected" in results[f"{half_gpus}:{stage}"]["error"]
+        # Refused at once instead of waiting for a placement that never comes.
+        assert max(results[f"{p}:{stage}"]["seconds"] for p in (too_big, too_many, half_gpus)) < 60
+
+
+def test_a_local_run_beside_another_ray_instance_finds_its_own(cluster, shared_data):
+    """Issue 15 item 7: Ray components that look the cluster up without an address (the state
+    API, which Ray Train's placement-group cleaner calls in a worker process) found two instances
+    and failed with "Found multiple active Ray instances". A stage's local instance pins its own
+    address for its driver and workers."""
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS",)}
+    out = _run([sys.executable, str(CHECKS), "-", "beside", str(shared_data)], env={**env, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert results == {"driver": ["127.0.0.1"], "worker": ["127.0.0.1"]}, results
