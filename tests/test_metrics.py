@@ -209,15 +209,22 @@ def test_error_auroc():
     assert math.isnan(metrics.error_auroc(u, np.zeros(5, bool)))
 
 
-def test_pixel_error_auroc_subsamples_deterministically():
+def test_pixel_samples_are_uniform_and_deterministic():
     rng = np.random.default_rng(1)
-    error = rng.random((8, 64, 64)) < 0.1
+    error = rng.random((64, 64)) < 0.1
     uncertainty = np.where(error, rng.beta(4, 2, error.shape), rng.beta(2, 4, error.shape))
+    unc, err = metrics.sample_pixels(uncertainty, error, 64 * 64, np.random.default_rng(0))
+    assert np.array_equal(unc, uncertainty.ravel()) and np.array_equal(err, error.ravel())  # small: every pixel
+    unc, err = metrics.sample_pixels(uncertainty, error, 1000, np.random.default_rng(7))
+    again = metrics.sample_pixels(uncertainty, error, 1000, np.random.default_rng(7))
+    assert unc.size == err.size == 1000 and np.array_equal(unc, again[0]) and np.array_equal(err, again[1])
+    # Each sampled pixel keeps its own error flag, and the sample is drawn without replacement.
+    where = {float(u): bool(e) for u, e in zip(uncertainty.ravel(), error.ravel())}
+    assert all(where[float(u)] == bool(e) for u, e in zip(unc, err)) and len(set(unc.tolist())) == 1000
     full = roc_auc_score(error.ravel(), uncertainty.ravel())
-    assert metrics.pixel_error_auroc(uncertainty, error) == pytest.approx(full)
-    small = metrics.pixel_error_auroc(uncertainty, error, max_pixels=5000, seed=7)
-    assert small == metrics.pixel_error_auroc(uncertainty, error, max_pixels=5000, seed=7)
-    assert small == pytest.approx(full, abs=0.03)
+    assert metrics.error_auroc(unc, err) == pytest.approx(full, abs=0.05)
+    with pytest.raises(ValueError, match="sizes differ"):
+        metrics.sample_pixels(uncertainty, error[:10], 5, np.random.default_rng(0))
 
 
 def test_referral_accuracy():
@@ -402,12 +409,41 @@ def test_segmentation_metrics_average_per_image_values_by_hand():
 def test_task_metrics_prefix_and_select(binary_case):
     labels, prob = binary_case
     masks = np.zeros((len(labels), 4, 4), np.uint8)
-    got = metrics.task_metrics(labels, prob, None, masks, positive=0, mask_classes=["background", "disc", "cup"],
-                               classification=("f1", "acc"))
+    got = metrics.task_metrics(labels, prob, None, positive=0, classification=("f1", "acc"))
     pred = prob.argmax(1)
     assert got == {"cls/f1": pytest.approx(f1_score(labels, pred, pos_label=0)),
                    "cls/acc": pytest.approx(np.mean(pred == labels))}
-    seg_only = metrics.task_metrics(labels, None, masks, masks, positive=0, mask_classes=["background", "lesion"])
+    seg = metrics.segmentation_per_image(masks, masks, ["background", "lesion"])
+    seg_only = metrics.task_metrics(labels, None, seg, positive=0)
     assert seg_only["seg/dice_lesion"] == 1.0 and not any(k.startswith("cls/") for k in seg_only)
     with pytest.raises(ValueError, match="unknown classification metrics"):
-        metrics.task_metrics(labels, prob, None, masks, positive=0, mask_classes=[], classification=("precision",))
+        metrics.task_metrics(labels, prob, None, positive=0, classification=("precision",))
+
+
+def test_task_metrics_mean_uncertainties_by_hand(binary_case):
+    labels, prob = binary_case
+    got = metrics.task_metrics(labels, None, None, positive=1, class_uncertainty=np.array([0.2, 0.4, 0.9]),
+                               pixel_uncertainty=np.array([0.1, 0.3]))
+    assert got == {"unc/mean_class_uncertainty": pytest.approx(0.5), "unc/mean_pixel_uncertainty": pytest.approx(0.2)}
+
+
+def test_per_image_values_of_two_shares_summarise_as_the_whole():
+    # Validation's ranks each compute per-image values of their share; concatenated, they must give
+    # the metrics of the whole set (Dice means, distance means over defined images, the count left out).
+    rng = np.random.default_rng(3)
+    gt = np.zeros((5, 16, 16), np.uint8)
+    gt[:, 3:13, 3:13] = 1
+    gt[:, 6:10, 6:10] = 2
+    pred = gt.copy()
+    pred[1] = np.roll(pred[1], 2, axis=1)
+    pred[2][pred[2] == 2] = 1  # no cup predicted: its cup distances are undefined
+    pred[4] = rng.integers(0, 3, size=(16, 16))
+    classes = ["background", "disc", "cup"]
+    whole = metrics.segmentation_metrics(pred, gt, classes)
+    shares = [metrics.segmentation_per_image(pred[:2], gt[:2], classes), metrics.segmentation_per_image(pred[2:], gt[2:], classes)]
+    joined = metrics.summarise_segmentation({k: np.concatenate([s[k] for s in shares]) for k in shares[0]})
+    assert list(joined) == list(whole)
+    for key in whole:
+        assert joined[key] == pytest.approx(whole[key]), key
+    assert whole["dist_undefined_cup"] == 1.0
+    assert whole["dice_disc"] == pytest.approx(np.mean([metrics.dice(p >= 1, g >= 1) for p, g in zip(pred, gt)]))

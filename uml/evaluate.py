@@ -9,9 +9,10 @@ Keys (each only when the model has the outputs it needs; ``<s>`` is a structure 
 :func:`uml.metrics.structures`, ``disc`` and ``cup`` for fundus masks):
 
 - ``cls/acc``, ``cls/auc``, ``cls/kappa``, ``cls/sensitivity``, ``cls/specificity``, ``cls/f1``,
-  ``cls/ece`` and the ``seg/`` keys below: :func:`uml.metrics.task_metrics`, the function that
-  validation uses too (the predicted class is the argmax of ``class_prob``; the positive class is
-  the model metadata's ``positive_class``, copied from the prepared data set)
+  ``cls/ece``, the ``seg/`` keys below and the two mean uncertainties:
+  :func:`uml.metrics.task_metrics`, the function that validation uses too (the predicted class is
+  the argmax of ``class_prob``; the positive class is the model metadata's ``positive_class``,
+  copied from the prepared data set)
 - ``seg/dice_<s>``, ``seg/assd_<s>``, ``seg/hd95_<s>``: per-image values averaged over the test
   images (distances in pixels at model resolution); ``seg/dist_undefined_<s>``: how many images
   were left out of the distance means because exactly one of prediction and ground truth is empty
@@ -134,11 +135,7 @@ def run_pass(
     with tqdm(total=n, desc=f"evaluate [{desc}]", unit="img", leave=False, mininterval=1.0) as bar:
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            batch = model.scale_images(images[start:stop])
-            if noise is not None:
-                kind, level = noise
-                corrupt = NOISE_KINDS[kind][1]
-                batch = np.stack([corrupt(img, level, _noise_rng(seed, kind, level, ids[start + j])) for j, img in enumerate(batch)])
+            batch = _corrupted(model.scale_images(images[start:stop]), noise, seed, ids[start:stop])
             result = model.run(model.to_input(batch))
             if model.has_cls:
                 probs.append(result["class_prob"].astype(np.float64))
@@ -155,40 +152,39 @@ def run_pass(
                     if position in panel_set:
                         out.panel_uncertainty[position] = unc[j].copy()
                     if gt_masks is not None:
-                        flat_unc = unc[j].ravel()
-                        flat_err = (pred[j] != gt_masks[position]).ravel()
-                        if flat_unc.size > per_image_pixels:
-                            rng = np.random.default_rng([seed, 0, int(ids[position])])
-                            keep = rng.choice(flat_unc.size, size=per_image_pixels, replace=False)
-                            flat_unc, flat_err = flat_unc[keep], flat_err[keep]
+                        flat_unc, flat_err = metrics.sample_pixels(unc[j], pred[j] != gt_masks[position], per_image_pixels,
+                                                                   np.random.default_rng([seed, 0, int(ids[position])]))
                         pix_unc.append(flat_unc)
                         pix_err.append(flat_err)
                         pix_image.append(np.full(flat_unc.size, position))
             bar.update(stop - start)
-    if probs:
-        out.class_prob = np.concatenate(probs)
-    if class_unc:
-        out.class_uncertainty = np.concatenate(class_unc)
-    if masks:
-        out.pred_masks = np.concatenate(masks)
-    if pix_mean:
-        out.mean_pixel_uncertainty = np.concatenate(pix_mean)
-    if pix_unc:
-        out.pixel_uncertainty_sample = np.concatenate(pix_unc)
-        out.pixel_error_sample = np.concatenate(pix_err)
-        out.pixel_sample_image = np.concatenate(pix_image)
+    out.class_prob, out.class_uncertainty, out.pred_masks = _joined(probs), _joined(class_unc), _joined(masks)
+    out.mean_pixel_uncertainty = _joined(pix_mean)
+    out.pixel_uncertainty_sample, out.pixel_error_sample = _joined(pix_unc), _joined(pix_err)
+    out.pixel_sample_image = _joined(pix_image)
     return out
+
+
+def _corrupted(batch: np.ndarray, noise: tuple[str, float] | None, seed: int, ids: np.ndarray) -> np.ndarray:
+    """The scaled batch, each image corrupted by ``noise`` with its own generator (none: as is)."""
+    if noise is None:
+        return batch
+    kind, level = noise
+    corrupt = NOISE_KINDS[kind][1]
+    return np.stack([corrupt(img, level, _noise_rng(seed, kind, level, image_id)) for img, image_id in zip(batch, ids)])
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray | None:
+    # None for an output the model does not have (no batch added to it).
+    return np.concatenate(parts) if parts else None
 
 
 # ------------------------------------------------------------------------------ metrics
 def _robust_metrics(model: OnnxModel, outputs: PassOutputs, labels: np.ndarray, gt_masks: np.ndarray) -> dict[str, float]:
-    result = metrics.task_metrics(labels, outputs.class_prob, outputs.pred_masks, gt_masks, positive=model.positive_class,
-                                  mask_classes=model.mask_classes, classification=("acc", "auc"), distances=False)
-    if outputs.class_uncertainty is not None:
-        result["unc/mean_class_uncertainty"] = float(outputs.class_uncertainty.mean())
-    if outputs.mean_pixel_uncertainty is not None:
-        result["unc/mean_pixel_uncertainty"] = float(outputs.mean_pixel_uncertainty.mean())
-    return result
+    seg = (metrics.segmentation_per_image(outputs.pred_masks, gt_masks, model.mask_classes, distances=False)
+           if outputs.pred_masks is not None else None)
+    return metrics.task_metrics(labels, outputs.class_prob, seg, positive=model.positive_class, classification=("acc", "auc"),
+                                class_uncertainty=outputs.class_uncertainty, pixel_uncertainty=outputs.mean_pixel_uncertainty)
 
 
 def _panel_positions(n: int, count: int) -> list[int]:
@@ -233,8 +229,9 @@ def evaluate_arrays(
     panels = _panel_positions(n, cfg.num_panels) if plots_dir is not None else []
     clean = run_pass(model, images, cfg.batch_size, seed=cfg.seed, ids=ids, gt_masks=masks, panel_positions=panels)
 
-    result = metrics.task_metrics(labels, clean.class_prob, clean.pred_masks, masks, positive=model.positive_class,
-                                  mask_classes=model.mask_classes, bins=cfg.calibration_bins)
+    seg = metrics.segmentation_per_image(clean.pred_masks, masks, model.mask_classes) if clean.pred_masks is not None else None
+    result = metrics.task_metrics(labels, clean.class_prob, seg, positive=model.positive_class, bins=cfg.calibration_bins,
+                                  class_uncertainty=clean.class_uncertainty, pixel_uncertainty=clean.mean_pixel_uncertainty)
     gt_vcdr = np.array([metrics.vertical_cdr(m) for m in masks]) if fundus else None
     pred_vcdr = None
     if clean.pred_masks is not None:
@@ -250,10 +247,8 @@ def evaluate_arrays(
         result["unc/error_auroc"] = metrics.error_auroc(clean.class_uncertainty, ~correct)
         for fraction in cfg.referral_fractions:
             result[referral_key(fraction)] = metrics.referral_acc(correct, clean.class_uncertainty, fraction)
-        result["unc/mean_class_uncertainty"] = float(clean.class_uncertainty.mean())
     if clean.pixel_uncertainty_sample is not None:
         result["unc/pixel_error_auroc"] = metrics.error_auroc(clean.pixel_uncertainty_sample, clean.pixel_error_sample)
-        result["unc/mean_pixel_uncertainty"] = float(clean.mean_pixel_uncertainty.mean())
 
     robust_tables: dict[str, list[dict[str, float]]] = {}
     clean_robust = _robust_metrics(model, clean, labels, masks)

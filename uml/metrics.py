@@ -8,9 +8,10 @@ Function names follow the metric keys of ``data/reports/metrics.json`` (``cls/ac
   (sensitivity, specificity, F1 and AUC with K = 2). With K > 2 these are "positive vs rest".
   It has no default: every caller passes the data set's declared positive class (the prepared
   store's ``positive_class``, which the export copies into the model's metadata).
-- One function per metric; :func:`classification_metrics` and :func:`segmentation_metrics` are
+- One function per metric; :func:`classification_metrics` and :func:`segmentation_per_image` are
   the sets of them that both validation (``uml.train.worker.validate``) and evaluation
-  (``uml.evaluate``) compute, through :func:`task_metrics`. A new metric added there reaches both.
+  (``uml.evaluate``) compute, through :func:`task_metrics` (with the mean uncertainties). A new
+  metric added there reaches both.
 - A metric that is undefined on its input (an AUC with a single class present, a sensitivity
   without positives, a distance to an empty mask) is ``nan``, never an exception:
   the evaluation stage writes it as ``null``.
@@ -198,29 +199,34 @@ def ece(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
     return float((stats["count"][filled] * gap).sum() / n)
 
 
-CLASSIFICATION_METRICS: tuple[str, ...] = ("acc", "auc", "kappa", "sensitivity", "specificity", "f1", "ece")
+# The image-level metrics every evaluation reports, in metrics.json's order: name -> a function of
+# (labels, prob, pred, positive, bins), where pred is the argmax of prob. One entry here (and the
+# metric's function above) is all a new image-level metric needs to reach metrics.json.
+ClassificationMetric = Callable[[np.ndarray, np.ndarray, np.ndarray, int, int], float]
+CLASSIFICATION_METRICS: dict[str, ClassificationMetric] = {
+    "acc": lambda labels, prob, pred, positive, bins: acc(labels, pred),
+    "auc": lambda labels, prob, pred, positive, bins: auc(labels, prob, positive),
+    "kappa": lambda labels, prob, pred, positive, bins: kappa(labels, pred),
+    "sensitivity": lambda labels, prob, pred, positive, bins: sensitivity(labels, pred, positive),
+    "specificity": lambda labels, prob, pred, positive, bins: specificity(labels, pred, positive),
+    "f1": lambda labels, prob, pred, positive, bins: f1(labels, pred, positive, num_classes=prob.shape[1]),
+    "ece": lambda labels, prob, pred, positive, bins: ece(labels, prob, bins),
+}
 
 
 def classification_metrics(labels: np.ndarray, prob: np.ndarray, positive: int, bins: int = 10,
-                           names: Sequence[str] = CLASSIFICATION_METRICS) -> dict[str, float]:
-    """The image-level metrics ``names`` (all by default, in that order), keyed as in metrics.json
-    without the ``cls/`` prefix; the predicted class is the argmax of ``prob``."""
+                           names: Sequence[str] | None = None) -> dict[str, float]:
+    """The image-level metrics ``names`` (all of :data:`CLASSIFICATION_METRICS` by default, in its
+    order), keyed as in metrics.json without the ``cls/`` prefix; the predicted class is the argmax
+    of ``prob``."""
     prob = _as_prob(prob)
     labels = np.asarray(labels)
     pred = predicted_class(prob)
-    compute: dict[str, Callable[[], float]] = {
-        "acc": lambda: acc(labels, pred),
-        "auc": lambda: auc(labels, prob, positive),
-        "kappa": lambda: kappa(labels, pred),
-        "sensitivity": lambda: sensitivity(labels, pred, positive),
-        "specificity": lambda: specificity(labels, pred, positive),
-        "f1": lambda: f1(labels, pred, positive, num_classes=prob.shape[1]),
-        "ece": lambda: ece(labels, prob, bins),
-    }
-    unknown = [name for name in names if name not in compute]
+    names = list(CLASSIFICATION_METRICS) if names is None else list(names)
+    unknown = [name for name in names if name not in CLASSIFICATION_METRICS]
     if unknown:
-        raise ValueError(f"unknown classification metrics {unknown}; known: {list(compute)}")
-    return {name: compute[name]() for name in names}
+        raise ValueError(f"unknown classification metrics {unknown}; known: {list(CLASSIFICATION_METRICS)}")
+    return {name: CLASSIFICATION_METRICS[name](labels, prob, pred, positive, bins) for name in names}
 
 
 # ------------------------------------------------------------------------- segmentation
@@ -266,18 +272,24 @@ def surface_distances(
     return to_gt[surface_pred], to_pred[surface_gt]
 
 
-def assd(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None) -> float:
-    """Average symmetric surface distance: the mean of the two directed mean surface distances.
-
-    (MedPy's definition.) 0.0 when both masks are empty, ``nan`` when only one is.
-    """
+def _symmetric_distance(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None,
+                        combine: Callable[[np.ndarray, np.ndarray], float]) -> float:
+    # The empty-mask conventions of the module docstring, shared by every surface-distance metric.
     dists = surface_distances(pred, gt, spacing)
     if dists is None:
         return math.nan
     a, b = dists
     if a.size == 0:
         return 0.0
-    return float((a.mean() + b.mean()) / 2.0)
+    return float(combine(a, b))
+
+
+def assd(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+    """Average symmetric surface distance: the mean of the two directed mean surface distances.
+
+    (MedPy's definition.) 0.0 when both masks are empty, ``nan`` when only one is.
+    """
+    return _symmetric_distance(pred, gt, spacing, lambda a, b: (a.mean() + b.mean()) / 2.0)
 
 
 def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None) -> float:
@@ -285,13 +297,7 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = Non
 
     0.0 when both masks are empty, ``nan`` when only one is.
     """
-    dists = surface_distances(pred, gt, spacing)
-    if dists is None:
-        return math.nan
-    a, b = dists
-    if a.size == 0:
-        return 0.0
-    return float(max(np.percentile(a, 95), np.percentile(b, 95)))
+    return _symmetric_distance(pred, gt, spacing, lambda a, b: max(np.percentile(a, 95), np.percentile(b, 95)))
 
 
 def structures(mask_classes: Sequence[str]) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
@@ -313,49 +319,78 @@ def dice_per_image(pred_masks: np.ndarray, gt_masks: np.ndarray, mask_classes: S
             for name, select in structures(mask_classes).items()}
 
 
+def segmentation_per_image(pred_masks: np.ndarray, gt_masks: np.ndarray, mask_classes: Sequence[str],
+                           distances: bool = True) -> dict[str, np.ndarray]:
+    """The per-image segmentation metrics of label-mask stacks (n, H, W), keyed as in metrics.json
+    without the ``seg/`` prefix: ``dice_<s>`` for every structure ``<s>``, then, with
+    ``distances``, ``assd_<s>`` and ``hd95_<s>`` (``nan`` where exactly one mask is empty).
+
+    One value per image, so that shares of a split computed apart (validation's ranks) are
+    concatenated, not re-computed, before :func:`summarise_segmentation`."""
+    result = {f"dice_{name}": values for name, values in dice_per_image(pred_masks, gt_masks, mask_classes).items()}
+    if distances:
+        pred_masks, gt_masks = np.asarray(pred_masks), np.asarray(gt_masks)
+        for name, select in structures(mask_classes).items():
+            pairs = list(zip(select(pred_masks), select(gt_masks)))
+            result[f"assd_{name}"] = np.array([assd(p, g) for p, g in pairs], dtype=np.float64)
+            result[f"hd95_{name}"] = np.array([hd95(p, g) for p, g in pairs], dtype=np.float64)
+    return result
+
+
+def summarise_segmentation(per_image: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per-image values (:func:`segmentation_per_image`) averaged over the images: Dice means, and
+    distance means over the images where they are defined, each structure's followed by
+    ``dist_undefined_<s>`` (how many images were left out: exactly one mask empty)."""
+    result = {key: float(np.mean(values)) for key, values in per_image.items() if key.startswith("dice_")}
+    for key, values in per_image.items():
+        if key.startswith("dice_"):
+            continue
+        defined = np.isfinite(values)
+        result[key] = float(values[defined].mean()) if defined.any() else math.nan
+        if key.startswith("hd95_"):
+            result[f"dist_undefined_{key.removeprefix('hd95_')}"] = float((~defined).sum())
+    return result
+
+
 def segmentation_metrics(pred_masks: np.ndarray, gt_masks: np.ndarray, mask_classes: Sequence[str],
                          distances: bool = True) -> dict[str, float]:
-    """Per-image segmentation metrics averaged over the images, keyed as in metrics.json without
-    the ``seg/`` prefix: ``dice_<s>`` for every structure ``<s>``, then, with ``distances``,
-    ``assd_<s>``, ``hd95_<s>`` (means over the images where they are defined) and
-    ``dist_undefined_<s>`` (how many images were left out: exactly one mask empty)."""
-    result = {f"dice_{name}": float(values.mean()) for name, values in dice_per_image(pred_masks, gt_masks, mask_classes).items()}
-    if not distances:
-        return result
-    for name, select in structures(mask_classes).items():
-        pred_bin, gt_bin = select(np.asarray(pred_masks)), select(np.asarray(gt_masks))
-        assd_values = np.array([assd(p, g) for p, g in zip(pred_bin, gt_bin)])
-        hd95_values = np.array([hd95(p, g) for p, g in zip(pred_bin, gt_bin)])
-        defined = np.isfinite(assd_values)
-        result[f"assd_{name}"] = float(assd_values[defined].mean()) if defined.any() else math.nan
-        result[f"hd95_{name}"] = float(hd95_values[defined].mean()) if defined.any() else math.nan
-        result[f"dist_undefined_{name}"] = float((~defined).sum())
-    return result
+    """:func:`summarise_segmentation` of :func:`segmentation_per_image`: the averaged metrics of
+    one set of label masks, keyed as in metrics.json without the ``seg/`` prefix."""
+    return summarise_segmentation(segmentation_per_image(pred_masks, gt_masks, mask_classes, distances))
 
 
 def task_metrics(
     labels: np.ndarray,
     prob: np.ndarray | None,
-    pred_masks: np.ndarray | None,
-    gt_masks: np.ndarray,
+    seg_per_image: dict[str, np.ndarray] | None,
     *,
     positive: int,
-    mask_classes: Sequence[str],
     bins: int = 10,
-    classification: Sequence[str] = CLASSIFICATION_METRICS,
-    distances: bool = True,
+    classification: Sequence[str] | None = None,
+    class_uncertainty: np.ndarray | None = None,
+    pixel_uncertainty: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """The classification (``cls/<name>``, from :func:`classification_metrics`) and segmentation
-    (``seg/<name>``, from :func:`segmentation_metrics`) metrics of one set of predictions: the one
-    path by which validation and evaluation compute them. ``prob`` or ``pred_masks`` is ``None``
-    for a model without that task; its keys are then absent."""
+    """The metrics of one set of predictions: the one path by which validation and evaluation
+    compute them.
+
+    - ``cls/<name>`` from :func:`classification_metrics` of ``prob`` (the names in
+      ``classification``, all of :data:`CLASSIFICATION_METRICS` by default);
+    - ``seg/<name>`` from :func:`summarise_segmentation` of ``seg_per_image``
+      (:func:`segmentation_per_image`);
+    - ``unc/mean_class_uncertainty`` and ``unc/mean_pixel_uncertainty``: the means of the
+      per-image class uncertainty ``u`` and of the per-image mean pixel uncertainty ``U``.
+
+    An input that is ``None`` (a model without that task or head) leaves its keys out."""
     result: dict[str, float] = {}
     if prob is not None:
         values = classification_metrics(labels, prob, positive, bins, classification)
         result.update({f"cls/{k}": v for k, v in values.items()})
-    if pred_masks is not None:
-        values = segmentation_metrics(pred_masks, gt_masks, mask_classes, distances)
-        result.update({f"seg/{k}": v for k, v in values.items()})
+    if seg_per_image is not None:
+        result.update({f"seg/{k}": v for k, v in summarise_segmentation(seg_per_image).items()})
+    if class_uncertainty is not None:
+        result["unc/mean_class_uncertainty"] = float(np.mean(class_uncertainty))
+    if pixel_uncertainty is not None:
+        result["unc/mean_pixel_uncertainty"] = float(np.mean(pixel_uncertainty))
     return result
 
 
@@ -427,18 +462,19 @@ def noise_auroc(clean_uncertainty: np.ndarray, noisy_uncertainty: np.ndarray) ->
     return float(roc_auc_score(is_noisy, np.concatenate([clean, noisy])))
 
 
-def pixel_error_auroc(
-    uncertainty: np.ndarray, error: np.ndarray, max_pixels: int = PIXEL_AUROC_MAX_PIXELS, seed: int = 0
-) -> float:
-    """:func:`error_auroc` over pixels, on a deterministic subset of ``max_pixels`` when larger."""
-    uncertainty = np.asarray(uncertainty, dtype=np.float64).ravel()
-    error = np.asarray(error, dtype=bool).ravel()
+def sample_pixels(uncertainty: np.ndarray, error: np.ndarray, count: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One image's pixels for the pixel-error AUROC (:func:`error_auroc` over pixels): every
+    pixel's uncertainty and error, or ``count`` of them drawn uniformly without replacement by
+    ``rng`` when the image has more. roc_auc_score sorts its input, so a test split's pixels are
+    sampled (:data:`PIXEL_AUROC_MAX_PIXELS` in all) rather than all ranked."""
+    uncertainty, error = np.asarray(uncertainty).ravel(), np.asarray(error, dtype=bool).ravel()
     if uncertainty.shape != error.shape:
         raise ValueError(f"uncertainty and error sizes differ: {uncertainty.size} vs {error.size}")
-    if uncertainty.size > max_pixels:
-        keep = np.random.default_rng(seed).choice(uncertainty.size, size=max_pixels, replace=False)
+    if uncertainty.size > count:
+        keep = rng.choice(uncertainty.size, size=count, replace=False)
         uncertainty, error = uncertainty[keep], error[keep]
-    return error_auroc(uncertainty, error)
+    return uncertainty, error
 
 
 def referral_acc(correct: np.ndarray, uncertainty: np.ndarray, fraction: float) -> float:

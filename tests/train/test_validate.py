@@ -10,6 +10,7 @@ and as ONNX for evaluation, so the two paths see the same predictions. No Ray is
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from uml.data.records import Record
 from uml.data.store import write_dataset
 from uml.evaluate import evaluate_arrays
 from uml.onnx_model import OnnxModel
-from uml.train.worker import validate, validation_loader
+from uml.train.worker import validate, validation_loader, validation_share
 
 POSITIVE = 0  # "non-glaucoma": not the class index 1 that validation used to assume
 # Binary F1 is 2 TP / (2 TP + errors): it tells the classes apart only when their true positives
@@ -84,6 +85,9 @@ def reference(case):
         "cls/f1": f1_score(labels, pred, pos_label=POSITIVE),
         "seg/dice_disc": np.mean([_dice(p >= 1, g >= 1) for p, g in zip(seg, masks)]),
         "seg/dice_cup": np.mean([_dice(p == 2, g == 2) for p, g in zip(seg, masks)]),
+        # Equal-sized images: the mean of the per-image mean pixel uncertainties is the global mean.
+        "unc/mean_class_uncertainty": out["class_uncertainty"].numpy().astype(np.float64).mean(),
+        "unc/mean_pixel_uncertainty": out["seg_uncertainty"].numpy().astype(np.float64).mean(),
     }
     # The case tells the positive classes apart: a path that scored class 1 would give another F1.
     assert ref["cls/f1"] != pytest.approx(f1_score(labels, pred, pos_label=1))
@@ -107,3 +111,59 @@ def test_evaluation_gives_validations_numbers(case, reference):
         assert got[key] == pytest.approx(expected, abs=1e-6), key
         assert got[key] == pytest.approx(val[key], abs=1e-6), key
     assert got["reference/positive_fraction"] == pytest.approx(np.mean(labels == POSITIVE))
+
+
+INDEX_SETS = {"whole set": KEPT, "uneven shares": KEPT[:-1], "one rank empty": KEPT[:1]}
+
+
+def _validate_as_rank(rank: int, world: int, init_file: str, store: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for name, indices in INDEX_SETS.items():
+            loader = validation_loader(store, indices, rank, world, batch_size=4, workers=0, device=torch.device("cpu"))
+            got = validate(ToyNet(), loader, MASK_CLASSES, device=torch.device("cpu"))
+            (Path(out_dir) / f"{name}-rank{rank}.json").write_text(json.dumps(got))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_report_the_single_process_metrics(case, reference, tmp_path):
+    # Each rank validates its own share and only per-image values are gathered: every rank must
+    # still report the metrics of the whole set, also when one rank's share is empty.
+    store = str(case[0])
+    assert len(validation_share(KEPT[:-1], 0, 2)) != len(validation_share(KEPT[:-1], 1, 2))
+    assert len(validation_share(KEPT[:1], 1, 2)) == 0
+    torch.multiprocessing.spawn(_validate_as_rank, args=(2, str(tmp_path / "init"), store, str(tmp_path)), nprocs=2, join=True)
+    for name, indices in INDEX_SETS.items():
+        ranks = [json.loads((tmp_path / f"{name}-rank{r}.json").read_text()) for r in range(2)]
+        single = validate(ToyNet(), validation_loader(store, indices, 0, 1, batch_size=4, workers=0, device=torch.device("cpu")),
+                          MASK_CLASSES, device=torch.device("cpu"))
+        assert ranks[0] == ranks[1], name
+        assert list(ranks[0]) == list(single), name
+        for key, value in single.items():
+            assert ranks[0][key] == pytest.approx(value, abs=1e-9, nan_ok=True), (name, key)
+    whole = json.loads((tmp_path / "whole set-rank0.json").read_text())
+    for key, expected in reference.items():
+        assert whole[key] == pytest.approx(expected, abs=1e-6), key
+
+
+def test_a_metric_added_in_one_table_reaches_evaluation_and_validation(case, monkeypatch):
+    # ARCHITECTURE.md, "A new metric": the metric's entry in metrics.CLASSIFICATION_METRICS alone
+    # puts it in evaluation's metrics.json keys; naming it in VALIDATION_CLASSIFICATION_METRICS
+    # also logs it per epoch. Checked against scikit-learn on the toy's own predictions.
+    from sklearn.metrics import balanced_accuracy_score
+
+    from uml import metrics
+    from uml.train import worker
+
+    store, model_path, images, masks, labels = case
+    monkeypatch.setitem(metrics.CLASSIFICATION_METRICS, "balanced_acc",
+                        lambda labels, prob, pred, positive, bins: float(balanced_accuracy_score(labels, pred)))
+    monkeypatch.setattr(worker, "VALIDATION_CLASSIFICATION_METRICS", (*worker.VALIDATION_CLASSIFICATION_METRICS, "balanced_acc"))
+    with torch.no_grad():
+        prob = ToyNet().infer(torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0))["class_prob"]
+    expected = balanced_accuracy_score(labels, prob.numpy().argmax(1))
+    assert expected != pytest.approx(accuracy_score(labels, prob.numpy().argmax(1)))  # a metric of its own
+    cfg = EvaluateParams(batch_size=8, gaussian_sigmas=[], salt_pepper_amounts=[], num_panels=0, bootstrap_samples=0)
+    assert evaluate_arrays(OnnxModel(model_path), images, masks, labels, cfg)["cls/balanced_acc"] == pytest.approx(expected)
+    assert validate(ToyNet(), _loader(store), MASK_CLASSES, device=torch.device("cpu"))["cls/balanced_acc"] == pytest.approx(expected)

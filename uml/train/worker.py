@@ -117,8 +117,8 @@ VALIDATION_CLASSIFICATION_METRICS = ("acc", "auc", "f1")
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
-    # A rank whose share is empty contributes a 1-D placeholder that the others' (n, H, W) masks
-    # cannot be joined with.
+    # A rank whose share is empty contributes an empty 1-D array, which the others' (n, K) class
+    # probabilities cannot be joined with.
     filled = [p for p in parts if p.size]
     return np.concatenate(filled) if filled else np.zeros(0)
 
@@ -147,13 +147,14 @@ def validate(model: UMLNet, loader: DataLoader, mask_classes: list[str], device:
     """Validation metrics over the validation split, each worker reading its disjoint share
     through ``loader`` (:func:`validation_loader`).
 
-    The predictions are gathered to every rank, so all ranks report identical metrics. The
-    classification and segmentation metrics come from :func:`uml.metrics.task_metrics`, as in the
-    evaluation stage, with the data set's declared positive class.
+    The per-image results are gathered to every rank, so all ranks report identical metrics, all
+    from :func:`uml.metrics.task_metrics` as in the evaluation stage (with the data set's declared
+    positive class): classification, Dice, and the mean class and pixel uncertainties.
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     dataset: SegClsDataset = loader.dataset
-    rows: dict[str, list] = {"label": [], "prob": [], "unc": [], "pix_unc": [], "pred_mask": [], "gt_mask": []}
+    rows: dict[str, list] = {"label": [], "prob": [], "class_unc": [], "pixel_unc": []}
+    seg_rows: list[dict[str, np.ndarray]] = []
     model.eval()
     for batch in loader:
         with _autocast(device, dtype):
@@ -161,34 +162,31 @@ def validate(model: UMLNet, loader: DataLoader, mask_classes: list[str], device:
         rows["label"].append(batch["label"].numpy())
         if "class_prob" in out:
             rows["prob"].append(out["class_prob"].float().cpu().numpy())
-            rows["unc"].append(out["class_uncertainty"].float().cpu().numpy()[:, 0])
+            rows["class_unc"].append(out["class_uncertainty"].float().cpu().numpy()[:, 0])
         if "seg_prob" in out:
-            rows["pred_mask"].append(out["seg_prob"].argmax(1).cpu().numpy().astype(np.uint8))
-            rows["gt_mask"].append(batch["mask"].numpy().astype(np.uint8))
-            rows["pix_unc"].append(out["seg_uncertainty"].float().mean(dim=(1, 2, 3)).cpu().numpy())
+            # Per-image values, not masks, cross the ranks: a few numbers per image instead of H x W.
+            pred_masks = out["seg_prob"].argmax(1).cpu().numpy().astype(np.uint8)
+            seg_rows.append(metrics.segmentation_per_image(pred_masks, batch["mask"].numpy(), mask_classes, distances=False))
+            rows["pixel_unc"].append(out["seg_uncertainty"].float().mean(dim=(1, 2, 3)).cpu().numpy())
     local = {k: _concat(v) for k, v in rows.items()}
+    local["seg"] = {k: _concat([r[k] for r in seg_rows]) for k in (seg_rows[0] if seg_rows else {})}
     if world > 1:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, local)
-        local = {k: _concat([g[k] for g in gathered]) for k in local}
-    has_cls, has_seg = local["prob"].size > 0, local["pred_mask"].size > 0
-    task = metrics.task_metrics(
+        # A rank whose share is empty has no segmentation keys: take them from any rank that has.
+        seg_keys = next((list(g["seg"]) for g in gathered if g["seg"]), [])
+        local = {k: _concat([g[k] for g in gathered]) for k in rows}
+        local["seg"] = {k: _concat([g["seg"].get(k, np.zeros(0)) for g in gathered]) for k in seg_keys}
+    has_cls = local["prob"].size > 0
+    result = metrics.task_metrics(
         local["label"],
         local["prob"].reshape(len(local["label"]), -1) if has_cls else None,
-        local["pred_mask"] if has_seg else None,
-        local["gt_mask"],
+        local["seg"] or None,
         positive=dataset.positive_class,
-        mask_classes=mask_classes,
         classification=VALIDATION_CLASSIFICATION_METRICS,
-        distances=False,
+        class_uncertainty=local["class_unc"] if has_cls else None,
+        pixel_uncertainty=local["pixel_unc"] if local["seg"] else None,
     )
-    # Key order as the history has always had it: classification, uncertainties, segmentation.
-    result = {k: v for k, v in task.items() if k.startswith("cls/")}
-    if has_cls:
-        result["unc/class"] = float(local["unc"].mean())
-    if has_seg:
-        result["unc/pixel"] = float(local["pix_unc"].mean())
-    result.update({k: v for k, v in task.items() if k.startswith("seg/")})
     result["score"] = selection_score(result)
     return result
 
@@ -425,7 +423,7 @@ def _quiet_report_logging() -> None:
 def format_epoch(row: dict[str, float], epochs: int) -> str:
     """One progress line per epoch."""
     keys = [("train/loss", "loss"), ("val/cls/acc", "acc"), ("val/cls/auc", "auc"), ("val/seg/dice_disc", "disc"),
-            ("val/seg/dice_cup", "cup"), ("val/unc/class", "u_img"), ("val/unc/pixel", "u_pix"), ("val/score", "score")]
+            ("val/seg/dice_cup", "cup"), ("val/unc/mean_class_uncertainty", "u_img"), ("val/unc/mean_pixel_uncertainty", "u_pix"), ("val/score", "score")]
     shown = "  ".join(f"{short} {row[k]:.3f}" for k, short in keys if k in row and not math.isnan(row[k]))
     return (f"epoch {int(row['epoch']) + 1:>3}/{epochs}  {shown}  lr {row['lr']:.1e}  "
             f"{row['epoch_seconds']:.1f}s  {row['images_per_second']:.1f} img/s")
