@@ -117,6 +117,10 @@ class DataParams(_Section):
     split: SplitParams = SplitParams()
     # Folder importer: class names in label-index order (null: sorted unique CSV labels).
     class_names: list[str] | None = None
+    # The class the binary metrics (sensitivity, F1, AUC) score, by name. Folder importer: null
+    # means the last of class_names, or the largest integer label (text labels must declare it);
+    # the fundus sources declare glaucoma themselves.
+    positive_class: str | None = None
     mask_classes: list[str] = list(FUNDUS_MASK_CLASSES)
     # Folder importer: pixel value -> mask class index (null: pixel values are the class indices).
     mask_values: dict[int, int] | None = None

@@ -59,8 +59,9 @@ def _assert_resized(actual: np.ndarray, expected: np.ndarray) -> None:
 
 def test_folder_records_exact(tmp_path: Path) -> None:
     written = make_folder(tmp_path / "raw", {"b": "sick", "a": "healthy", "c": "sick"})
-    src = folder_source(params_for(tmp_path, source="folder", path=str(tmp_path / "raw")).data)
+    src = folder_source(params_for(tmp_path, source="folder", path=str(tmp_path / "raw"), positive_class="sick").data)
     assert src.class_names == ["healthy", "sick"]  # sorted unique labels
+    assert src.positive_class == 1
     assert src.mask_classes == ["background", "disc", "cup"]
     records = list(src)
     assert [r.id for r in records] == ["a", "b", "c"] and [r.label for r in records] == [0, 1, 1]
@@ -69,6 +70,30 @@ def test_folder_records_exact(tmp_path: Path) -> None:
         _assert_resized(r.image, image)
         assert np.array_equal(r.mask, mask)
         assert r.origin.endswith(f"images/{r.id}.png")
+
+
+def test_folder_positive_class_is_declared_never_guessed(tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    make_folder(root, {"a": "normal", "b": "glaucoma", "c": "normal"})
+    folder = dict(source="folder", path=str(root))
+    # Text labels sort as [glaucoma, normal]: "the last one" would score "normal" as the disease.
+    with pytest.raises(ConfigError, match=r"data\.positive_class: .*labels\.csv has text labels \['glaucoma', 'normal'\]"):
+        folder_source(params_for(tmp_path, **folder).data)
+    assert folder_source(params_for(tmp_path, **folder, positive_class="glaucoma").data).positive_class == 0
+    with pytest.raises(ConfigError, match=r"data\.positive_class: 'sick' is not one of the classes \['glaucoma', 'normal'\]"):
+        folder_source(params_for(tmp_path, **folder, positive_class="sick").data)
+    # Declared order: the last declared class, unless positive_class names another.
+    declared = folder_source(params_for(tmp_path, **folder, class_names=["normal", "glaucoma"]).data)
+    assert declared.class_names == ["normal", "glaucoma"] and declared.positive_class == 1
+    # Integer labels: the largest.
+    make_folder(tmp_path / "ints", {"a": "0", "b": "1", "c": "1"})
+    assert folder_source(params_for(tmp_path, source="folder", path=str(tmp_path / "ints")).data).positive_class == 1
+    # The fundus sources declare glaucoma; another name is a contradiction, not an override.
+    from uml.data.prepare import open_source
+
+    with pytest.raises(ConfigError, match=r"data\.positive_class: the synthetic source's positive class is 'glaucoma', got 'normal'"):
+        open_source(params_for(tmp_path, source="synthetic", positive_class="normal").data)
+    assert open_source(params_for(tmp_path, source="synthetic", positive_class="glaucoma").data).positive_class == 1
 
 
 def test_folder_integer_labels_declared_names_and_mask_values(tmp_path: Path) -> None:
@@ -106,7 +131,7 @@ def test_folder_jpeg_grey_rgba_and_16bit_images(tmp_path: Path) -> None:
     rgba = np.dstack([base, np.full((32, 32), 7, np.uint8)])
     save(root / "images" / "c.png", rgba)
     Image.fromarray((grey.astype(np.uint16) * 257)).save(root / "images" / "d.png")  # 16-bit grey
-    src = folder_source(params_for(tmp_path, source="folder", path=str(root)).data)
+    src = folder_source(params_for(tmp_path, source="folder", path=str(root), positive_class="q").data)
     rec = {r.id: r for r in src}
     jpeg = np.asarray(Image.open(root / "images" / "a.jpg").convert("RGB"))
     assert np.array_equal(rec["a"].image, jpeg)
@@ -180,6 +205,7 @@ def test_folder_rejects_bad_mask_values_mapping(tmp_path: Path) -> None:
     make_folder(tmp_path / "raw", {"a": "x", "b": "y", "c": "x"})
     with pytest.raises(ConfigError, match="mask_values"):
         folder_source(params_for(tmp_path, source="folder", path=str(tmp_path / "raw"), mask_values={0: 0, 1: 5}).data)
-    src = folder_source(params_for(tmp_path, source="folder", path=str(tmp_path / "raw"), mask_values={0: 0, 1: 1}).data)
+    src = folder_source(params_for(tmp_path, source="folder", path=str(tmp_path / "raw"), mask_values={0: 0, 1: 1},
+                                   positive_class="y").data)
     with pytest.raises(DataError, match=r"a\.png: mask value\(s\) \[2\] not in data.mask_values"):
         list(src)

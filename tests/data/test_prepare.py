@@ -40,9 +40,9 @@ def test_synthetic_prepare_is_deterministic(tmp_path: Path) -> None:
 def test_folder_prepare(tmp_path: Path) -> None:
     labels = {f"img{i:02d}": ("sick" if i % 3 == 0 else "well") for i in range(12)}
     written = make_folder(tmp_path / "raw", labels, size=(32, 32))
-    data = open_prepared(prepare(params_for(tmp_path, source="folder", path=str(tmp_path / "raw"))))
+    data = open_prepared(prepare(params_for(tmp_path, source="folder", path=str(tmp_path / "raw"), positive_class="sick")))
     assert data.class_names == ["sick", "well"] and data.attrs["source"] == "folder"
-    assert data.positive_class == 1  # the folder layout's rule: the last class in index order
+    assert data.positive_class == 0  # declared by data.positive_class, not the last in sorted order
     assert data.ids == sorted(labels)
     for i, item_id in enumerate(data.ids):
         assert np.array_equal(data.images[i], written[item_id][0])
@@ -68,6 +68,7 @@ LABELS = {k: ("a" if i % 2 else "b") for i, k in enumerate("abcdef")}
 
 
 def _prepare_bad(tmp_path: Path, **data: object) -> str:
+    data.setdefault("positive_class", "b")  # LABELS' text labels: the positive one must be named
     with pytest.raises(DataError) as err:
         prepare(params_for(tmp_path, source="folder", path=str(tmp_path / "raw"), **data))
     assert not store_path(tmp_path).exists() and leftovers(tmp_path) == []
@@ -134,7 +135,7 @@ def test_image_mask_size_mismatch(tmp_path: Path) -> None:
 
 def test_empty_split(tmp_path: Path) -> None:
     make_folder(tmp_path / "raw", {"a": "x", "b": "y"})
-    assert "split(s) ['train'] would be empty" in _prepare_bad(tmp_path)
+    assert "split(s) ['train'] would be empty" in _prepare_bad(tmp_path, positive_class="y")
 
 
 def test_zero_images(tmp_path: Path) -> None:
@@ -146,10 +147,11 @@ def test_zero_images(tmp_path: Path) -> None:
 
 def test_failed_prepare_keeps_previous_store(tmp_path: Path) -> None:
     make_folder(tmp_path / "raw", LABELS)
-    good = open_prepared(prepare(params_for(tmp_path, source="folder", path=str(tmp_path / "raw")))).content_hash
+    folder = dict(source="folder", path=str(tmp_path / "raw"), positive_class="b")
+    good = open_prepared(prepare(params_for(tmp_path, **folder))).content_hash
     (tmp_path / "raw" / "images" / "f.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match="f.png"):
-        prepare(params_for(tmp_path, source="folder", path=str(tmp_path / "raw")))
+        prepare(params_for(tmp_path, **folder))
     assert open_prepared(store_path(tmp_path)).content_hash == good
     assert [p.name for p in leftovers(tmp_path)] == ["dataset.zarr"]
 
@@ -158,7 +160,7 @@ def test_cli_bad_input_exits_nonzero_naming_the_file(tmp_path: Path) -> None:
     make_folder(tmp_path / "raw", LABELS)
     Image.new("RGB", (4, 4)).save(tmp_path / "raw" / "images" / "a.png")  # 4x4 image, 40x48 mask
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"data": {"source": "folder", "path": str(tmp_path / "raw"),
+    params.write_text(yaml.safe_dump({"data": {"source": "folder", "path": str(tmp_path / "raw"), "positive_class": "b",
                                                "root": str(tmp_path / "out"), "image_size": 32}}))
     env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1"}
     proc = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", str(params)], cwd=REPO, env=env,

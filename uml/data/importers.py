@@ -32,8 +32,10 @@ written. Every problem raises :class:`~uml.errors.DataError` naming the file and
     indices, or are mapped through ``data.mask_values`` ``{pixel value: class index}``; any other
     value is an error. Labels are class names or integer indices; the class names come from
     ``data.class_names`` or, when it is null, the sorted unique CSV labels (numerically when they
-    are all integers). The last class in that order is the positive one, which sensitivity, F1 and
-    AUC score (list it last in ``data.class_names``); ``prepare`` logs which class it is.
+    are all integers). The positive class, which sensitivity, F1 and AUC score, is
+    ``data.positive_class`` (a class name); when it is null, the last of ``data.class_names``, or the
+    largest integer label. Text labels without either are an error: their sorted order says
+    nothing about which class is positive. ``prepare`` logs which class it is.
 
 Images are converted to RGB (grey, palette, RGBA and 16-bit inputs included) and resized to
 ``data.image_size`` square (area interpolation when shrinking, linear when enlarging); masks use
@@ -287,11 +289,10 @@ class FolderSource(_FileSource):
     name = "folder"
 
     def __init__(self, items: list[tuple[str, Path, Path, int]], image_size: int, class_names: list[str],
-                 mask_classes: list[str], mask_values: dict[int, int] | None):
+                 mask_classes: list[str], mask_values: dict[int, int] | None, positive_class: int):
         super().__init__(items, image_size, class_names, mask_classes)
         self.mask_values = mask_values
-        # The declared rule for this layout (module docstring): the last class is the positive one.
-        self.positive_class = len(class_names) - 1
+        self.positive_class = positive_class
 
     def _read_mask(self, mask_path: Path) -> np.ndarray:
         return read_mask_values(mask_path, grey=False)
@@ -343,6 +344,22 @@ def _folder_class_names(raw_labels: dict[str, str], declared: list[str] | None, 
         raise DataError(f"{csv_path}: needs at least two distinct labels to train a classifier, found {names} "
                         "(or set data.class_names)")
     return names, {name: i for i, name in enumerate(names)}
+
+
+def _folder_positive_class(class_names: list[str], data: DataParams, csv_path: Path) -> int:
+    """The index of the class the binary metrics score: ``data.positive_class`` when set, else the
+    last of the declared ``data.class_names``, else the largest integer label. Text labels read
+    from the CSV have no natural order, so there it must be declared, never guessed."""
+    if data.positive_class is not None:
+        if data.positive_class not in class_names:
+            raise ConfigError(f"data.positive_class: {data.positive_class!r} is not one of the classes {class_names}")
+        return class_names.index(data.positive_class)
+    if data.class_names is None and not all(name.lstrip("-").isdigit() for name in class_names):
+        raise ConfigError(
+            f"data.positive_class: {csv_path} has text labels {class_names}; set data.positive_class to the class "
+            f"that sensitivity, F1 and AUC score (e.g. data.positive_class: {class_names[-1]!r}), or list "
+            "data.class_names with that class last")
+    return len(class_names) - 1
 
 
 def folder_source(data: DataParams) -> FolderSource:
@@ -399,5 +416,6 @@ def folder_source(data: DataParams) -> FolderSource:
     orphans = sorted(set(raw_labels) - set(images))
     if orphans:
         log.warning("folder: %d label rows have no image in %s (e.g. %s)", len(orphans), images_dir, orphans[:3])
+    positive_class = _folder_positive_class(class_names, data, csv_path)
     log.info("folder: %d images under %s, classes %s", len(items), root, class_names)
-    return FolderSource(items, data.image_size, class_names, list(data.mask_classes), data.mask_values)
+    return FolderSource(items, data.image_size, class_names, list(data.mask_classes), data.mask_values, positive_class)

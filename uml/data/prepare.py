@@ -10,7 +10,7 @@ import numpy as np
 
 from uml.config import DataParams, Params, Paths
 from uml.data.importers import folder_source, refuge_source
-from uml.data.records import FUNDUS_MASK_CLASSES, RecordSource
+from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, FUNDUS_POSITIVE_CLASS, RecordSource
 from uml.data.store import SPLIT_NAMES, write_dataset
 from uml.data.synthetic import SyntheticSource
 from uml.errors import ConfigError
@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 def open_source(data: DataParams) -> RecordSource:
     """The record source selected by ``data.source`` (files are listed and paired here)."""
+    if data.source != "folder" and data.positive_class not in (None, FUNDUS_CLASS_NAMES[FUNDUS_POSITIVE_CLASS]):
+        raise ConfigError(f"data.positive_class: the {data.source} source's positive class is "
+                          f"{FUNDUS_CLASS_NAMES[FUNDUS_POSITIVE_CLASS]!r}, got {data.positive_class!r}")
     if data.source == "synthetic":
         if list(data.mask_classes) != list(FUNDUS_MASK_CLASSES):
             raise ConfigError(f"data.mask_classes: the synthetic source has mask classes "
