@@ -61,7 +61,8 @@ def test_sweep_name_tracks_what_the_trials_run_but_not_concurrency():
     assert name.startswith("tune-") and name == sweep_name(Params(), "abc", dict(code))
     # Issue 14: max_concurrent_trials was hashed although it was meant to be left out.
     for same in ({"tune.max_concurrent_trials": 3}, {"train.use_tuned": False}, {"train.epochs": 99},
-                 {"train.loader_workers": 2}, {"ray.num_workers": 4}, {"ray.max_failures": 0}):
+                 {"train.loader_workers": 2}, {"ray.num_workers": 4}, {"ray.max_failures": 0},
+                 {"train.checkpoint_every": 3}, {"train.checkpoint_upload": "async"}):
         assert sweep_name(params.with_overrides(same), "abc", code) == name, same
     for other in ({"tune.num_samples": 9}, {"tune.epochs": 7}, {"loss.cls_weight": 0.3}, {"train.lr": 0.01},
                   {"tune.search_space": {"loss.cls_weight": {"uniform": [0.1, 0.9]}}}, {"model.preset": "paper"}):

@@ -229,9 +229,19 @@ class TrainParams(_Section):
     seed: int = 0
     # Use data/tune/best_params.yaml (written by the tune stage) instead of the loss: defaults.
     use_tuned: bool = True
+    # DataLoader processes per training worker, for training and (a second set) for validation;
+    # they persist across epochs. benchmarks/loader.py measures the samples/s each delivers
+    # (README "Benchmarks": how many a GPU needs).
     loader_workers: int = Field(0, ge=0)
     # Validate every epoch on at most this many images (null: the whole validation split).
     max_val_images: int | None = Field(None, ge=1)
+    # Checkpoint (weights, optimiser state, history) every this many epochs; the last epoch always
+    # is. A resume restarts after the last checkpoint, and the best model is chosen among the
+    # checkpointed epochs.
+    checkpoint_every: int = Field(1, ge=1)
+    # "async": Ray Train uploads each checkpoint to ray.storage_path in a background thread while
+    # training continues (CheckpointUploadMode.ASYNC); "sync": the epoch waits for the upload.
+    checkpoint_upload: Literal["sync", "async"] = "sync"
 
     @model_validator(mode="after")
     def _sane_schedule(self) -> "TrainParams":

@@ -184,3 +184,35 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(tiny, tmp_path):
     # The logged history has each epoch once, in order: the two before the crash and the two after.
     rows = (Paths(params).train_dir / "plots" / "metrics" / "val" / "score.tsv").read_text().splitlines()[1:]
     assert [int(row.split("\t")[0]) for row in rows] == [0, 1, 2, 3]
+
+
+class _ReportLog(ray.train.UserCallback):
+    """Appends ``<epoch> <has checkpoint>`` per report the controller receives, to a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        with open(self.path, "a") as out:
+            out.write(f"{int(metrics[0]['epoch'])} {checkpoint is not None}\n")
+
+
+def test_async_checkpoints_every_second_epoch_reach_the_driver(tiny, tmp_path):
+    """Ray Train's background upload (train.checkpoint_upload: async) with train.checkpoint_every:
+    2 over 3 epochs: every epoch's metrics arrive, only epochs 2 and 3 carry checkpoints, and the
+    run ends after the last upload has been registered."""
+    _, params = tiny
+    params = params.resolved().with_overrides({"train.checkpoint_every": 2, "train.checkpoint_upload": "async"})
+    data = open_prepared(Paths(params).dataset)
+    cfg = model_config(params, data.class_names, data.mask_classes, data.image_size)
+    reports = tmp_path / "reports.txt"
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        result = run_trainer(params, name="async-every-2", model_cfg=cfg, epochs=3, callbacks=[_ReportLog(reports)])
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert result.error is None
+    assert reports.read_text().splitlines() == ["0 False", "1 True", "2 True"]
+    with result.checkpoint.as_directory() as latest:
+        state = torch.load(Path(latest) / "state.pt", weights_only=True)
+    assert state["epoch"] == 2 and [int(r["epoch"]) for r in read_history(result.checkpoint)] == [0, 1, 2]

@@ -169,7 +169,8 @@ def test_run_name_is_deterministic_and_tracks_params_data_and_code():
     assert name != run_name(params.with_overrides({"ray.num_workers": 3}), "abc", code)
     assert name != run_name(params.with_overrides({"data.augment.hflip": 0.1}), "abc", code)
     # What does not change the result does not rename the run (an interrupted run still resumes).
-    for same in ({"train.loader_workers": 4}, {"train.use_tuned": False}, {"ray.max_failures": 5},
+    for same in ({"train.loader_workers": 4}, {"train.use_tuned": False}, {"train.checkpoint_upload": "async"},
+                 {"ray.max_failures": 5},
                  {"ray.resources_per_worker": {"CPU": 2}}, {"data.root": "/elsewhere"}, {"tune.num_samples": 9}):
         assert name == run_name(params.with_overrides(same), "abc", code), same
 
@@ -178,9 +179,10 @@ def test_every_train_key_is_in_the_run_identity_or_excluded_on_purpose():
     from uml.config import TrainParams
     from uml.train.trainer import TRAIN_KEYS_NOT_IN_IDENTITY, train_identity_keys
 
-    assert set(TRAIN_KEYS_NOT_IN_IDENTITY) == {"loader_workers", "use_tuned"}
+    assert set(TRAIN_KEYS_NOT_IN_IDENTITY) == {"loader_workers", "checkpoint_upload", "use_tuned"}
     hashed = {k.split(".", 1)[1] for k in train_identity_keys() if k.startswith("train.")}
-    assert hashed == set(TrainParams.model_fields) - {"loader_workers", "use_tuned"}
+    assert hashed == set(TrainParams.model_fields) - {"loader_workers", "checkpoint_upload", "use_tuned"}
+    assert "checkpoint_every" in hashed  # the best model is chosen among the checkpointed epochs
 
 
 def test_flatten_nested_params():

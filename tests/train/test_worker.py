@@ -4,7 +4,11 @@ exactly as the uninterrupted run; a training step reads nothing back from the de
 
 from __future__ import annotations
 
+import json
+import shutil
 import warnings
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import ray.train.torch
@@ -125,3 +129,79 @@ def test_a_resume_keeps_adams_step_counters_on_the_cpu_and_the_rest_on_the_model
     assert len(moments) == len(trained.optimizer.state) > 0
     assert all(s["step"].device == CPU and float(s["step"]) == 1.0 for s in moments)
     assert all(s["exp_avg"].device.type == "meta" and s["exp_avg_sq"].device.type == "meta" for s in moments)
+
+
+class InProcessRay:
+    """Ray Train's worker API for one worker in this process: ``report`` calls are recorded and
+    each attached checkpoint folder is copied (a sync report's folder is deleted once it returns)."""
+
+    def __init__(self, root: Path, resume_from: Path | None = None) -> None:
+        self.root, self.resume_from = root, resume_from
+        self.reports: list[dict] = []
+
+    def report(self, metrics, checkpoint=None, checkpoint_upload_mode=ray.train.CheckpointUploadMode.SYNC,
+               delete_local_checkpoint_after_upload=None):
+        copy = None
+        if checkpoint is not None:
+            copy = self.root / f"report-{len(self.reports)}"
+            shutil.copytree(checkpoint.path, copy)
+        self.reports.append({"metrics": metrics, "copy": copy, "mode": checkpoint_upload_mode,
+                             "folder": Path(checkpoint.path) if checkpoint else None,
+                             "delete_after_upload": delete_local_checkpoint_after_upload})
+
+    def install(self, monkeypatch) -> None:
+        context = SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1)
+        monkeypatch.setattr(ray.train, "report", self.report)
+        monkeypatch.setattr(ray.train, "get_context", lambda: context)
+        monkeypatch.setattr(ray.train, "get_checkpoint",
+                            lambda: ray.train.Checkpoint.from_directory(str(self.resume_from)) if self.resume_from else None)
+        monkeypatch.setattr(ray.train.torch, "get_device", lambda: CPU)
+
+
+def _run_loop(params, model_cfg, epochs, ray_api, monkeypatch) -> list[dict]:
+    ray_api.install(monkeypatch)
+    worker.train_loop_per_worker({"params": params.model_dump(), "model": model_cfg,
+                                  "store": str(Paths(params).dataset), "epochs": epochs})
+    return ray_api.reports
+
+
+def _outcome(row: dict[str, float]) -> dict[str, float]:
+    """A reported row without its timings."""
+    return {k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")}
+
+
+def test_checkpoint_every_two_epochs_of_three_and_a_resume_from_the_second(tiny_store, one_worker, tmp_path, monkeypatch):
+    params, model_cfg = tiny_store
+    params = params.with_overrides({"train.checkpoint_every": 2})
+    reports = _run_loop(params, model_cfg, 3, InProcessRay(tmp_path / "full"), monkeypatch)
+    assert [int(r["metrics"]["epoch"]) for r in reports] == [0, 1, 2]  # every epoch reports its metrics
+    # Epoch 2 of 3 (the 2nd) is due by the cadence, epoch 3 as the last; epoch 1 is not.
+    assert [r["copy"] is not None for r in reports] == [False, True, True]
+    assert all(r["mode"] is ray.train.CheckpointUploadMode.SYNC for r in reports)
+    second = reports[1]["copy"]
+    assert json.loads((second / worker.HISTORY_FILE).read_text()) == [reports[0]["metrics"], reports[1]["metrics"]]
+
+    resumed = _run_loop(params, model_cfg, 3, InProcessRay(tmp_path / "resumed", resume_from=second), monkeypatch)
+    assert [int(r["metrics"]["epoch"]) for r in resumed] == [2]  # only the epoch after the checkpoint
+    assert _outcome(resumed[0]["metrics"]) == _outcome(reports[2]["metrics"])  # exactly as uninterrupted
+    final = torch.load(resumed[0]["copy"] / worker.STATE_FILE, weights_only=True)
+    expected = torch.load(reports[2]["copy"] / worker.STATE_FILE, weights_only=True)
+    assert final["epoch"] == 2 and [int(r["epoch"]) for r in final["history"]] == [0, 1, 2]
+    for name, tensor in expected["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
+
+
+def test_async_upload_hands_ray_a_folder_that_outlives_the_report(tiny_store, one_worker, tmp_path, monkeypatch):
+    params, model_cfg = tiny_store
+    params = params.with_overrides({"train.checkpoint_upload": "async"})
+    [report] = _run_loop(params, model_cfg, 1, InProcessRay(tmp_path), monkeypatch)
+    assert report["mode"] is ray.train.CheckpointUploadMode.ASYNC and report["delete_after_upload"] is True
+    # Ray uploads it later from a background thread and then deletes it: it must still be there.
+    assert (report["folder"] / worker.STATE_FILE).is_file()
+    assert torch.load(report["folder"] / worker.STATE_FILE, weights_only=True)["epoch"] == 0
+    shutil.rmtree(report["folder"])
+
+
+@pytest.mark.parametrize(("every", "due"), [(1, [0, 1, 2, 3, 4]), (2, [1, 3, 4]), (3, [2, 4]), (10, [4])])
+def test_checkpoint_due_every_nth_epoch_and_the_last(every, due):
+    assert [e for e in range(5) if worker.checkpoint_due(e, 5, every)] == due

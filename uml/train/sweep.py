@@ -65,8 +65,9 @@ from uml.train.worker import SCORE_KEY
 log = logging.getLogger(__name__)
 
 TRIAL_DRIVER_MEMORY = 64 * 1024**2  # bytes
-# Train keys a trial does not read (it runs tune.epochs) besides those no training run hashes.
-TRAIN_KEYS_NOT_IN_SWEEP = ("epochs", *TRAIN_KEYS_NOT_IN_IDENTITY)
+# Train keys a trial does not read (it runs tune.epochs; its score comes from the reported
+# metrics, whichever epochs are checkpointed) besides those no training run hashes.
+TRAIN_KEYS_NOT_IN_SWEEP = ("epochs", "checkpoint_every", *TRAIN_KEYS_NOT_IN_IDENTITY)
 # How many trials run at once changes the wall time, not what is searched.
 TUNE_KEYS_NOT_IN_IDENTITY = ("max_concurrent_trials",)
 

@@ -41,10 +41,11 @@ from uml.train.worker import SCORE_KEY, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
-# TrainParams fields that do not change what is trained: loader processes, and whether tuned
-# values are used (a run is named by the values it trains with instead). Every other train key,
-# including any added later, is part of a run's identity.
-TRAIN_KEYS_NOT_IN_IDENTITY = ("loader_workers", "use_tuned")
+# TrainParams fields that do not change what is trained: loader processes, how checkpoints are
+# uploaded, and whether tuned values are used (a run is named by the values it trains with
+# instead). Every other train key, including any added later, is part of a run's identity
+# (train.checkpoint_every is: the best model is chosen among the checkpointed epochs).
+TRAIN_KEYS_NOT_IN_IDENTITY = ("loader_workers", "checkpoint_upload", "use_tuned")
 
 
 def train_identity_keys() -> list[str]:

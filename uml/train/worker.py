@@ -2,11 +2,12 @@
 
 Per epoch: train on this worker's shard (DDP, gradients all-reduced), validate on a disjoint
 share of the validation split, gather the predictions, compute the same metrics on every rank,
-and ``ray.train.report`` them. Rank 0 attaches a checkpoint holding everything needed to
-continue: model, optimiser, LR scheduler, grad scaler, epoch and the metric history. Randomness
-(dropout, shuffling, augmentation) is reseeded from ``(seed, epoch, rank)`` at every epoch. So a
-resumed run draws exactly the numbers that an uninterrupted run would have drawn, without
-saving RNG state.
+and ``ray.train.report`` them. Every ``train.checkpoint_every`` epochs and at the last, rank 0
+attaches a checkpoint holding everything needed to continue: model, optimiser, LR scheduler, grad
+scaler, epoch and the metric history (uploaded in the background with
+``train.checkpoint_upload: async``). Randomness (dropout, shuffling, augmentation) is reseeded
+from ``(seed, epoch, rank)`` at every epoch. So a resumed run draws exactly the numbers that an
+uninterrupted run would have drawn, without saving RNG state.
 """
 
 from __future__ import annotations
@@ -353,15 +354,39 @@ def mean_over_ranks(values: dict[str, float], world: int, device: torch.device) 
     return {k: float(v) / world for k, v in zip(keys, tensor.tolist())}
 
 
-def report_epoch(state: TrainingState, row: dict[str, float], epochs: int, rank: int) -> None:
-    """``ray.train.report`` the epoch's row from every rank; rank 0 attaches the checkpoint."""
-    if rank != 0:
-        ray.train.report(row, checkpoint=None)
+def checkpoint_due(epoch: int, epochs: int, every: int) -> bool:
+    """Whether ``epoch`` (counted from 0) saves a checkpoint: every ``every``-th and the last."""
+    return (epoch + 1) % every == 0 or epoch == epochs - 1
+
+
+def report_epoch(state: TrainingState, row: dict[str, float], epochs: int, rank: int,
+                 params: Params) -> None:
+    """``ray.train.report`` the epoch's row from every rank; on the epochs of
+    ``train.checkpoint_every`` (and the last) rank 0 attaches a checkpoint.
+
+    ``train.checkpoint_upload: async`` hands the checkpoint to Ray Train's background upload
+    (``CheckpointUploadMode.ASYNC``): the state is written to a local folder now, Ray copies it
+    to ``ray.storage_path`` while the next epoch trains and then deletes the folder; the reports
+    still reach the driver in order, and the run waits for the last upload before it ends.
+    """
+    tp = params.train
+    mode = ray.train.CheckpointUploadMode.ASYNC if tp.checkpoint_upload == "async" else ray.train.CheckpointUploadMode.SYNC
+    epoch = int(row["epoch"])
+    if rank == 0:
+        log.info(format_epoch(row, epochs))
+    if rank != 0 or not checkpoint_due(epoch, epochs, tp.checkpoint_every):
+        ray.train.report(row, checkpoint=None, checkpoint_upload_mode=mode)
         return
-    log.info(format_epoch(row, epochs))
-    with tempfile.TemporaryDirectory() as tmp:
-        save_state(state, int(row["epoch"]), Path(tmp))
-        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if mode is ray.train.CheckpointUploadMode.SYNC:
+        with tempfile.TemporaryDirectory(prefix="uml-checkpoint-") as tmp:
+            save_state(state, epoch, Path(tmp))
+            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_upload_mode=mode)
+        return
+    # Outlives this call: Ray deletes it after the background upload.
+    directory = Path(tempfile.mkdtemp(prefix="uml-checkpoint-"))
+    save_state(state, epoch, directory)
+    ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(str(directory)), checkpoint_upload_mode=mode,
+                     delete_local_checkpoint_after_upload=True)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -407,7 +432,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "images_per_second": steps * data.batch_size * world / (time.perf_counter() - started),
         }
         state.history.append(row)
-        report_epoch(state, row, epochs, rank)
+        report_epoch(state, row, epochs, rank, params)
 
 
 def _quiet_report_logging() -> None:
