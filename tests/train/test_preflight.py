@@ -113,3 +113,28 @@ def test_a_uri_data_root_is_refused_instead_of_becoming_a_local_folder(uri, tmp_
     # Object storage stays possible for Ray's checkpoints.
     params = parse_params({"data": {"root": str(tmp_path)}, "ray": {"storage_path": uri}})
     assert Paths(params).storage == uri and Paths(params).ray_storage_uri == uri
+
+
+def test_the_node_probe_reports_a_missing_store_another_copy_and_a_storage_it_cannot_use(tmp_path):
+    import hashlib
+
+    from uml.train.preflight import _probe_node
+
+    store = tmp_path / "dataset.zarr"
+    store.mkdir()
+    (store / "zarr.json").write_text('{"attributes": {"content_hash": "abc"}}')
+    digest = hashlib.sha256(b'{"attributes": {"content_hash": "abc"}}').hexdigest()
+    marker = tmp_path / "ray" / ".uml-preflight" / "m1"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("driver 1234")
+    assert _probe_node(str(store), digest, str(marker), "driver 1234", "node7") == []
+    assert (marker.parent / "m1.node7").read_text() == "node7"  # the node's reply the driver looks for
+    # Another copy of the store (a different zarr.json: other content hash or checksums).
+    other = hashlib.sha256(b"something else").hexdigest()
+    assert _probe_node(str(store), other, None, None, "n") == [
+        f"the prepared store {store} (data.root) there is a different copy than the driver's"]
+    assert _probe_node(str(tmp_path / "missing.zarr"), digest, None, None, "n") == [
+        f"the prepared store {tmp_path / 'missing.zarr'} (data.root) does not exist there"]
+    # The driver's marker with other content (another driver's folder at the same path).
+    assert _probe_node(str(store), digest, str(marker), "driver 9999", "n") == [
+        f"a file the driver wrote into ray.storage_path ({tmp_path / 'ray'}) is not visible there"]

@@ -1,0 +1,76 @@
+"""``ray.storage_path`` on object storage: an S3-compatible server (moto) on 127.0.0.1 holds the
+checkpoints and run records of a real train stage, and a rerun resumes from it.
+
+The bucket is reached through the URI's own options (pyarrow's ``endpoint_override`` and
+``scheme``), the way a user points Ray at MinIO or another S3-compatible store."""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow.fs
+import pytest
+import torch
+from moto.server import ThreadedMotoServer  # moto[server], in the test extras
+
+from uml.config import Paths, load_params
+from uml.data.prepare import prepare
+from uml.models import load_model
+from uml.train.trainer import train
+
+from tests.train.tiny import write_tiny_params
+
+pytestmark = pytest.mark.slow
+BUCKET = "uml-runs"
+
+
+@pytest.fixture
+def s3_storage(monkeypatch):
+    """A moto S3 server on loopback with one empty bucket; the storage URI that points at it."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    # moto accepts any credentials; the Ray workers inherit these from the driver's local instance.
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(key, value)
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
+                                 access_key="test", secret_key="test", allow_bucket_creation=True)
+    fs.create_dir(BUCKET)
+    try:
+        yield f"s3://{BUCKET}/uml?endpoint_override={host}:{port}&scheme=http&region=us-east-1", fs
+    finally:
+        server.stop()
+
+
+def test_a_run_checkpoints_to_s3_and_a_rerun_resumes_from_it(tmp_path, s3_storage, caplog):
+    uri, fs = s3_storage
+    path = write_tiny_params(tmp_path, train={"epochs": 2, "use_tuned": False}, ray={"storage_path": uri})
+    params = load_params(path)
+    prepare(params)
+    paths = Paths(params)
+    assert paths.ray_storage_uri == uri
+
+    first = train(params)
+    saved = load_model(first)
+    run = saved.extra["run"]
+    # The run lives in the bucket: Ray's checkpoints and the run record; nothing under data.root/ray.
+    keys = [info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(f"{BUCKET}/uml", recursive=True))]
+    assert any(key.startswith(f"{BUCKET}/uml/{run}/") and "/checkpoint_" in key for key in keys), keys
+    assert f"{BUCKET}/uml/uml-run-inputs/{run}.json" in keys
+    assert not (paths.root / "ray").exists()
+
+    # The rerun finds the run in the bucket and resumes it: already complete, it trains no epoch
+    # and writes no checkpoint (a fresh run would write checkpoints of its own).
+    first_weights = {k: v.clone() for k, v in saved.state_dict().items()}
+    checkpoints = {key for key in keys if "/checkpoint_" in key}
+    paths.model_pt.unlink()
+    with caplog.at_level(logging.INFO):
+        second = train(params)
+    assert f"run '{run}' continues the earlier run" in caplog.text
+    after = [info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(f"{BUCKET}/uml", recursive=True))]
+    assert {key for key in after if "/checkpoint_" in key} == checkpoints
+    resumed = load_model(second)
+    assert resumed.extra["run"] == run and resumed.extra["best_epoch"] == saved.extra["best_epoch"]
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, first_weights[key]), key
