@@ -9,12 +9,13 @@ Two tables, both printed as markdown:
    device) against float32 (3, H, W) images and int64 masks (what it returned before), with the
    bytes of one batch of each. Per worker, samples/s divided by the worker count; with
    ``--model-rate NAME=IMG_PER_S`` (repeatable) the loader workers that model's training rate
-   needs at that per-worker rate.
+   needs, at the per-worker rate of the largest count whose workers each had a core of their own
+   (at most the CPU count minus one, for the training process).
 2. **Store against image files** (``--files``): the zarr store against the plain-PyTorch way of
    reading a segmentation set, a ``Dataset`` that decodes one PNG/JPEG image and mask per sample
    (``--original-size`` px) and resizes them, in the main process (no workers).
 
-    python benchmarks/loader.py                                    # 256 px, 0/1/2 workers, ~1-2 min on 2 cores
+    python benchmarks/loader.py                                    # 256 px, 0/1/2 workers, ~1 min on 2 cores
     python benchmarks/loader.py --workers 0 4 8 --model-rate paper-bf16=550   # a GPU node
     python benchmarks/loader.py --files --workers 0                # with the file baselines
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--original-size", type=int, default=512, help="resolution of the image files (--files)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts")
-    parser.add_argument("--epochs", type=int, default=3, help="timed passes per case")
+    parser.add_argument("--epochs", type=int, default=10, help="timed passes per case")
     parser.add_argument("--model-rate", type=parse_rate, action="append", default=[], metavar="NAME=IMG_PER_S",
                         help="a model's training images/s, to size the loader for it (repeatable)")
     parser.add_argument("--files", action="store_true", help="also measure the PNG/JPEG file baselines")
@@ -184,14 +185,18 @@ def main(argv: list[str] | None = None) -> None:
         for w, (u, f) in rates.items():
             print(f"| {w} | {u:.0f} | {u / w:.0f} |" if w else f"| {w} (main process) | {u:.0f} | - |", end="")
             print(f" {f:.0f} | {u / f:.2f}x |")
-        per_worker = [u / w for w, (u, _) in rates.items() if w]
-        if args.model_rate and per_worker:
-            low = min(per_worker)
-            print(f"\nLoader workers per model at {low:.0f} samples/s per worker (the lowest measured):\n")
+        # Size by the largest count whose workers each had a core of their own (the main process
+        # keeps one): more workers than cores share them, which says nothing about a bigger node.
+        sized = [w for w in rates if 0 < w <= max(1, (os.cpu_count() or 1) - 1)]
+        if args.model_rate and sized:
+            w = max(sized)
+            per_worker = rates[w][0] / w
+            print(f"\nLoader workers per model at {per_worker:.0f} samples/s per worker (measured with {w}, "
+                  "each with a core of its own):\n")
             print("| model | training images/s | loader workers |")
             print("|---|---:|---:|")
             for name, rate in args.model_rate:
-                print(f"| {name} | {rate:g} | {int(np.ceil(rate / low))} |")
+                print(f"| {name} | {rate:g} | {int(np.ceil(rate / per_worker))} |")
 
         if args.files:
             cases = [
