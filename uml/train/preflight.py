@@ -156,27 +156,37 @@ def check_shared_paths(params: Params, nodes: Sequence[Mapping[str, Any]], probe
     marker_dir = None
     if not paths.ray_storage_uri:  # object storage is the same bucket from every node
         marker_dir = paths.ray_storage / MARKER_DIR
-        marker_dir.mkdir(parents=True, exist_ok=True)
         marker_text = f"{socket.gethostname()} {uuid.uuid4().hex}"
         marker = str(marker_dir / uuid.uuid4().hex)
-        Path(marker).write_text(marker_text)
+        try:
+            marker_dir.mkdir(parents=True, exist_ok=True)
+            Path(marker).write_text(marker_text)
+        except OSError as exc:
+            raise ClusterError(f"cannot write into ray.storage_path {paths.ray_storage}: {exc}") from None
+    failures = []
     try:
         remote = ray.remote(num_cpus=0, max_retries=0)(probe)
-        pending = {
-            node["NodeID"]: remote.options(
+        pending = [
+            remote.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
                 name=f"uml-preflight:{node.get('NodeManagerAddress')}",
             ).remote(store, store_digest, marker, marker_text, node["NodeID"])
             for node in alive
-        }
-        failures = []
-        for node in alive:
-            problems = ray.get(pending[node["NodeID"]], timeout=PROBE_TIMEOUT_S)
+        ]
+        # One deadline for all nodes: a node that never runs the task (gone, or its raylet
+        # stuck) is named instead of waited on.
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=PROBE_TIMEOUT_S)
+        for node, ref in zip(alive, pending):
+            if ref not in done:
+                problems = [f"the check did not run there within {PROBE_TIMEOUT_S:g} s"]
+            else:
+                try:
+                    problems = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    problems = [f"the check failed there: {exc}"]
             if marker is not None and not problems and not Path(f"{marker}.{node['NodeID']}").is_file():
                 problems = [f"a file that node wrote into ray.storage_path ({paths.ray_storage}) is not visible to the driver"]
             failures += [f"node {node.get('NodeManagerAddress')} ({node['NodeID'][:12]}): {p}" for p in problems]
-    except ray.exceptions.GetTimeoutError:
-        raise ClusterError(f"the shared-storage check did not finish on every node within {PROBE_TIMEOUT_S:g} s") from None
     finally:
         if marker_dir is not None:
             for item in marker_dir.glob(f"{Path(marker).name}*"):
