@@ -58,8 +58,12 @@ def one_worker(monkeypatch):
     monkeypatch.setattr(ray.train.torch, "prepare_data_loader", lambda loader: loader)
 
 
-def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(tiny_store, one_worker, tmp_path):
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(tiny_store, one_worker, tmp_path, loader_workers):
+    # With loader workers, the uninterrupted run's second epoch reuses its persistent workers while
+    # the restarted one starts new ones: neither may shift the random numbers the epoch draws.
     params, model_cfg = tiny_store
+    params = params.with_overrides({"train.loader_workers": loader_workers})
     store = str(Paths(params).dataset)
     data = worker.open_worker_data(params, store, rank=0, world=1, device=CPU)
 
@@ -70,6 +74,7 @@ def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(tiny_store, on
     expected_losses, expected_lr, _ = worker.train_one_epoch(uninterrupted, data, params, 1, 0, CPU, None)
 
     torch.manual_seed(123)  # the fresh process of a restarted worker: other global RNG state
+    data = worker.open_worker_data(params, store, rank=0, world=1, device=CPU)  # and new loaders
     resumed = worker.build_state(params, model_cfg, epochs=2, device=CPU)
     assert worker.load_state(resumed, tmp_path) == 1
     assert resumed.history == [{"epoch": 0, "train/loss": 1.0}]

@@ -124,14 +124,18 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(filled) if filled else np.zeros(0)
 
 
-def loader_options(workers: int, device: torch.device) -> dict[str, Any]:
+def loader_options(workers: int, device: torch.device, seed: int) -> dict[str, Any]:
     """DataLoader settings shared by the training and validation loaders: ``workers`` processes
     that persist across epochs (the default re-forks them at every epoch; each re-opens the store
     lazily, see :mod:`uml.data.dataset`), and page-locked batches for a GPU, so that the
     host-to-device copy can run asynchronously. Each worker keeps torch's default of two batches
-    in flight; Ray Train's loader wrapper copies one more batch to the GPU ahead of the step."""
+    in flight; Ray Train's loader wrapper copies one more batch to the GPU ahead of the step.
+
+    The loader draws its workers' base seed from its own generator: from torch's global one it
+    would draw at the first epoch of a process only (persistent workers are not re-seeded), so
+    a resumed run's dropout would be shifted by one draw against the uninterrupted run's."""
     return {"num_workers": workers, "worker_init_fn": worker_init_fn, "persistent_workers": workers > 0,
-            "pin_memory": device.type == "cuda"}
+            "pin_memory": device.type == "cuda", "generator": torch.Generator().manual_seed(seed)}
 
 
 def validation_loader(store: str, indices: np.ndarray, rank: int, world: int, batch_size: int, workers: int,
@@ -139,7 +143,7 @@ def validation_loader(store: str, indices: np.ndarray, rank: int, world: int, ba
     """A loader over this rank's share of the validation split (:func:`validation_share`), read
     in order, built once and used at every epoch."""
     dataset = SegClsDataset(store, validation_share(indices, rank, world))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(workers, device))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(workers, device, rank))
 
 
 @torch.no_grad()
@@ -296,7 +300,7 @@ def open_worker_data(params: Params, store: str, rank: int, world: int, device: 
     # train.batch_size is the global batch; the driver checked that the workers divide it.
     batch_size = tp.batch_size // world
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
-                        **loader_options(tp.loader_workers, device))
+                        **loader_options(tp.loader_workers, device, epoch_seed(tp.seed, 0, rank)))
     if len(loader) == 0:
         raise ValueError(
             f"the training split ({len(train_idx)} images over {world} workers) is smaller than one global batch of "
