@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import math
 import socket
 import uuid
@@ -38,8 +37,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from uml.config import Params, Paths
 from uml.errors import ClusterError
-
-log = logging.getLogger(__name__)
 
 # The store's group metadata: its attrs hold every file's checksum and the content hash, so equal
 # bytes mean the same store.
