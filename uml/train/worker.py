@@ -131,11 +131,15 @@ def loader_options(workers: int, device: torch.device, seed: int) -> dict[str, A
     host-to-device copy can run asynchronously. Each worker keeps torch's default of two batches
     in flight; Ray Train's loader wrapper copies one more batch to the GPU ahead of the step.
 
-    The loader draws its workers' base seed from its own generator: from torch's global one it
-    would draw at the first epoch of a process only (persistent workers are not re-seeded), so
-    a resumed run's dropout would be shifted by one draw against the uninterrupted run's."""
+    With workers, the loader draws their base seed from its own generator (seeded with
+    ``seed``): from torch's global one it would draw at the first epoch of a process only
+    (persistent workers are not re-seeded), so a resumed run's dropout would be shifted by one
+    draw against the uninterrupted run's. Without workers the loader draws from the global
+    generator at every epoch, in a resumed run as in an uninterrupted one, and the numbers of
+    the runs before persistent workers stay as they were."""
     return {"num_workers": workers, "worker_init_fn": worker_init_fn, "persistent_workers": workers > 0,
-            "pin_memory": device.type == "cuda", "generator": torch.Generator().manual_seed(seed)}
+            "pin_memory": device.type == "cuda",
+            "generator": torch.Generator().manual_seed(seed) if workers > 0 else None}
 
 
 def validation_loader(store: str, indices: np.ndarray, rank: int, world: int, batch_size: int, workers: int,
