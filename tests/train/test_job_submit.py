@@ -26,9 +26,20 @@ REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+def _cluster_processes(temp_dir: Path) -> set[int]:
+    """The processes of the cluster whose Ray temp dir is ``temp_dir``: every Ray process names
+    its temp or session dir on its command line. Other processes that started meanwhile (another
+    test, another person's run) are not ours, whatever their start time."""
+    pids = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(temp_dir) in arg for arg in (proc.info["cmdline"] or [])):
+            pids.add(proc.pid)
+    return pids
+
+
 def _stop(pids: set[int]) -> None:
-    """Stop exactly the processes `ray start` created (and whatever they spawned since):
-    SIGTERM, then SIGKILL after a grace period, as `ray stop` does, but nothing else on the machine."""
+    """Stop exactly the cluster's processes (and whatever they spawned since): SIGTERM, then
+    SIGKILL after a grace period, as `ray stop` does, but nothing else on the machine."""
     procs = set()
     for pid in pids:
         try:
@@ -56,7 +67,6 @@ def head_node():
     """A one-node cluster listening on loopback only, with the ports it picks; stopped even on failure."""
     # A short path: Ray's unix sockets live under it and AF_UNIX paths are limited to ~107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="umlray", dir="/tmp"))
-    before = {p.pid for p in psutil.process_iter()}
     # Single-node mode is what makes Ray take 127.0.0.1 as the node address and bind to it.
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     started: set[int] = set()
@@ -66,14 +76,14 @@ def head_node():
              "--dashboard-port=0", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
             env=env, capture_output=True, text=True, timeout=180,
         )
-        started = {p.pid for p in psutil.process_iter()} - before
+        started = _cluster_processes(temp_dir)
         log = out.stdout + out.stderr
         assert out.returncode == 0, log[-3000:]
         address = re.search(r"http://127\.0\.0\.1:\d+", log)
         assert address, log[-3000:]
         yield address.group(0), started
     finally:
-        _stop(started | ({p.pid for p in psutil.process_iter()} - before if started else set()))
+        _stop(started | _cluster_processes(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -91,6 +101,8 @@ def _listening_addresses(pids: set[int]) -> set[str]:
 
 def test_ray_job_submit_trains_on_a_loopback_head(head_node, tmp_path):
     address, started = head_node
+    names = {psutil.Process(pid).name() for pid in started}
+    assert {"gcs_server", "raylet"} <= names, names  # the selection by temp dir finds the head's services
     # Every service of the head listens on loopback only.
     assert _listening_addresses(started) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
