@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     from uml.train import worker
     from uml.train.trainer import model_config
 
+    # The counter of tests/train/test_worker.py, defined here again on purpose: --tree measures
+    # older checkouts, which do not have it.
     class HostReads(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
