@@ -485,7 +485,7 @@ def test_small_preset_overfits_eight_images():
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     weights = LossParams(kl_annealing_epochs=1)
     losses = []
-    for step in range(150):
+    for step in range(100):  # measured on this CPU: every threshold below holds at steps 80, 100, 120 and 150
         model.train()
         loss, parts = uml_loss(model(images), masks, labels, weights, epoch=1, evidential=True)
         optimizer.zero_grad()

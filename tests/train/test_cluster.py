@@ -128,7 +128,7 @@ def shared_data(cluster):
     """Tiny params whose data.root is a folder both nodes see, prepared once."""
     root = cluster.base / "shared"
     root.mkdir()
-    path = write_tiny_params(root, train={"epochs": 2, "use_tuned": False},
+    path = write_tiny_params(root, train={"epochs": 1, "use_tuned": False},
                              ray={"num_workers": 2, "resources_per_worker": SLOT, "max_failures": 0})
     prepare(load_params(path))
     return path
@@ -150,12 +150,12 @@ def test_job_submit_trains_one_worker_per_node_with_identical_replicas(cluster, 
     assert "joining Ray cluster" in log and "succeeded" in log
     params = load_params(shared_data)
     paths = Paths(params)
-    assert load_model(paths.model_pt).extra["best_epoch"] in (0, 1)
+    assert load_model(paths.model_pt).extra["best_epoch"] == 0
     # Placement: the two training workers ran on the two nodes (Ray's own record of the actors).
     assert sorted(cluster.checks("workers")["workers"]) == [HEAD_IP, WORKER_IP]
     # DDP kept the replicas identical: the parameter checksums of both ranks agreed every epoch.
     drift = (paths.train_dir / "plots" / "metrics" / "ddp" / "param_drift.tsv").read_text().splitlines()[1:]
-    assert [float(row.split("\t")[1]) for row in drift] == [0.0, 0.0]
+    assert [float(row.split("\t")[1]) for row in drift] == [0.0]  # after the epoch's DDP steps
 
 
 def test_job_submit_with_a_relative_data_root_stops_before_anything_runs(cluster, shared_data):

@@ -45,7 +45,7 @@ def s3_storage(monkeypatch):
 
 def test_a_run_checkpoints_to_s3_and_a_rerun_resumes_from_it(tmp_path, s3_storage, caplog):
     uri, fs = s3_storage
-    path = write_tiny_params(tmp_path, train={"epochs": 2, "use_tuned": False}, ray={"storage_path": uri})
+    path = write_tiny_params(tmp_path, train={"epochs": 1, "use_tuned": False}, ray={"storage_path": uri})
     params = load_params(path)
     prepare(params)
     paths = Paths(params)
