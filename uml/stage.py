@@ -24,6 +24,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # (ray._private.runtime_env.constants.RAY_JOB_CONFIG_JSON_ENV_VAR; read by its ray.init), with
 # the submission id under metadata.job_submission_id.
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# DVC names the stage it runs in every stage command's environment (dvc.env.DVC_STAGE).
+DVC_STAGE_ENV = "DVC_STAGE"
 
 
 def submitted_job_id(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -39,13 +41,20 @@ def submitted_job_id(environ: Mapping[str, str] = os.environ) -> str | None:
 
 
 def check_job_paths(params: Params, environ: Mapping[str, str] = os.environ) -> None:
-    """Inside a Ray job, refuse a relative ``data.root`` or ``ray.storage_path``.
+    """Inside a Ray job, refuse ``dvc repro`` and a relative ``data.root`` or ``ray.storage_path``.
 
     The job runs in a temporary copy of the uploaded working dir on the head node: git-ignored
     data was not uploaded, outputs vanish with the copy, and no other node sees it."""
     job = submitted_job_id(environ)
     if job is None:
         return
+    if environ.get(DVC_STAGE_ENV):
+        raise ConfigError(
+            f"stage '{environ[DVC_STAGE_ENV]}' of dvc repro runs inside the Ray job {job} (ray job submit), whose working "
+            f"directory ({Path.cwd()}) is a temporary copy of the uploaded code that Ray deletes when the job ends: "
+            "dvc.lock and the outputs DVC tracks would go with it. Run dvc repro from a checkout on storage the "
+            "nodes share, with the stages joining the cluster: RAY_ADDRESS=<head>:6379 RAY_AUTH_MODE=token dvc repro "
+            "(README, \"Training on a Ray cluster\"). Single stages can still be submitted as jobs.")
     paths = {"data.root": params.data.root, "ray.storage_path": params.ray.storage_path}
     relative = {key: value for key, value in paths.items()
                 if value and "://" not in value and not Path(value).expanduser().is_absolute()}

@@ -138,3 +138,20 @@ def test_the_node_probe_reports_a_missing_store_another_copy_and_a_storage_it_ca
     # The driver's marker with other content (another driver's folder at the same path).
     assert _probe_node(str(store), digest, str(marker), "driver 9999", "n") == [
         f"a file the driver wrote into ray.storage_path ({tmp_path / 'ray'}) is not visible there"]
+
+
+def test_dvc_repro_inside_a_ray_job_is_refused(tmp_path):
+    # DVC names the stage in each stage command's environment (dvc.env.DVC_STAGE); inside a job,
+    # dvc.lock and the tracked outputs would vanish with the job's temporary working dir.
+    from dvc.env import DVC_STAGE
+
+    from uml.stage import DVC_STAGE_ENV
+
+    assert DVC_STAGE_ENV == DVC_STAGE
+    params = parse_params({"data": {"root": str(tmp_path)}})
+    check_job_paths(params, environ={DVC_STAGE: "train"})  # dvc repro outside a job: fine
+    with pytest.raises(ConfigError) as err:
+        check_job_paths(params, environ={**_job_env(), DVC_STAGE: "train"})
+    message = str(err.value)
+    assert message.startswith("stage 'train' of dvc repro runs inside the Ray job raysubmit_abc")
+    assert "RAY_ADDRESS=<head>:6379 RAY_AUTH_MODE=token dvc repro" in message
