@@ -428,7 +428,7 @@ def section_train(args: argparse.Namespace, problems: list[str]) -> dict[str, An
     with tempfile.TemporaryDirectory(prefix="uml-gpu-check-train-", ignore_cleanup_errors=True) as tmp:
         root = Path(tmp)
         raw = yaml.safe_load((REPO / "params.yaml").read_text())
-        raw["data"].update(root=str(root / "data"), image_size=args.train_size, split={"val": 0.25, "test": 0.25})
+        raw["data"].update(root=str(root / "data"), image_size=args.train_size, split={"val": 0.2, "test": 0.2, "calib": 0.2})
         raw["data"]["synthetic"].update(num_images=args.train_images, render_size=max(args.train_size, 128))
         raw["model"].update(preset=args.train_preset)
         raw["train"].update(epochs=2, batch_size=4, constant_epochs=2, use_tuned=False, precision="bf16",

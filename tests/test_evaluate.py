@@ -261,7 +261,7 @@ def _prepared_root(tmp_path: Path, toy_dir: Path, data) -> Path:
                for i, (im, m, y) in enumerate(zip(images, masks, labels))]
     write_dataset(records, root / "prepared" / "dataset.zarr", class_names=["non-glaucoma", "glaucoma"],
                   mask_classes=["background", "disc", "cup"], positive_class=1, source="toy", image_size=64,
-                  split={"val": 0.2, "test": 0.5}, seed=0)
+                  split={"val": 0.2, "test": 0.5, "calib": 0.1}, seed=0)
     shutil.copytree(toy_dir, root / "models")
     return root
 

@@ -45,7 +45,7 @@ class _Section(BaseModel):
 
 # --------------------------------------------------------------------------------------- data
 class SyntheticParams(_Section):
-    num_images: int = Field(1000, ge=3)
+    num_images: int = Field(1400, ge=4)
     # Expected share of glaucoma labels (after label noise); the vCDR population is shifted to
     # reach it exactly in expectation. REFUGE: 0.1.
     positive_fraction: float = Field(0.5, gt=0.0, lt=1.0)
@@ -94,13 +94,21 @@ class AugmentParams(_Section):
 
 
 class SplitParams(_Section):
-    val: float = Field(0.1, gt=0.0, lt=1.0)
-    test: float = Field(0.35, gt=0.0, lt=1.0)
+    """Shares of all images in each held-out split (rounded to whole images); train is the rest.
+
+    ``calib`` is the calibration split of the ``calibrate`` stage: the temperatures, the referral
+    threshold and the vCDR interval are fitted there, so it must stay out of training, model
+    selection and testing for their guarantees to hold."""
+
+    val: float = Field(0.07, gt=0.0, lt=1.0)
+    test: float = Field(0.25, gt=0.0, lt=1.0)
+    calib: float = Field(0.25, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> "SplitParams":
-        if self.val + self.test >= 1.0:
-            raise ValueError(f"val + test must be < 1 so that a training split remains, got {self.val} + {self.test}")
+        if self.val + self.test + self.calib >= 1.0:
+            raise ValueError(f"val + test + calib must be < 1 so that a training split remains, got "
+                             f"{self.val} + {self.test} + {self.calib}")
         return self
 
 

@@ -34,7 +34,7 @@ DIR_ENV = "UML_TESTS_DAG_DIR"
 # "key=value" overrides of params.yaml, values parsed as YAML (the syntax of `dvc exp run -S`, so
 # tests/test_ablation.py passes the same list to benchmarks/ablation.py --set).
 #
-# 48 images at 64 px (24 train, 12 val, 12 test). vcdr_softness=0.2: with the default the test
+# 60 images at 64 px (24 train, 12 val, 12 test, 12 calib). vcdr_softness=0.2: with the default the test
 # split holds almost no glaucoma images and every AUC would be undefined.
 # Training: 6 epochs at lr 3e-3 without decay, about 1-2 s each here. Two epochs (~3 s less) leave
 # the segmentation at its initial state (test pixel NLL ~1.1, the same as an untrained model, and
@@ -43,8 +43,8 @@ DIR_ENV = "UML_TESTS_DAG_DIR"
 # Sweep: 2 one-epoch trials (the baseline and one sampled), 1 worker each. Evaluate: one noise
 # level per kind and the smallest valid number of bootstrap resamples.
 TINY_DAG: tuple[str, ...] = (
-    "data.image_size=64", "data.synthetic.num_images=48", "data.synthetic.render_size=128",
-    "data.synthetic.vcdr_softness=0.2", "data.split.val=0.25", "data.split.test=0.25",
+    "data.image_size=64", "data.synthetic.num_images=60", "data.synthetic.render_size=128",
+    "data.synthetic.vcdr_softness=0.2", "data.split.val=0.2", "data.split.test=0.2", "data.split.calib=0.2",
     "train.epochs=6", "train.lr=0.003", "train.constant_epochs=6", "train.batch_size=4",
     "tune.num_samples=2", "tune.epochs=1", "ray.num_workers=1",
     "export.parity_images=4", "evaluate.num_panels=1", "evaluate.gaussian_sigmas=[0.1]",

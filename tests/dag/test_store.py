@@ -14,7 +14,7 @@ import zarr
 from tests.dag.miniature import MiniDag
 
 N, SIZE = 48, 64  # data.synthetic.num_images, data.image_size of TINY_DAG
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "calib")
 
 
 @pytest.fixture(scope="module")

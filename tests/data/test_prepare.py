@@ -135,7 +135,8 @@ def test_image_mask_size_mismatch(tmp_path: Path) -> None:
 
 def test_empty_split(tmp_path: Path) -> None:
     make_folder(tmp_path / "raw", {"a": "x", "b": "y"})
-    assert "split(s) ['train'] would be empty" in _prepare_bad(tmp_path, positive_class="y")
+    # 2 images: test and calib take one each (0.25 * 2 = 0.5 rounds up), val none (0.14), train the rest: none.
+    assert "split(s) ['train', 'val'] would be empty" in _prepare_bad(tmp_path, positive_class="y")
 
 
 def test_zero_images(tmp_path: Path) -> None:
@@ -147,7 +148,8 @@ def test_zero_images(tmp_path: Path) -> None:
 
 def test_failed_prepare_keeps_previous_store(tmp_path: Path) -> None:
     make_folder(tmp_path / "raw", LABELS)
-    folder = dict(source="folder", path=str(tmp_path / "raw"), positive_class="b")
+    # One image in each held-out split of the six.
+    folder = dict(source="folder", path=str(tmp_path / "raw"), positive_class="b", split={"val": 0.2, "test": 0.2, "calib": 0.2})
     good = open_prepared(prepare(params_for(tmp_path, **folder))).content_hash
     (tmp_path / "raw" / "images" / "f.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match="f.png"):

@@ -38,7 +38,7 @@ def make_records(n: int, pos_every: int = 4) -> list[Record]:
 def write(records: list[Record], out: Path, seed: int = 0, positive_class: int = 1, **kw: object) -> dict:
     return write_dataset(records, out, class_names=CLASSES, mask_classes=MASK_CLASSES, positive_class=positive_class,
                          source="test",
-                         image_size=SIZE, split=SplitParams(val=0.2, test=0.2), seed=seed, **kw)
+                         image_size=SIZE, split=SplitParams(val=0.2, test=0.2, calib=0.2), seed=seed, **kw)
 
 
 def test_layout_and_exact_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,10 +69,11 @@ def test_layout_and_exact_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_splits_disjoint_covering_stratified(tmp_path: Path) -> None:
     attrs = write(make_records(40), tmp_path / "ds.zarr")
     data = open_prepared(tmp_path / "ds.zarr")
-    splits = {name: data.split(name) for name in ("train", "val", "test")}
+    splits = {name: data.split(name) for name in ("train", "val", "test", "calib")}
     joined = np.concatenate(list(splits.values()))
     assert sorted(joined.tolist()) == list(range(40))
-    assert {k: len(v) for k, v in splits.items()} == {"train": 24, "val": 8, "test": 8} == attrs["split_sizes"]
+    # round(0.2 * 40) = 8 in each held-out split, the rest (16) for training.
+    assert {k: len(v) for k, v in splits.items()} == {"train": 16, "val": 8, "test": 8, "calib": 8} == attrs["split_sizes"]
     labels = np.asarray(data.labels[:])
     for idx in splits.values():
         assert np.all(np.diff(idx) > 0) and idx.dtype == np.int64
@@ -174,16 +175,20 @@ def test_zero_records(tmp_path: Path) -> None:
 
 def test_split_indices() -> None:
     labels = np.array([0] * 16 + [1] * 4)
-    a = split_indices(labels, val=0.2, test=0.2, seed=5)
-    b = split_indices(labels, val=0.2, test=0.2, seed=5)
+    a = split_indices(labels, val=0.2, test=0.2, calib=0.2, seed=5)
+    b = split_indices(labels, val=0.2, test=0.2, calib=0.2, seed=5)
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert [labels[a[k]].sum() for k in ("train", "val", "test")] == [2, 1, 1]
-    c = split_indices(labels, val=0.2, test=0.2, seed=6)
+    # 4 images in each held-out split, 8 for training; the 4 positives spread one per split.
+    assert {k: len(v) for k, v in a.items()} == {"train": 8, "val": 4, "test": 4, "calib": 4}
+    assert [labels[a[k]].sum() for k in ("train", "val", "test", "calib")] == [1, 1, 1, 1]
+    c = split_indices(labels, val=0.2, test=0.2, calib=0.2, seed=6)
     assert not all(np.array_equal(a[k], c[k]) for k in a)
-    with pytest.raises(DataError, match=r"2 image\(s\) are too few.*\['train'\] would be empty"):
-        split_indices(np.array([0, 1]), val=0.2, test=0.2, seed=0)
+    with pytest.raises(DataError, match=r"3 image\(s\) are too few.*\['train'\] would be empty"):
+        split_indices(np.array([0, 1, 0]), val=0.3, test=0.3, calib=0.3, seed=0)
+    with pytest.raises(DataError, match=r"10 image\(s\) are too few.*\['calib'\] would be empty"):
+        split_indices(np.array([0, 1] * 5), val=0.2, test=0.2, calib=0.01, seed=0)
     # A class with one member cannot be stratified: still a valid split.
-    d = split_indices(np.array([0] * 9 + [1]), val=0.2, test=0.2, seed=0)
+    d = split_indices(np.array([0] * 9 + [1]), val=0.2, test=0.2, calib=0.2, seed=0)
     assert sorted(np.concatenate(list(d.values())).tolist()) == list(range(10))
 
 

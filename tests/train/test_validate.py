@@ -61,7 +61,7 @@ def case(tmp_path_factory):
     records = [Record(id=f"toy-{i:02d}", image=im, mask=m, label=int(y), origin=f"toy #{i}")
                for i, (im, m, y) in enumerate(zip(images, masks, labels))]
     write_dataset(records, store, class_names=CLASS_NAMES, mask_classes=MASK_CLASSES, positive_class=POSITIVE,
-                  source="toy", image_size=64, split={"val": 0.2, "test": 0.5}, seed=0)
+                  source="toy", image_size=64, split={"val": 0.2, "test": 0.5, "calib": 0.1}, seed=0)
     model_dir = tmp_path_factory.mktemp("toy") / "models"
     export_toy(model_dir)
     meta = json.loads((model_dir / "metadata.json").read_text())

@@ -13,8 +13,8 @@ def write_tiny_params(root: Path, **sections) -> Path:
     ``sections`` update the defaults per section, e.g. ``train={"epochs": 2}``.
     """
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["data"].update(root=str(root / "data"), image_size=64, split={"val": 0.25, "test": 0.25})
-    raw["data"]["synthetic"].update(num_images=48, render_size=128)
+    raw["data"].update(root=str(root / "data"), image_size=64, split={"val": 0.2, "test": 0.2, "calib": 0.2})
+    raw["data"]["synthetic"].update(num_images=60, render_size=128)
     raw["train"].update(epochs=4, batch_size=4, constant_epochs=2, loader_workers=0)
     raw["loss"].update(kl_annealing_epochs=2)
     raw["ray"].update(num_workers=2, include_dashboard=True)

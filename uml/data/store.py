@@ -4,8 +4,9 @@ Layout (zarr v3 group):
 
 * ``images`` uint8 (N, H, W, 3), ``masks`` uint8 (N, H, W): sharded, one image per inner chunk
   (fast random access), many images per shard file (few files for DVC).
-* ``labels`` int64 (N,); ``splits/train``, ``splits/val``, ``splits/test`` int64 sorted indices
-  into N, disjoint and covering N (stratified by label, seeded).
+* ``labels`` int64 (N,); ``splits/train``, ``splits/val``, ``splits/test``, ``splits/calib``
+  int64 sorted indices into N, disjoint and covering N (stratified by label, seeded). ``calib`` is
+  the calibration split of the post-hoc ``calibrate`` stage, used by nothing else.
 * attrs: ``class_names``, ``mask_classes``, ``positive_class`` (the index of the class that the
   binary metrics score, as the data source declares it), ``source``, ``image_size``, ``fingerprint``
   (``channel_mean``/``channel_std`` per RGB channel on the [0, 1] scale, ``class_counts``,
@@ -15,7 +16,7 @@ Layout (zarr v3 group):
 ``content_hash`` identifies the data content (downstream stages name training runs with it). It
 is the sha256 of: a canonical JSON header (format, class names, mask classes, image size,
 number of images), sha256(images bytes), sha256(masks bytes), the labels and the split indices
-(little-endian int64, splits in train/val/test order). :func:`compute_content_hash` recomputes
+(little-endian int64, splits in train/val/test/calib order). :func:`compute_content_hash` recomputes
 it from a store.
 
 The writer builds the store in a hidden sibling folder and renames it into place only when it is
@@ -57,8 +58,8 @@ from uml.errors import DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "uml-prepared/1"
-SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+FORMAT = "uml-prepared/2"
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test", "calib")
 REQUIRED_ATTRS: tuple[str, ...] = ("class_names", "mask_classes", "positive_class", "source", "image_size", "fingerprint",
                                    "content_hash")
 # The group's own metadata file holds the attrs (checksums included), so it is the one file not checksummed.
@@ -70,44 +71,47 @@ _RERUN = "run `python -m pipeline.prepare` first"
 
 
 # ------------------------------------------------------------------------------------- split
-def split_indices(labels: np.ndarray, *, val: float, test: float, seed: int) -> dict[str, np.ndarray]:
-    """Stratified, seeded train/val/test split of ``range(len(labels))`` (sorted index arrays).
+def split_sizes(n: int, *, val: float, test: float, calib: float) -> dict[str, int]:
+    """How many of ``n`` images each split gets: ``fraction * n`` rounded half up for the held-out
+    splits, the rest for training. Raises :class:`DataError` when a split would be empty."""
+    sizes = {name: math.floor(fraction * n + 0.5) for name, fraction in (("val", val), ("test", test), ("calib", calib))}
+    sizes = {"train": n - sum(sizes.values()), **sizes}
+    empty = [name for name in SPLIT_NAMES if sizes[name] <= 0]
+    if empty:
+        raise DataError(
+            f"{n} image(s) are too few for the split (val {val}, test {test}, calib {calib}): split(s) {empty} "
+            "would be empty"
+        )
+    return sizes
 
-    The test set is split off first (``test`` of all images), then validation (``val`` of all
-    images) from the rest. When a class is too small to stratify on, the split falls back to
-    an unstratified one with a warning. Raises :class:`DataError` if any split would be empty.
+
+def split_indices(labels: np.ndarray, *, val: float, test: float, calib: float, seed: int) -> dict[str, np.ndarray]:
+    """Stratified, seeded train/val/test/calib split of ``range(len(labels))`` (sorted index arrays).
+
+    Sizes come from :func:`split_sizes`. The test split is drawn first, then the calibration
+    split, then validation; training keeps the rest. When a class is too small to stratify on, a
+    draw falls back to an unstratified one with a warning.
     """
     labels = np.asarray(labels)
     n = labels.shape[0]
-    # The sizes train_test_split will produce (it rounds the test part up), checked up front so
-    # that an empty split gets a clear message instead of sklearn's.
-    n_test = math.ceil(test * n)
-    rest = n - n_test
-    val_of_rest = val / (1.0 - test)
-    n_val = math.ceil(val_of_rest * rest)
-    sizes = {"train": rest - n_val, "val": n_val, "test": n_test}
-    empty = [name for name, size in sizes.items() if size <= 0]
-    if empty:
-        raise DataError(
-            f"{n} image(s) are too few for the split (val {val}, test {test}): split(s) {empty} would be empty"
-        )
+    sizes = split_sizes(n, val=val, test=test, calib=calib)
     # Imported here: scikit-learn (with scipy) takes about a second to import, and readers of
     # the store never split.
     from sklearn.model_selection import train_test_split
 
-    index = np.arange(n)
-
-    def two_way(idx: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    def draw(idx: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        # Integer sizes: train_test_split takes them as they are (no rounding of a fraction).
         try:
-            return train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels[idx])
+            return train_test_split(idx, test_size=count, random_state=seed, stratify=labels[idx])
         except ValueError as exc:  # a class with a single member, or fewer held-out images than classes
             log.warning("stratified split not possible (%s); splitting without stratification", exc)
-            return train_test_split(idx, test_size=fraction, random_state=seed, shuffle=True)
+            return train_test_split(idx, test_size=count, random_state=seed, shuffle=True)
 
-    rest_idx, test_idx = two_way(index, test)
-    train_idx, val_idx = two_way(rest_idx, val_of_rest)
-    return {"train": np.sort(train_idx).astype(np.int64), "val": np.sort(val_idx).astype(np.int64),
-            "test": np.sort(test_idx).astype(np.int64)}
+    rest, test_idx = draw(np.arange(n), sizes["test"])
+    rest, calib_idx = draw(rest, sizes["calib"])
+    train_idx, val_idx = draw(rest, sizes["val"])
+    found = {"train": train_idx, "val": val_idx, "test": test_idx, "calib": calib_idx}
+    return {name: np.sort(found[name]).astype(np.int64) for name in SPLIT_NAMES}
 
 
 # ------------------------------------------------------------------------------ content hash
@@ -274,7 +278,7 @@ def _write(records: Iterable[Record], n: int, path: Path, *, class_names: list[s
         raise DataError(f"{source}: yielded {i} records, expected {n}")
 
     group.create_array("labels", data=labels, chunks=(n,), compressors=None, dimension_names=["n"])
-    splits = split_indices(labels, val=split.val, test=split.test, seed=seed)
+    splits = split_indices(labels, val=split.val, test=split.test, calib=split.calib, seed=seed)
     for name in SPLIT_NAMES:
         group.create_array(f"splits/{name}", data=splits[name], chunks=(max(1, splits[name].shape[0]),),
                            compressors=None, dimension_names=["i"])
@@ -298,7 +302,7 @@ def _write(records: Iterable[Record], n: int, path: Path, *, class_names: list[s
         "image_size": int(s),
         "num_images": int(n),
         "seed": int(seed),
-        "split_fractions": {"val": float(split.val), "test": float(split.test)},
+        "split_fractions": {"val": float(split.val), "test": float(split.test), "calib": float(split.calib)},
         "split_sizes": {name: int(splits[name].shape[0]) for name in SPLIT_NAMES},
         "fingerprint": fingerprint,
         "content_hash": hasher.hexdigest(labels=labels, splits=splits, class_names=class_names,
@@ -457,7 +461,7 @@ class PreparedData:
         return self._array("labels")
 
     def split(self, name: str) -> np.ndarray:
-        """Sorted int64 indices of split ``name`` (``train``, ``val`` or ``test``)."""
+        """Sorted int64 indices of split ``name`` (one of :data:`SPLIT_NAMES`)."""
         if name not in self._splits:
             raise DataError(f"{self.path}: unknown split {name!r}; the splits are {list(SPLIT_NAMES)}")
         return self._splits[name].copy()
