@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
-from sklearn.metrics import cohen_kappa_score, f1_score, recall_score, roc_auc_score
+from sklearn.metrics import brier_score_loss, cohen_kappa_score, f1_score, log_loss, recall_score, roc_auc_score
 
 from uml import metrics
 
@@ -26,7 +26,8 @@ def test_classification_metrics_agree_with_sklearn(binary_case):
     labels, prob = binary_case
     pred = prob.argmax(1)
     got = metrics.classification_metrics(labels, prob, positive=1, bins=10)
-    assert set(got) == {"acc", "auc", "kappa", "sensitivity", "specificity", "f1", "ece"}
+    assert list(got) == ["acc", "auc", "kappa", "sensitivity", "specificity", "f1", "ece", "nll", "brier",
+                         "ece_debiased", "ece_equal_mass"]
     assert got["acc"] == pytest.approx(np.mean(pred == labels))
     assert got["auc"] == pytest.approx(roc_auc_score(labels, prob[:, 1]))
     assert got["kappa"] == pytest.approx(cohen_kappa_score(labels, pred))
@@ -34,6 +35,9 @@ def test_classification_metrics_agree_with_sklearn(binary_case):
     assert got["specificity"] == pytest.approx(recall_score(labels, pred, pos_label=0))
     assert got["f1"] == pytest.approx(f1_score(labels, pred))
     assert 0.0 < got["ece"] < 1.0
+    assert got["nll"] == pytest.approx(log_loss(labels, prob))
+    assert got["brier"] == pytest.approx(brier_score_loss(labels, prob[:, 1], scale_by_half=False))
+    assert 0.0 <= got["ece_debiased"] < 1.0 and 0.0 < got["ece_equal_mass"] < 1.0
     # Sanity of the case itself: informative, not perfect.
     assert 0.6 < got["auc"] < 0.99
 
@@ -105,6 +109,86 @@ def test_reliability_bins_are_equal_width_and_right_closed():
     assert np.isnan(stats["accuracy"][0])
     expected_ece = (3 * abs(2 / 3 - 2.05 / 3) + 1 * abs(1 - 0.95)) / 4
     assert metrics.ece(labels, prob, bins=10) == pytest.approx(expected_ece)
+
+
+def test_nll_and_brier_by_hand():
+    labels = np.array([0, 1, 1])
+    prob = np.array([[0.8, 0.2], [0.4, 0.6], [0.9, 0.1]])
+    # True-class probabilities 0.8, 0.6, 0.1.
+    assert metrics.nll(labels, prob) == pytest.approx(-(math.log(0.8) + math.log(0.6) + math.log(0.1)) / 3)
+    # Per image sum_k (p_k - y_k)^2: 0.04 + 0.04, 0.16 + 0.16, 0.81 + 0.81.
+    assert metrics.brier(labels, prob) == pytest.approx((0.08 + 0.32 + 1.62) / 3)
+    # K = 2: twice the binary Brier score mean (p_1 - y)^2 = (0.04 + 0.16 + 0.81) / 3.
+    assert metrics.brier(labels, prob) == pytest.approx(2 * (0.04 + 0.16 + 0.81) / 3)
+    # A probability of exactly 0 on the true class costs -ln(floor), not inf.
+    assert metrics.nll(np.array([0, 1]), np.array([[0.0, 1.0], [0.5, 0.5]])) == pytest.approx(
+        (-math.log(metrics.NLL_PROB_FLOOR) + math.log(2)) / 2)
+    assert math.isnan(metrics.nll(np.zeros(0, int), np.zeros((0, 2))))
+    assert math.isnan(metrics.brier(np.zeros(0, int), np.zeros((0, 2))))
+
+
+def test_multiclass_nll_and_brier_follow_sklearn():
+    rng = np.random.default_rng(21)
+    labels = rng.integers(0, 3, 120)
+    prob = rng.dirichlet(np.ones(3), 120)
+    assert metrics.nll(labels, prob) == pytest.approx(log_loss(labels, prob, labels=[0, 1, 2]))
+    assert metrics.brier(labels, prob) == pytest.approx(brier_score_loss(labels, prob, labels=[0, 1, 2]))
+
+
+def _top_label_case() -> tuple[np.ndarray, np.ndarray]:
+    # Five images predicting class 1 with confidences 0.9, 0.6, 0.8, 0.9, 0.7; only the 0.6 is right.
+    conf = np.array([0.9, 0.6, 0.8, 0.9, 0.7])
+    labels = np.array([0, 1, 0, 0, 0])
+    return labels, np.stack([1 - conf, conf], axis=1)
+
+
+def test_equal_mass_and_debiased_ece_by_hand():
+    labels, prob = _top_label_case()
+    # Sorted by confidence: 0.6 (right), 0.7, 0.8, 0.9, 0.9 (wrong). bins=2 splits 3 | 2.
+    # Bin 1: accuracy 1/3, confidence 0.7; bin 2: accuracy 0, confidence 0.9.
+    assert metrics.ece_equal_mass(labels, prob, bins=2) == pytest.approx(3 / 5 * (0.7 - 1 / 3) + 2 / 5 * 0.9)
+    # Debiased: bin 1 (11/30)^2 - (1/3)(2/3)/2 = 121/900 - 100/900; bin 2 0.81 - 0.
+    assert metrics.ece_debiased(labels, prob, bins=2) == pytest.approx(math.sqrt(3 / 5 * 21 / 900 + 2 / 5 * 0.81))
+    # bins=5: one image per bin, no correction: the root mean squared gap 0.4, 0.7, 0.8, 0.9, 0.9
+    # (ECE: the mean absolute gap).
+    assert metrics.ece_debiased(labels, prob, bins=5) == pytest.approx(math.sqrt((0.16 + 0.49 + 0.64 + 0.81 + 0.81) / 5))
+    assert metrics.ece_equal_mass(labels, prob, bins=5) == pytest.approx((0.4 + 0.7 + 0.8 + 0.9 + 0.9) / 5)
+    # More bins than images: the empty bins contribute nothing.
+    assert metrics.ece_equal_mass(labels, prob, bins=8) == pytest.approx(3.7 / 5)
+    assert math.isnan(metrics.ece_equal_mass(np.zeros(0, int), np.zeros((0, 2))))
+    assert math.isnan(metrics.ece_debiased(np.zeros(0, int), np.zeros((0, 2))))
+
+
+def test_equal_mass_bins_split_ties_by_position_and_debiased_can_be_zero():
+    # Four predictions at 0.8, the first two right: the stable order puts them in one bin.
+    labels = np.array([1, 1, 0, 0])
+    prob = np.tile([0.2, 0.8], (4, 1))
+    assert metrics.ece_equal_mass(labels, prob, bins=2) == pytest.approx(0.5 * 0.2 + 0.5 * 0.8)
+    assert metrics.ece(labels, prob, bins=2) == pytest.approx(0.3)  # one equal-width bin: |0.5 - 0.8|
+    # Six images, bins of two: accuracies 1/2, 1, 1/2 at confidences 0.575, 0.75, 0.925. The squared
+    # gaps 0.075^2, 0.25^2, 0.425^2 are smaller than the corrections 0.25, 0, 0.25 in sum: clipped to 0.
+    conf = np.array([0.9, 0.6, 0.8, 0.7, 0.95, 0.55])
+    labels = np.array([0, 1, 1, 1, 1, 0])
+    prob = np.stack([1 - conf, conf], axis=1)
+    assert metrics.ece_equal_mass(labels, prob, bins=3) == pytest.approx((0.075 + 0.25 + 0.425) / 3)
+    assert metrics.ece_debiased(labels, prob, bins=3) == 0.0
+
+
+def test_debiased_ece_is_unbiased_for_a_constant_gap():
+    # Confidences uniform in [0.6, 0.95], correct with probability confidence - 0.1: the true binned
+    # L2 calibration error is 0.1 in every bin. The plug-in estimate adds each bin's sampling variance
+    # (about 0.22 / 20 here); the debiased one's square averages to 0.1^2 over many data sets.
+    rng = np.random.default_rng(22)
+    debiased, plug_in = [], []
+    for _ in range(1000):
+        conf = rng.uniform(0.6, 0.95, 200)
+        labels = (rng.random(200) < conf - 0.1).astype(int)
+        prob = np.stack([1 - conf, conf], axis=1)
+        debiased.append(metrics.ece_debiased(labels, prob, bins=10) ** 2)
+        order = np.argsort(conf, kind="stable")
+        plug_in.append(np.mean([(labels[b].mean() - conf[b].mean()) ** 2 for b in np.array_split(order, 10)]))
+    assert np.mean(debiased) == pytest.approx(0.01, abs=0.0015)
+    assert np.mean(plug_in) > 0.018
 
 
 # --------------------------------------------------------------------------- segmentation

@@ -8,6 +8,9 @@ Function names follow the metric keys of ``data/reports/metrics.json`` (``cls/ac
   (sensitivity, specificity, F1 and AUC with K = 2). With K > 2 these are "positive vs rest".
   It has no default: every caller passes the data set's declared positive class (the prepared
   store's ``positive_class``, which the export copies into the model's metadata).
+- Calibration metrics (:func:`ece`, :func:`ece_equal_mass`, :func:`ece_debiased`) look at the
+  top-label confidence ``max_k prob[k]`` and whether its argmax is the label; the proper scores
+  (:func:`nll`, :func:`brier`) at the whole probability vector.
 - One function per metric; :func:`classification_metrics` and :func:`segmentation_per_image` are
   the sets of them that both validation (``uml.train.worker.validate``) and evaluation
   (``uml.evaluate``) compute, through :func:`task_metrics` (with the mean uncertainties). A new
@@ -199,6 +202,139 @@ def ece(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
     return float((stats["count"][filled] * gap).sum() / n)
 
 
+def _labels_and_prob(labels: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels, prob = np.asarray(labels).ravel(), _as_prob(prob)
+    if labels.size != prob.shape[0]:
+        raise ValueError(f"labels and prob sizes differ: {labels.size} vs {prob.shape[0]}")
+    return labels.astype(np.int64), prob
+
+
+# The probability of the true class is clipped to at least this before its log is taken. A
+# confident mistake can give the true class a probability of exactly 0.0: the exported model runs
+# in float32, whose exp underflows to 0 for logits ~100 below the largest (the softmax baseline;
+# the evidential head's Dirichlet mean alpha / S is never 0). One such image would make the mean,
+# and every bootstrap resample that draws it, infinite. At 1e-12 an image costs at most
+# -ln(1e-12) = 27.6 nats; every true-class probability above the floor is scored as it is.
+NLL_PROB_FLOOR = 1e-12
+
+
+def _true_class_nll(labels: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    """Per image: ``-ln max(prob[label], NLL_PROB_FLOOR)``."""
+    labels, prob = _labels_and_prob(labels, prob)
+    true_prob = np.take_along_axis(prob, labels[:, None], axis=1)[:, 0]
+    return -np.log(np.maximum(true_prob, NLL_PROB_FLOOR))
+
+
+def nll(labels: np.ndarray, prob: np.ndarray) -> float:
+    """Mean negative log-likelihood (log loss, in nats) of the true class: ``-mean_i ln p_i[y_i]``.
+
+    A proper scoring rule: lower is better, 0 only for probability 1 on every true class. The
+    probability is clipped below at :data:`NLL_PROB_FLOOR` (see there) so that a probability of 0
+    gives a large finite loss rather than ``inf``. ``nan`` for an empty input.
+    """
+    per_image = _true_class_nll(labels, prob)
+    return float(per_image.mean()) if per_image.size else math.nan
+
+
+def _brier_per_image(labels: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    """Per image: ``sum_k (prob[k] - onehot(label)[k])**2``."""
+    labels, prob = _labels_and_prob(labels, prob)
+    onehot = np.eye(prob.shape[1])[labels]
+    return ((prob - onehot) ** 2).sum(axis=1)
+
+
+def brier(labels: np.ndarray, prob: np.ndarray) -> float:
+    """Multiclass Brier score: ``mean_i sum_k (p_ik - y_ik)**2`` with ``y_i`` the one-hot label.
+
+    A proper scoring rule in [0, 2]: 0 for probability 1 on every true class, 2 for probability 1
+    on a wrong class each time. For K = 2 it is twice the binary Brier score
+    ``mean_i (p_i1 - y_i1)**2`` (both classes' squared errors are equal). ``nan`` for an empty input.
+    """
+    per_image = _brier_per_image(labels, prob)
+    return float(per_image.mean()) if per_image.size else math.nan
+
+
+def _equal_mass_bins(labels: np.ndarray, prob: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: its equal-mass bin index, confidence and correctness (0/1).
+
+    Images are sorted by top-label confidence (stable: equal confidences keep their order) and
+    the sorted order is cut into ``bins`` groups of near-equal size as ``np.array_split`` cuts it
+    (the first ``n % bins`` groups have one image more); with ``bins > n`` some bins are empty.
+    """
+    labels, prob = _labels_and_prob(labels, prob)
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    confidence = prob.max(axis=1)
+    correct = (prob.argmax(axis=1) == labels).astype(np.float64)
+    order = np.argsort(confidence, kind="stable")
+    sizes = [part.size for part in np.array_split(order, bins)]
+    index = np.empty(confidence.size, dtype=np.int64)
+    index[order] = np.repeat(np.arange(bins), sizes)
+    return index, confidence, correct
+
+
+def _bin_means(index: np.ndarray, confidence: np.ndarray, correct: np.ndarray,
+               bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per bin: count, accuracy and mean confidence (``nan`` for empty bins)."""
+    count = np.bincount(index, minlength=bins).astype(np.float64)
+    accuracy = _divide_where_positive(np.bincount(index, weights=correct, minlength=bins), count, math.nan)
+    mean_conf = _divide_where_positive(np.bincount(index, weights=confidence, minlength=bins), count, math.nan)
+    return count, accuracy, mean_conf
+
+
+def ece_equal_mass(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error (L1) on the top-label confidence with equal-mass bins.
+
+    ``sum_b (n_b / n) * |accuracy_b - confidence_b|``, as :func:`ece`, but the bins are
+    :func:`_equal_mass_bins`: each holds (nearly) the same number of images, so a model whose
+    confidences crowd near 1 is not measured on one or two populated bins. ``nan`` for an empty
+    input.
+    """
+    index, confidence, correct = _equal_mass_bins(labels, prob, bins)
+    if index.size == 0:
+        return math.nan
+    count, accuracy, mean_conf = _bin_means(index, confidence, correct, bins)
+    filled = count > 0
+    return float((count[filled] * np.abs(accuracy[filled] - mean_conf[filled])).sum() / index.size)
+
+
+def _debiased_l2(count: np.ndarray, accuracy: np.ndarray, mean_conf: np.ndarray) -> np.ndarray:
+    """The debiased L2 calibration error from per-bin statistics (bins on the last axis).
+
+    ``sqrt(max(0, sum_b (n_b / n) * [(acc_b - conf_b)**2 - acc_b (1 - acc_b) / (n_b - 1)]))``;
+    bins with ``n_b = 1`` keep their squared gap uncorrected, empty bins contribute nothing,
+    ``nan`` where ``n = 0``.
+    """
+    filled = count > 0
+    gap = np.where(filled, accuracy - mean_conf, 0.0) ** 2
+    spread = np.where(filled, accuracy * (1.0 - accuracy), 0.0)
+    correction = _divide_where_positive(spread, count - 1.0, 0.0)
+    total = count.sum(axis=-1)
+    squared = _divide_where_positive((count * (gap - correction)).sum(axis=-1), total, math.nan)
+    return np.sqrt(np.maximum(squared, 0.0))  # maximum keeps a nan (no images) a nan
+
+
+def ece_debiased(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
+    """Debiased L2 calibration error on the top-label confidence (Kumar, Liang & Ma, 2019,
+    "Verified Uncertainty Calibration"), with the equal-mass bins of :func:`ece_equal_mass`.
+
+    The plug-in squared gap ``(acc_b - conf_b)**2`` of a bin overestimates the true one by the
+    variance of its accuracy, ``acc_b (1 - acc_b) / n_b`` for a bin of ``n_b`` Bernoulli
+    outcomes; subtracting the unbiased estimate of that variance gives
+
+        ``sqrt(max(0, sum_b (n_b / n) * [(acc_b - conf_b)**2 - acc_b (1 - acc_b) / (n_b - 1)]))``.
+
+    A bin of one image has no variance estimate and contributes its squared gap uncorrected.
+    On the scale of :func:`ece` (a root mean squared gap rather than a mean absolute one), and it
+    can be exactly 0 when the estimated miscalibration is below the sampling noise. ``nan`` for
+    an empty input.
+    """
+    index, confidence, correct = _equal_mass_bins(labels, prob, bins)
+    if index.size == 0:
+        return math.nan
+    return float(_debiased_l2(*_bin_means(index, confidence, correct, bins)))
+
+
 # The image-level metrics every evaluation reports, in metrics.json's order: name -> a function of
 # (labels, prob, pred, positive, bins), where pred is the argmax of prob. One entry here (and the
 # metric's function above) is all a new image-level metric needs to reach metrics.json.
@@ -211,6 +347,10 @@ CLASSIFICATION_METRICS: dict[str, ClassificationMetric] = {
     "specificity": lambda labels, prob, pred, positive, bins: specificity(labels, pred, positive),
     "f1": lambda labels, prob, pred, positive, bins: f1(labels, pred, positive, num_classes=prob.shape[1]),
     "ece": lambda labels, prob, pred, positive, bins: ece(labels, prob, bins),
+    "nll": lambda labels, prob, pred, positive, bins: nll(labels, prob),
+    "brier": lambda labels, prob, pred, positive, bins: brier(labels, prob),
+    "ece_debiased": lambda labels, prob, pred, positive, bins: ece_debiased(labels, prob, bins),
+    "ece_equal_mass": lambda labels, prob, pred, positive, bins: ece_equal_mass(labels, prob, bins),
 }
 
 
