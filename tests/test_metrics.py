@@ -332,6 +332,85 @@ def test_noise_auroc_hand_computed():
     assert math.isnan(metrics.noise_auroc(np.array([]), np.array([0.3])))
 
 
+# ------------------------------------------------------------------ selective prediction
+def _selective_case() -> tuple[np.ndarray, np.ndarray]:
+    # Sorted by uncertainty: 0.1 right, 0.2 right, 0.4 wrong and 0.4 right (a tie), 0.9 wrong.
+    return np.array([0.1, 0.4, 0.2, 0.4, 0.9]), np.array([False, True, False, False, True])
+
+
+def test_risk_coverage_curve_by_hand():
+    uncertainty, error = _selective_case()
+    curve = metrics.risk_coverage_curve(uncertainty, error)
+    np.testing.assert_allclose(curve["threshold"], [0.1, 0.2, 0.4, 0.9])
+    # Accepted 1, 2, 4 (the tie together), 5 cases with 0, 0, 1, 2 errors among them.
+    np.testing.assert_allclose(curve["coverage"], [0.2, 0.4, 0.8, 1.0])
+    np.testing.assert_allclose(curve["risk"], [0.0, 0.0, 1 / 4, 2 / 5])
+    np.testing.assert_allclose(curve["generalized_risk"], [0.0, 0.0, 1 / 5, 2 / 5])
+    # Steps 0.2, 0.2, 0.4, 0.2 of coverage times the risk at each threshold.
+    assert metrics.aurc(uncertainty, error) == pytest.approx(0.4 * 0.25 + 0.2 * 0.4)
+    assert metrics.augrc(uncertainty, error) == pytest.approx(0.4 * 0.2 + 0.2 * 0.4)
+    # Three correct of five: a perfect ranking has risks 1/4 and 2/5 at k = 4, 5: AURC* = (1/4 + 2/5) / 5.
+    assert metrics.eaurc(uncertainty, error) == pytest.approx(0.18 - (1 / 4 + 2 / 5) / 5)
+    assert metrics.coverage_at_risk(uncertainty, error, 0.0) == pytest.approx(0.4)
+    assert metrics.coverage_at_risk(uncertainty, error, 0.3) == pytest.approx(0.8)
+    assert metrics.coverage_at_risk(uncertainty, error, 0.4) == 1.0
+    # The most certain case is wrong: no threshold keeps the risk at 0.4 or below.
+    assert metrics.coverage_at_risk(np.array([0.1, 0.2]), np.array([True, False]), 0.4) == 0.0
+    # The order of the cases does not matter, ties included.
+    perm = [4, 3, 0, 2, 1]
+    assert metrics.aurc(uncertainty[perm], error[perm]) == pytest.approx(metrics.aurc(uncertainty, error))
+    assert metrics.augrc(uncertainty[perm], error[perm]) == pytest.approx(metrics.augrc(uncertainty, error))
+
+
+def test_selective_metrics_without_ties_follow_their_definitions():
+    rng = np.random.default_rng(23)
+    n = 60
+    error = rng.random(n) < 0.3
+    uncertainty = rng.normal(error.astype(float), 1.0)  # informative, no ties
+    errors_in_first_k = np.cumsum(error[np.argsort(uncertainty)])
+    k = np.arange(1, n + 1)
+    # AURC: the mean selective risk over the coverages k / n.
+    assert metrics.aurc(uncertainty, error) == pytest.approx(np.mean(errors_in_first_k / k))
+    # AUGRC: each error counts the cases ranked at or after it, over n^2: its own error pairs
+    # (n_e (n_e + 1) / 2) and the (error, correct) pairs with the correct case more uncertain,
+    # a share 1 - AUROC of all n_e n_c pairs (roc_auc_score of uncertainty for error).
+    n_e, n_c = int(error.sum()), int((~error).sum())
+    misordered = (1 - roc_auc_score(error, uncertainty)) * n_e * n_c
+    assert metrics.augrc(uncertainty, error) == pytest.approx((misordered + n_e * (n_e + 1) / 2) / n**2)
+    # coverage_at_risk: the largest k / n whose first k cases have at most 20 % errors.
+    assert metrics.coverage_at_risk(uncertainty, error, 0.2) == pytest.approx(k[errors_in_first_k / k <= 0.2].max() / n)
+
+
+def test_eaurc_of_perfect_and_large_rankings():
+    rng = np.random.default_rng(24)
+    error = rng.random(50) < 0.3
+    perfect = error + rng.uniform(0, 0.5, 50)  # every error more uncertain than every correct case
+    assert metrics.eaurc(perfect, error) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.eaurc(rng.random(50), error) > 0.0
+    # No errors: both areas are 0.
+    assert metrics.aurc(rng.random(10), np.zeros(10, bool)) == 0.0
+    assert metrics.eaurc(rng.random(10), np.zeros(10, bool)) == 0.0
+    # With many cases, the perfect ranking's AURC tends to r + (1 - r) ln(1 - r), r the error rate.
+    n, r = 20_000, 0.2
+    error = np.arange(n) >= (1 - r) * n
+    assert metrics.aurc(np.arange(n, dtype=float), error) == pytest.approx(r + (1 - r) * math.log(1 - r), abs=1e-4)
+    # The reverse ranking (errors first) gives r - r ln r in the limit; eAURC is the difference.
+    worst = metrics.eaurc(-np.arange(n, dtype=float), error)
+    assert worst == pytest.approx(r - r * math.log(r) - (r + (1 - r) * math.log(1 - r)), abs=1e-4)
+
+
+def test_selective_metrics_of_empty_input():
+    empty_u, empty_e = np.zeros(0), np.zeros(0, bool)
+    curve = metrics.risk_coverage_curve(empty_u, empty_e)
+    assert all(values.size == 0 for values in curve.values()) and set(curve) == {
+        "threshold", "coverage", "risk", "generalized_risk"}
+    for metric in (metrics.aurc, metrics.eaurc, metrics.augrc):
+        assert math.isnan(metric(empty_u, empty_e))
+    assert math.isnan(metrics.coverage_at_risk(empty_u, empty_e, 0.1))
+    with pytest.raises(ValueError, match="sizes differ: 3 vs 2"):
+        metrics.aurc(np.ones(3), np.ones(2, bool))
+
+
 # ----------------------------------------------------------------------------- bootstrap
 def _mean_statistic(values: np.ndarray) -> metrics.ResampledStatistic:
     return metrics.resampled_ratio(values, np.ones_like(values))
@@ -471,6 +550,80 @@ def test_resampled_pixel_auc_pools_the_pixels_of_resampled_images():
     # More errors than hits swaps the roles inside; the result is the same AUC.
     flipped = metrics.resampled_auc(-uncertainty.ravel(), ~error.ravel(), group=image_of_pixel, n_groups=images)
     np.testing.assert_allclose(flipped(counts), values)
+
+
+def test_resampled_selective_and_scoring_statistics_equal_the_metrics_on_resampled_arrays(binary_case):
+    labels, prob = binary_case
+    n = labels.size
+    rng = np.random.default_rng(25)
+    counts = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=4)]).astype(float)
+    error = prob.argmax(1) != labels
+    uncertainty = np.round(1 - prob.max(1) + rng.normal(0, 0.05, n), 2)  # informative, with ties
+    stats = {
+        "aurc": (metrics.resampled_aurc(uncertainty, error), metrics.aurc),
+        "eaurc": (metrics.resampled_eaurc(uncertainty, error), metrics.eaurc),
+        "augrc": (metrics.resampled_augrc(uncertainty, error), metrics.augrc),
+    }
+    nll, brier = metrics.resampled_nll(labels, prob)(counts), metrics.resampled_brier(labels, prob)(counts)
+    for key, (stat, metric) in stats.items():
+        values = stat(counts)
+        for b, row in enumerate(counts):
+            u, e = _resample(row, uncertainty, error)
+            assert values[b] == pytest.approx(metric(u, e)), (key, b)
+    for b, row in enumerate(counts):
+        y, p = _resample(row, labels, prob)
+        assert nll[b] == pytest.approx(log_loss(y, p, labels=[0, 1]))
+        assert brier[b] == pytest.approx(brier_score_loss(y, p[:, 1], scale_by_half=False))
+    # A resample of correct cases only: no risk at all, and nothing in excess of the perfect ranking.
+    only_correct = (~error).astype(float)[None]
+    assert metrics.resampled_aurc(uncertainty, error)(only_correct)[0] == 0.0
+    assert metrics.resampled_eaurc(uncertainty, error)(only_correct)[0] == pytest.approx(0.0, abs=1e-12)
+    # A resample of errors only: every threshold's risk is 1, the perfect ranking's too.
+    only_errors = error.astype(float)[None]
+    assert metrics.resampled_aurc(uncertainty, error)(only_errors)[0] == pytest.approx(1.0)
+    assert metrics.resampled_eaurc(uncertainty, error)(only_errors)[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def _debiased_on_fixed_bins(labels: np.ndarray, prob: np.ndarray, member: np.ndarray, bins: int) -> float:
+    # Kumar, Liang & Ma's estimator written out bin by bin, with each image's bin given.
+    correct, conf = prob.argmax(1) == labels, prob.max(1)
+    total = 0.0
+    for b in range(bins):
+        inside = member == b
+        n_b = inside.sum()
+        if n_b == 0:
+            continue
+        acc, mean_conf = correct[inside].mean(), conf[inside].mean()
+        total += n_b * ((acc - mean_conf) ** 2 - (acc * (1 - acc) / (n_b - 1) if n_b > 1 else 0.0))
+    return math.sqrt(max(0.0, total / labels.size))
+
+
+def test_resampled_debiased_ece_keeps_the_full_sample_bins(binary_case):
+    labels, prob = binary_case
+    n, bins = labels.size, 8
+    rng = np.random.default_rng(26)
+    stat = metrics.resampled_ece_debiased(labels, prob, bins)
+    # The full sample's equal-mass bins: 25 images each, in confidence order.
+    order = np.argsort(prob.max(1), kind="stable")
+    member = np.empty(n, int)
+    member[order] = np.repeat(np.arange(bins), n // bins)
+    assert stat(np.ones((1, n)))[0] == pytest.approx(metrics.ece_debiased(labels, prob, bins))
+    # Resamples that draw each bin exactly 25 times: re-cutting equal-mass bins gives the same bins,
+    # so the statistic is ece_debiased of the resampled arrays.
+    balanced = np.zeros((4, n))
+    for b in range(bins):
+        inside = np.flatnonzero(member == b)
+        balanced[:, inside] = rng.multinomial(inside.size, np.full(inside.size, 1 / inside.size), size=4)
+    values = stat(balanced)
+    for b, row in enumerate(balanced):
+        y, p = _resample(row, labels, prob)
+        assert values[b] == pytest.approx(metrics.ece_debiased(y, p, bins))
+    # Any resample: the estimator on the resampled arrays, each image in its full-sample bin.
+    counts = rng.multinomial(n, np.full(n, 1 / n), size=4).astype(float)
+    values = stat(counts)
+    for b, row in enumerate(counts):
+        y, p, m = _resample(row, labels, prob, member)
+        assert values[b] == pytest.approx(_debiased_on_fixed_bins(y, p, m, bins))
 
 
 # ------------------------------------------------------------ shared by validation and evaluation

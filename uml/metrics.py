@@ -11,6 +11,12 @@ Function names follow the metric keys of ``data/reports/metrics.json`` (``cls/ac
 - Calibration metrics (:func:`ece`, :func:`ece_equal_mass`, :func:`ece_debiased`) look at the
   top-label confidence ``max_k prob[k]`` and whether its argmax is the label; the proper scores
   (:func:`nll`, :func:`brier`) at the whole probability vector.
+- ``uncertainty`` is a per-case score where higher means less confident (the evidential
+  ``u = K / S``, an entropy); ``error`` is bool, True where the case is misclassified (or, for
+  pixels, mislabelled). The selective-prediction metrics (:func:`risk_coverage_curve`,
+  :func:`aurc`, ...) take the uncertainty itself as the score: a case is accepted when its
+  uncertainty is at most a threshold, and cases of equal uncertainty are accepted or referred
+  together.
 - One function per metric; :func:`classification_metrics` and :func:`segmentation_per_image` are
   the sets of them that both validation (``uml.train.worker.validate``) and evaluation
   (``uml.evaluate``) compute, through :func:`task_metrics` (with the mean uncertainties). A new
@@ -38,6 +44,8 @@ statistics are vectorised over resamples: a resample is given as how often each 
 (a row of counts), and the ``resampled_*`` functions build, from per-image data, the statistic that
 computes a metric on every row at once (an AUC from a table of ordered positive/negative pairs, a
 ratio from count-weighted sums), equal to the metric function applied to the resampled arrays.
+The one exception is :func:`resampled_ece_debiased`, whose equal-mass bins are those of the full
+sample rather than re-cut in every resample.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, special
 from sklearn.metrics import (
     accuracy_score,
     cohen_kappa_score,
@@ -646,6 +654,117 @@ def referral_curve(correct: np.ndarray, uncertainty: np.ndarray, fractions: Sequ
     return {"fraction": fractions, "accuracy": accuracy, "retained": retained}
 
 
+# ------------------------------------------------------------------- selective prediction
+# A selective classifier accepts a case when its uncertainty is at most a threshold t and refers
+# it otherwise; sweeping t over the observed uncertainties traces the risk-coverage curve. Cases
+# with equal uncertainty are accepted or referred together (one point of the curve per distinct
+# value), so the curves do not depend on the order of the cases.
+def _selective_inputs(uncertainty: np.ndarray, error: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    uncertainty = np.asarray(uncertainty, dtype=np.float64).ravel()
+    error = np.asarray(error, dtype=bool).ravel()
+    if uncertainty.shape != error.shape:
+        raise ValueError(f"uncertainty and error sizes differ: {uncertainty.size} vs {error.size}")
+    return uncertainty, error
+
+
+def _tie_groups(uncertainty: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(order, starts, threshold)``: the ascending (stable) order of the cases, where each group
+    of equal uncertainty starts in that order, and the group's uncertainty."""
+    order = np.argsort(uncertainty, kind="stable")
+    threshold, starts = np.unique(uncertainty[order], return_index=True)
+    return order, starts, threshold
+
+
+def risk_coverage_curve(uncertainty: np.ndarray, error: np.ndarray) -> dict[str, np.ndarray]:
+    """The risk-coverage curve of uncertainty-based referral, one point per distinct uncertainty.
+
+    At threshold ``t`` (the distinct values of ``uncertainty``, ascending) the cases with
+    uncertainty ``<= t`` are accepted. Returns arrays ``threshold``, ``coverage`` (accepted / n),
+    ``risk`` (errors among the accepted / accepted: the selective risk) and ``generalized_risk``
+    (errors among the accepted / n: the share of all cases that are accepted and wrong). The last
+    point accepts everything (coverage 1, risk = error rate). Empty arrays for an empty input.
+    """
+    uncertainty, error = _selective_inputs(uncertainty, error)
+    n = uncertainty.size
+    if n == 0:
+        return {key: np.zeros(0) for key in ("threshold", "coverage", "risk", "generalized_risk")}
+    order, starts, threshold = _tie_groups(uncertainty)
+    accepted = np.append(starts[1:], n)  # cases accepted up to the end of each group
+    errors = np.cumsum(error[order])[accepted - 1]
+    return {"threshold": threshold, "coverage": accepted / n, "risk": errors / accepted, "generalized_risk": errors / n}
+
+
+def aurc(uncertainty: np.ndarray, error: np.ndarray) -> float:
+    """Area under the risk-coverage curve (Geifman, Uziel & El-Yaniv, 2019, "Bias-Reduced
+    Uncertainty Estimation for Deep Neural Classifiers"): lower is better.
+
+    The step area ``sum_g (coverage_g - coverage_{g-1}) * risk_g`` over the points ``g`` of
+    :func:`risk_coverage_curve` (``coverage_0 = 0``). Without ties it is the mean selective risk
+    over the n coverages ``k / n``, ``(1/n) sum_k risk@k``; a tie group counts at the risk of
+    accepting it whole. It mixes the ranking quality of the uncertainty with the error rate
+    itself (see :func:`eaurc`). ``nan`` for an empty input.
+    """
+    curve = risk_coverage_curve(uncertainty, error)
+    if curve["coverage"].size == 0:
+        return math.nan
+    return float(np.diff(curve["coverage"], prepend=0.0) @ curve["risk"])
+
+
+def _optimal_aurc(correct: np.ndarray | float, n: np.ndarray | float) -> np.ndarray:
+    """AURC of a perfect ranking (every correct case before every error) of ``n`` cases of which
+    ``correct`` are right: ``(1/n) sum_{k=correct+1}^{n} (k - correct) / k``
+    ``= (n - correct - correct * (H_n - H_correct)) / n`` with the harmonic numbers
+    ``H_m = digamma(m + 1) + euler_gamma`` (elementwise; ``nan`` where ``n = 0``)."""
+    correct, n = np.asarray(correct, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    harmonic_gap = special.digamma(n + 1.0) - special.digamma(correct + 1.0)
+    return _divide_where_positive(n - correct - correct * harmonic_gap, n, math.nan)
+
+
+def eaurc(uncertainty: np.ndarray, error: np.ndarray) -> float:
+    """Excess AURC: :func:`aurc` minus the AURC of a perfect ranking of the same errors (Geifman,
+    Uziel & El-Yaniv, 2019), so that only the ranking, not the error rate, is measured.
+
+    With ``n_c`` correct cases of ``n``, the perfect ranking accepts every correct case first:
+    ``AURC* = (1/n) sum_{k=n_c+1}^{n} (k - n_c) / k``, the discrete form of
+    ``r + (1 - r) ln(1 - r)`` for an error rate ``r``. 0 for a perfect ranking and when there are
+    no errors (both areas are 0); ``nan`` for an empty input.
+    """
+    uncertainty, error = _selective_inputs(uncertainty, error)
+    n = error.size
+    if n == 0:
+        return math.nan
+    n_correct = n - int(error.sum())
+    k = np.arange(n_correct + 1, n + 1, dtype=np.float64)
+    return aurc(uncertainty, error) - float(((k - n_correct) / k).sum() / n)
+
+
+def augrc(uncertainty: np.ndarray, error: np.ndarray) -> float:
+    """Area under the generalized risk-coverage curve (Traub et al., 2024, "Overcoming Common
+    Flaws in the Evaluation of Selective Classification Systems"): lower is better.
+
+    The step area ``sum_g (coverage_g - coverage_{g-1}) * generalized_risk_g`` over the points of
+    :func:`risk_coverage_curve`: the average, over the coverages, of the share of all cases that
+    are accepted and wrong (silent failures). Unlike :func:`aurc` it does not weight the few
+    most confident cases heavily. ``nan`` for an empty input.
+    """
+    curve = risk_coverage_curve(uncertainty, error)
+    if curve["coverage"].size == 0:
+        return math.nan
+    return float(np.diff(curve["coverage"], prepend=0.0) @ curve["generalized_risk"])
+
+
+def coverage_at_risk(uncertainty: np.ndarray, error: np.ndarray, target: float) -> float:
+    """The largest coverage of :func:`risk_coverage_curve` whose selective risk is at most
+    ``target``: the most cases that can be accepted, at some threshold, with an error rate among
+    them of at most ``target``. 0.0 when no threshold achieves it, ``nan`` for an empty input.
+    """
+    curve = risk_coverage_curve(uncertainty, error)
+    if curve["coverage"].size == 0:
+        return math.nan
+    feasible = curve["risk"] <= target
+    return float(curve["coverage"][feasible].max()) if feasible.any() else 0.0
+
+
 # ---------------------------------------------------------------------------- bootstrap
 # A statistic for bootstrap_ci: (resamples, n) counts -> (resamples,) values.
 ResampledStatistic = Callable[[np.ndarray], np.ndarray]
@@ -740,6 +859,95 @@ def resampled_ece(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> Resam
         return np.abs(counts @ gap_per_bin).sum(axis=1) / counts.sum(axis=1)
 
     return statistic
+
+
+def resampled_nll(labels: np.ndarray, prob: np.ndarray) -> ResampledStatistic:
+    """:func:`nll` per resample: the count-weighted mean of the per-image losses."""
+    per_image = _true_class_nll(labels, prob)
+    return resampled_ratio(per_image, np.ones_like(per_image))
+
+
+def resampled_brier(labels: np.ndarray, prob: np.ndarray) -> ResampledStatistic:
+    """:func:`brier` per resample: the count-weighted mean of the per-image squared errors."""
+    per_image = _brier_per_image(labels, prob)
+    return resampled_ratio(per_image, np.ones_like(per_image))
+
+
+def resampled_ece_debiased(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> ResampledStatistic:
+    """:func:`ece_debiased` per resample, on the equal-mass bins of the full sample.
+
+    Bin membership is fixed once, from all images (re-binning every resample would add the bin
+    edges' noise to the interval); in a resample, each image counts as often as it is drawn in
+    its bin's count ``n_b``, accuracy and mean confidence, and ``n_b`` is what the variance
+    correction divides by. With a row of ones this is :func:`ece_debiased` itself; in general it
+    equals it on the resampled arrays only where those arrays' own equal-mass bins are the fixed
+    ones (e.g. when every bin's images are drawn, in all, as often as the bin holds images).
+    """
+    index, confidence, correct = _equal_mass_bins(labels, prob, bins)
+    member = np.zeros((index.size, bins))
+    member[np.arange(index.size), index] = 1.0
+    correct_in_bin, confidence_in_bin = member * correct[:, None], member * confidence[:, None]
+
+    def statistic(counts: np.ndarray) -> np.ndarray:
+        count = counts @ member
+        accuracy = _divide_where_positive(counts @ correct_in_bin, count, math.nan)
+        mean_conf = _divide_where_positive(counts @ confidence_in_bin, count, math.nan)
+        return _debiased_l2(count, accuracy, mean_conf)
+
+    return statistic
+
+
+# (count-weighted tie-group sizes, accepted cases, accepted errors, cases) -> one value per resample
+_SelectiveArea = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def _resampled_selective(uncertainty: np.ndarray, error: np.ndarray, area: _SelectiveArea) -> ResampledStatistic:
+    """A statistic of the risk-coverage curve per resample. The cases are sorted and grouped by
+    uncertainty once; per resample, ``area(accepted_in_group, accepted, errors, total)`` gets the
+    count-weighted size of every tie group, the cumulative accepted cases and errors at each
+    group's threshold (resamples on the first axis, groups on the second) and each resample's
+    number of cases. A group a resample does not draw adds no step to its curve."""
+    uncertainty, error = _selective_inputs(uncertainty, error)
+    order, starts, _ = _tie_groups(uncertainty)
+    error_sorted = error[order].astype(np.float64)
+
+    def statistic(counts: np.ndarray) -> np.ndarray:
+        counts = np.asarray(counts, dtype=np.float64)
+        if uncertainty.size == 0:
+            return np.full(len(counts), math.nan)
+        drawn = counts[:, order]
+        in_group = np.add.reduceat(drawn, starts, axis=1)
+        errors = np.cumsum(np.add.reduceat(drawn * error_sorted, starts, axis=1), axis=1)
+        return area(in_group, np.cumsum(in_group, axis=1), errors, counts.sum(axis=1))
+
+    return statistic
+
+
+def resampled_aurc(uncertainty: np.ndarray, error: np.ndarray) -> ResampledStatistic:
+    """:func:`aurc` per resample (``nan`` for a resample without cases)."""
+    def area(in_group: np.ndarray, accepted: np.ndarray, errors: np.ndarray, total: np.ndarray) -> np.ndarray:
+        risk = _divide_where_positive(errors, accepted, 0.0)  # 0 only where the step is 0 too
+        return _divide_where_positive((in_group * risk).sum(axis=1), total, math.nan)
+
+    return _resampled_selective(uncertainty, error, area)
+
+
+def resampled_eaurc(uncertainty: np.ndarray, error: np.ndarray) -> ResampledStatistic:
+    """:func:`eaurc` per resample: its AURC minus that of a perfect ranking of its own errors."""
+    def area(in_group: np.ndarray, accepted: np.ndarray, errors: np.ndarray, total: np.ndarray) -> np.ndarray:
+        risk = _divide_where_positive(errors, accepted, 0.0)
+        observed = _divide_where_positive((in_group * risk).sum(axis=1), total, math.nan)
+        return observed - _optimal_aurc(total - errors[:, -1], total)
+
+    return _resampled_selective(uncertainty, error, area)
+
+
+def resampled_augrc(uncertainty: np.ndarray, error: np.ndarray) -> ResampledStatistic:
+    """:func:`augrc` per resample (``nan`` for a resample without cases)."""
+    def area(in_group: np.ndarray, accepted: np.ndarray, errors: np.ndarray, total: np.ndarray) -> np.ndarray:
+        return _divide_where_positive((in_group * errors).sum(axis=1), total**2, math.nan)
+
+    return _resampled_selective(uncertainty, error, area)
 
 
 def _ordered_pair_table(score: np.ndarray, positive: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
