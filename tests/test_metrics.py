@@ -411,6 +411,35 @@ def test_selective_metrics_of_empty_input():
         metrics.aurc(np.ones(3), np.ones(2, bool))
 
 
+# ---------------------------------------------------------------------- contour band
+def _brute_force_band(surfaces: list[np.ndarray], shape: tuple[int, int], width: float) -> np.ndarray:
+    points = np.vstack(surfaces)
+    pixels = np.argwhere(np.ones(shape, bool))
+    return (cdist(pixels, points).min(axis=1) <= width).reshape(shape)
+
+
+@pytest.mark.parametrize("width", [0, 1, 2.5])
+def test_contour_band_is_within_width_of_the_outlines(width):
+    mask = np.zeros((40, 40), np.uint8)
+    yy, xx = np.mgrid[:40, :40]
+    mask[(yy - 20) ** 2 + (xx - 18) ** 2 <= 144] = 1  # disc rim
+    mask[(yy - 21) ** 2 + (xx - 19) ** 2 <= 25] = 2  # cup
+    mask[36:, 35:] = 1  # a blob on the image border: the border is part of its outline
+    band = metrics.contour_band(mask, ["background", "disc", "cup"], width)
+    expected = _brute_force_band([_brute_force_surface(mask >= 1), _brute_force_surface(mask == 2)], mask.shape, width)
+    assert band.dtype == bool and np.array_equal(band, expected)
+    assert band[21, 19 - 5] and not band[21, 19]  # on the cup's outline; the cup's centre is not
+    # Any other layout: each foreground class's outline.
+    other = metrics.contour_band(mask, ["background", "lesion", "core"], width)
+    expected = _brute_force_band([_brute_force_surface(mask == 1), _brute_force_surface(mask == 2)], mask.shape, width)
+    assert np.array_equal(other, expected)
+
+
+def test_contour_band_of_an_empty_mask_is_empty():
+    band = metrics.contour_band(np.zeros((8, 9), np.uint8), ["background", "disc", "cup"], 3)
+    assert band.shape == (8, 9) and band.dtype == bool and not band.any()
+
+
 # ----------------------------------------------------------------------------- bootstrap
 def _mean_statistic(values: np.ndarray) -> metrics.ResampledStatistic:
     return metrics.resampled_ratio(values, np.ones_like(values))

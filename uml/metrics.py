@@ -460,6 +460,31 @@ def structures(mask_classes: Sequence[str]) -> dict[str, Callable[[np.ndarray], 
     return {name: (lambda m, c=c: m == c) for c, name in enumerate(mask_classes) if c > 0}
 
 
+def contour_band(label_mask: np.ndarray, mask_classes: Sequence[str], width: float) -> np.ndarray:
+    """The pixels near a structure's outline: bool (H, W), True within ``width`` pixels of the
+    surface of any evaluated structure (:func:`structures`) of the label mask.
+
+    The surface of a structure is its outermost pixels (those with a face neighbour outside it or
+    on the image border, as the surface distances use). A pixel is in the band when its Euclidean
+    distance to the nearest surface pixel of any structure is at most ``width`` (inclusive), on
+    either side of the outline; ``width = 0`` gives the surfaces themselves. For fundus masks the
+    band follows both the disc and the cup outline. A mask without any structure gives an
+    all-False band.
+    """
+    label_mask = np.asarray(label_mask)
+    if label_mask.ndim != 2:
+        raise ValueError(f"a label mask must be 2-D (H, W), got shape {label_mask.shape}")
+    if width < 0:
+        raise ValueError(f"width must be >= 0, got {width}")
+    surface = np.zeros(label_mask.shape, dtype=bool)
+    for select in structures(mask_classes).values():
+        surface |= _surface(np.asarray(select(label_mask), dtype=bool))
+    if not surface.any():
+        return surface
+    # EDT of the complement: each pixel's distance to the nearest surface pixel (0 on it).
+    return ndimage.distance_transform_edt(~surface) <= width
+
+
 def dice_per_image(pred_masks: np.ndarray, gt_masks: np.ndarray, mask_classes: Sequence[str]) -> dict[str, np.ndarray]:
     """Structure name (:func:`structures`) -> the Dice of each image, for label-mask stacks (n, H, W)."""
     pred_masks, gt_masks = np.asarray(pred_masks), np.asarray(gt_masks)
