@@ -283,6 +283,33 @@ def test_vcdr_edge_cases_and_aggregates():
     assert math.isnan(metrics.auc(np.array([], dtype=int), np.zeros((0, 2)), positive=1))
 
 
+def test_vcdr_is_measured_on_the_largest_disc_component():
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:30, 10:30] = 1  # the disc: rows 10-29, 20 rows
+    mask[15:25, 15:25] = 2  # its cup: rows 15-24, 10 rows
+    mask[0:2, 0:2] = 1  # a spurious rim blob in the top-left corner
+    mask[38:40, 36:40] = 2  # a spurious cup blob in the bottom-right corner
+    assert metrics.vertical_cdr(mask) == pytest.approx(10 / 20)
+    # Counting every pixel, as before, the blobs stretch the disc to rows 0-39 and the cup to 15-39.
+    rows = lambda binary: np.flatnonzero(binary.any(axis=1))  # noqa: E731
+    assert np.ptp(rows(mask == 2)) + 1 == 25 and np.ptp(rows(mask >= 1)) + 1 == 40 and 25 / 40 > 10 / 20
+    # 8-connected: a pixel touching the disc's corner diagonally is part of it (rows 10-30: 21).
+    mask[30, 30] = 1
+    assert metrics.vertical_cdr(mask) == pytest.approx(10 / 21)
+    # A cup outside the disc does not count: the disc has none.
+    no_cup = np.zeros((40, 40), np.uint8)
+    no_cup[10:30, 10:30] = 1
+    no_cup[35:38, 35:38] = 2
+    assert metrics.vertical_cdr(no_cup) == 0.0
+    # Two discs of 16 pixels: the first in row-major order (the lower label) is measured.
+    tied = np.zeros((20, 20), np.uint8)
+    tied[2:6, 2:6] = 1
+    tied[3:5, 3:5] = 2  # cup of 2 rows in the first
+    tied[12:16, 12:16] = 1
+    tied[13, 13] = 2  # cup of 1 row in the second
+    assert metrics.vertical_cdr(tied) == pytest.approx(2 / 4)
+
+
 # --------------------------------------------------------------------------- uncertainty
 def test_error_auroc():
     error = np.array([False, False, True, False, True])

@@ -569,12 +569,19 @@ def task_metrics(
 
 # ----------------------------------------------------------------------------- clinical
 def vertical_cdr(mask: np.ndarray) -> float:
-    """Vertical cup-to-disc ratio of a fundus label mask (0 background, 1 rim, 2 cup).
+    """Vertical cup-to-disc ratio of a fundus label mask (0 background, 1 rim, 2 cup), measured on
+    the optic disc.
+
+    The disc is the largest 8-connected component of rim ∪ cup (``mask >= 1``; of equally large
+    components, the one ``scipy.ndimage.label`` numbers first, i.e. the first in row-major order),
+    and the cup is the cup pixels (``mask == 2``) inside it. A predicted mask can hold small
+    spurious blobs elsewhere in the image; measuring every foreground pixel would stretch the
+    extents to them.
 
     The vertical extent of a structure is the number of rows from its top-most to its
-    bottom-most pixel (``max_row - min_row + 1``); vCDR = extent(cup) / extent(disc), with the
-    disc being rim ∪ cup. 0.0 when there is a disc but no cup, ``nan`` without a disc. As the cup
-    is part of the disc, the ratio is in [0, 1].
+    bottom-most pixel (``max_row - min_row + 1``); vCDR = extent(cup) / extent(disc). 0.0 when
+    there is a disc but no cup in it, ``nan`` without a disc. As the cup is part of the disc, the
+    ratio is in [0, 1].
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -584,10 +591,12 @@ def vertical_cdr(mask: np.ndarray) -> float:
         rows = np.flatnonzero(binary.any(axis=1))
         return int(rows[-1] - rows[0] + 1) if rows.size else 0
 
-    disc = extent(mask >= 1)
-    if disc == 0:
+    components, count = ndimage.label(mask >= 1, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
         return math.nan
-    return extent(mask == 2) / disc
+    # argmax takes the first of equal sizes: the lowest label.
+    disc = components == 1 + int(np.bincount(components.ravel())[1:].argmax())
+    return extent(disc & (mask == 2)) / extent(disc)
 
 
 def vcdr_mae(pred_vcdr: np.ndarray, gt_vcdr: np.ndarray) -> float:
