@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
-from sklearn.metrics import cohen_kappa_score, f1_score, recall_score, roc_auc_score
+from sklearn.metrics import brier_score_loss, cohen_kappa_score, f1_score, log_loss, recall_score, roc_auc_score
 
 from uml import metrics
 
@@ -26,7 +26,8 @@ def test_classification_metrics_agree_with_sklearn(binary_case):
     labels, prob = binary_case
     pred = prob.argmax(1)
     got = metrics.classification_metrics(labels, prob, positive=1, bins=10)
-    assert set(got) == {"acc", "auc", "kappa", "sensitivity", "specificity", "f1", "ece"}
+    assert list(got) == ["acc", "auc", "kappa", "sensitivity", "specificity", "f1", "ece", "nll", "brier",
+                         "ece_debiased", "ece_equal_mass"]
     assert got["acc"] == pytest.approx(np.mean(pred == labels))
     assert got["auc"] == pytest.approx(roc_auc_score(labels, prob[:, 1]))
     assert got["kappa"] == pytest.approx(cohen_kappa_score(labels, pred))
@@ -34,6 +35,9 @@ def test_classification_metrics_agree_with_sklearn(binary_case):
     assert got["specificity"] == pytest.approx(recall_score(labels, pred, pos_label=0))
     assert got["f1"] == pytest.approx(f1_score(labels, pred))
     assert 0.0 < got["ece"] < 1.0
+    assert got["nll"] == pytest.approx(log_loss(labels, prob))
+    assert got["brier"] == pytest.approx(brier_score_loss(labels, prob[:, 1], scale_by_half=False))
+    assert 0.0 <= got["ece_debiased"] < 1.0 and 0.0 < got["ece_equal_mass"] < 1.0
     # Sanity of the case itself: informative, not perfect.
     assert 0.6 < got["auc"] < 0.99
 
@@ -105,6 +109,86 @@ def test_reliability_bins_are_equal_width_and_right_closed():
     assert np.isnan(stats["accuracy"][0])
     expected_ece = (3 * abs(2 / 3 - 2.05 / 3) + 1 * abs(1 - 0.95)) / 4
     assert metrics.ece(labels, prob, bins=10) == pytest.approx(expected_ece)
+
+
+def test_nll_and_brier_by_hand():
+    labels = np.array([0, 1, 1])
+    prob = np.array([[0.8, 0.2], [0.4, 0.6], [0.9, 0.1]])
+    # True-class probabilities 0.8, 0.6, 0.1.
+    assert metrics.nll(labels, prob) == pytest.approx(-(math.log(0.8) + math.log(0.6) + math.log(0.1)) / 3)
+    # Per image sum_k (p_k - y_k)^2: 0.04 + 0.04, 0.16 + 0.16, 0.81 + 0.81.
+    assert metrics.brier(labels, prob) == pytest.approx((0.08 + 0.32 + 1.62) / 3)
+    # K = 2: twice the binary Brier score mean (p_1 - y)^2 = (0.04 + 0.16 + 0.81) / 3.
+    assert metrics.brier(labels, prob) == pytest.approx(2 * (0.04 + 0.16 + 0.81) / 3)
+    # A probability of exactly 0 on the true class costs -ln(floor), not inf.
+    assert metrics.nll(np.array([0, 1]), np.array([[0.0, 1.0], [0.5, 0.5]])) == pytest.approx(
+        (-math.log(metrics.NLL_PROB_FLOOR) + math.log(2)) / 2)
+    assert math.isnan(metrics.nll(np.zeros(0, int), np.zeros((0, 2))))
+    assert math.isnan(metrics.brier(np.zeros(0, int), np.zeros((0, 2))))
+
+
+def test_multiclass_nll_and_brier_follow_sklearn():
+    rng = np.random.default_rng(21)
+    labels = rng.integers(0, 3, 120)
+    prob = rng.dirichlet(np.ones(3), 120)
+    assert metrics.nll(labels, prob) == pytest.approx(log_loss(labels, prob, labels=[0, 1, 2]))
+    assert metrics.brier(labels, prob) == pytest.approx(brier_score_loss(labels, prob, labels=[0, 1, 2]))
+
+
+def _top_label_case() -> tuple[np.ndarray, np.ndarray]:
+    # Five images predicting class 1 with confidences 0.9, 0.6, 0.8, 0.9, 0.7; only the 0.6 is right.
+    conf = np.array([0.9, 0.6, 0.8, 0.9, 0.7])
+    labels = np.array([0, 1, 0, 0, 0])
+    return labels, np.stack([1 - conf, conf], axis=1)
+
+
+def test_equal_mass_and_debiased_ece_by_hand():
+    labels, prob = _top_label_case()
+    # Sorted by confidence: 0.6 (right), 0.7, 0.8, 0.9, 0.9 (wrong). bins=2 splits 3 | 2.
+    # Bin 1: accuracy 1/3, confidence 0.7; bin 2: accuracy 0, confidence 0.9.
+    assert metrics.ece_equal_mass(labels, prob, bins=2) == pytest.approx(3 / 5 * (0.7 - 1 / 3) + 2 / 5 * 0.9)
+    # Debiased: bin 1 (11/30)^2 - (1/3)(2/3)/2 = 121/900 - 100/900; bin 2 0.81 - 0.
+    assert metrics.ece_debiased(labels, prob, bins=2) == pytest.approx(math.sqrt(3 / 5 * 21 / 900 + 2 / 5 * 0.81))
+    # bins=5: one image per bin, no correction: the root mean squared gap 0.4, 0.7, 0.8, 0.9, 0.9
+    # (ECE: the mean absolute gap).
+    assert metrics.ece_debiased(labels, prob, bins=5) == pytest.approx(math.sqrt((0.16 + 0.49 + 0.64 + 0.81 + 0.81) / 5))
+    assert metrics.ece_equal_mass(labels, prob, bins=5) == pytest.approx((0.4 + 0.7 + 0.8 + 0.9 + 0.9) / 5)
+    # More bins than images: the empty bins contribute nothing.
+    assert metrics.ece_equal_mass(labels, prob, bins=8) == pytest.approx(3.7 / 5)
+    assert math.isnan(metrics.ece_equal_mass(np.zeros(0, int), np.zeros((0, 2))))
+    assert math.isnan(metrics.ece_debiased(np.zeros(0, int), np.zeros((0, 2))))
+
+
+def test_equal_mass_bins_split_ties_by_position_and_debiased_can_be_zero():
+    # Four predictions at 0.8, the first two right: the stable order puts them in one bin.
+    labels = np.array([1, 1, 0, 0])
+    prob = np.tile([0.2, 0.8], (4, 1))
+    assert metrics.ece_equal_mass(labels, prob, bins=2) == pytest.approx(0.5 * 0.2 + 0.5 * 0.8)
+    assert metrics.ece(labels, prob, bins=2) == pytest.approx(0.3)  # one equal-width bin: |0.5 - 0.8|
+    # Six images, bins of two: accuracies 1/2, 1, 1/2 at confidences 0.575, 0.75, 0.925. The squared
+    # gaps 0.075^2, 0.25^2, 0.425^2 are smaller than the corrections 0.25, 0, 0.25 in sum: clipped to 0.
+    conf = np.array([0.9, 0.6, 0.8, 0.7, 0.95, 0.55])
+    labels = np.array([0, 1, 1, 1, 1, 0])
+    prob = np.stack([1 - conf, conf], axis=1)
+    assert metrics.ece_equal_mass(labels, prob, bins=3) == pytest.approx((0.075 + 0.25 + 0.425) / 3)
+    assert metrics.ece_debiased(labels, prob, bins=3) == 0.0
+
+
+def test_debiased_ece_is_unbiased_for_a_constant_gap():
+    # Confidences uniform in [0.6, 0.95], correct with probability confidence - 0.1: the true binned
+    # L2 calibration error is 0.1 in every bin. The plug-in estimate adds each bin's sampling variance
+    # (about 0.22 / 20 here); the debiased one's square averages to 0.1^2 over many data sets.
+    rng = np.random.default_rng(22)
+    debiased, plug_in = [], []
+    for _ in range(1000):
+        conf = rng.uniform(0.6, 0.95, 200)
+        labels = (rng.random(200) < conf - 0.1).astype(int)
+        prob = np.stack([1 - conf, conf], axis=1)
+        debiased.append(metrics.ece_debiased(labels, prob, bins=10) ** 2)
+        order = np.argsort(conf, kind="stable")
+        plug_in.append(np.mean([(labels[b].mean() - conf[b].mean()) ** 2 for b in np.array_split(order, 10)]))
+    assert np.mean(debiased) == pytest.approx(0.01, abs=0.0015)
+    assert np.mean(plug_in) > 0.018
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -199,6 +283,33 @@ def test_vcdr_edge_cases_and_aggregates():
     assert math.isnan(metrics.auc(np.array([], dtype=int), np.zeros((0, 2)), positive=1))
 
 
+def test_vcdr_is_measured_on_the_largest_disc_component():
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:30, 10:30] = 1  # the disc: rows 10-29, 20 rows
+    mask[15:25, 15:25] = 2  # its cup: rows 15-24, 10 rows
+    mask[0:2, 0:2] = 1  # a spurious rim blob in the top-left corner
+    mask[38:40, 36:40] = 2  # a spurious cup blob in the bottom-right corner
+    assert metrics.vertical_cdr(mask) == pytest.approx(10 / 20)
+    # Counting every pixel, as before, the blobs stretch the disc to rows 0-39 and the cup to 15-39.
+    rows = lambda binary: np.flatnonzero(binary.any(axis=1))  # noqa: E731
+    assert np.ptp(rows(mask == 2)) + 1 == 25 and np.ptp(rows(mask >= 1)) + 1 == 40 and 25 / 40 > 10 / 20
+    # 8-connected: a pixel touching the disc's corner diagonally is part of it (rows 10-30: 21).
+    mask[30, 30] = 1
+    assert metrics.vertical_cdr(mask) == pytest.approx(10 / 21)
+    # A cup outside the disc does not count: the disc has none.
+    no_cup = np.zeros((40, 40), np.uint8)
+    no_cup[10:30, 10:30] = 1
+    no_cup[35:38, 35:38] = 2
+    assert metrics.vertical_cdr(no_cup) == 0.0
+    # Two discs of 16 pixels: the first in row-major order (the lower label) is measured.
+    tied = np.zeros((20, 20), np.uint8)
+    tied[2:6, 2:6] = 1
+    tied[3:5, 3:5] = 2  # cup of 2 rows in the first
+    tied[12:16, 12:16] = 1
+    tied[13, 13] = 2  # cup of 1 row in the second
+    assert metrics.vertical_cdr(tied) == pytest.approx(2 / 4)
+
+
 # --------------------------------------------------------------------------- uncertainty
 def test_error_auroc():
     error = np.array([False, False, True, False, True])
@@ -246,6 +357,114 @@ def test_noise_auroc_hand_computed():
     assert metrics.noise_auroc(np.array([0.5, 0.5]), np.array([0.5])) == 0.5  # ties count one half
     assert metrics.noise_auroc(np.array([0.9]), np.array([0.1, 0.2])) == 0.0
     assert math.isnan(metrics.noise_auroc(np.array([]), np.array([0.3])))
+
+
+# ------------------------------------------------------------------ selective prediction
+def _selective_case() -> tuple[np.ndarray, np.ndarray]:
+    # Sorted by uncertainty: 0.1 right, 0.2 right, 0.4 wrong and 0.4 right (a tie), 0.9 wrong.
+    return np.array([0.1, 0.4, 0.2, 0.4, 0.9]), np.array([False, True, False, False, True])
+
+
+def test_risk_coverage_curve_by_hand():
+    uncertainty, error = _selective_case()
+    curve = metrics.risk_coverage_curve(uncertainty, error)
+    np.testing.assert_allclose(curve["threshold"], [0.1, 0.2, 0.4, 0.9])
+    # Accepted 1, 2, 4 (the tie together), 5 cases with 0, 0, 1, 2 errors among them.
+    np.testing.assert_allclose(curve["coverage"], [0.2, 0.4, 0.8, 1.0])
+    np.testing.assert_allclose(curve["risk"], [0.0, 0.0, 1 / 4, 2 / 5])
+    np.testing.assert_allclose(curve["generalized_risk"], [0.0, 0.0, 1 / 5, 2 / 5])
+    # Steps 0.2, 0.2, 0.4, 0.2 of coverage times the risk at each threshold.
+    assert metrics.aurc(uncertainty, error) == pytest.approx(0.4 * 0.25 + 0.2 * 0.4)
+    assert metrics.augrc(uncertainty, error) == pytest.approx(0.4 * 0.2 + 0.2 * 0.4)
+    # Three correct of five: a perfect ranking has risks 1/4 and 2/5 at k = 4, 5: AURC* = (1/4 + 2/5) / 5.
+    assert metrics.eaurc(uncertainty, error) == pytest.approx(0.18 - (1 / 4 + 2 / 5) / 5)
+    assert metrics.coverage_at_risk(uncertainty, error, 0.0) == pytest.approx(0.4)
+    assert metrics.coverage_at_risk(uncertainty, error, 0.3) == pytest.approx(0.8)
+    assert metrics.coverage_at_risk(uncertainty, error, 0.4) == 1.0
+    # The most certain case is wrong: no threshold keeps the risk at 0.4 or below.
+    assert metrics.coverage_at_risk(np.array([0.1, 0.2]), np.array([True, False]), 0.4) == 0.0
+    # The order of the cases does not matter, ties included.
+    perm = [4, 3, 0, 2, 1]
+    assert metrics.aurc(uncertainty[perm], error[perm]) == pytest.approx(metrics.aurc(uncertainty, error))
+    assert metrics.augrc(uncertainty[perm], error[perm]) == pytest.approx(metrics.augrc(uncertainty, error))
+
+
+def test_selective_metrics_without_ties_follow_their_definitions():
+    rng = np.random.default_rng(23)
+    n = 60
+    error = rng.random(n) < 0.3
+    uncertainty = rng.normal(error.astype(float), 1.0)  # informative, no ties
+    errors_in_first_k = np.cumsum(error[np.argsort(uncertainty)])
+    k = np.arange(1, n + 1)
+    # AURC: the mean selective risk over the coverages k / n.
+    assert metrics.aurc(uncertainty, error) == pytest.approx(np.mean(errors_in_first_k / k))
+    # AUGRC: each error counts the cases ranked at or after it, over n^2: its own error pairs
+    # (n_e (n_e + 1) / 2) and the (error, correct) pairs with the correct case more uncertain,
+    # a share 1 - AUROC of all n_e n_c pairs (roc_auc_score of uncertainty for error).
+    n_e, n_c = int(error.sum()), int((~error).sum())
+    misordered = (1 - roc_auc_score(error, uncertainty)) * n_e * n_c
+    assert metrics.augrc(uncertainty, error) == pytest.approx((misordered + n_e * (n_e + 1) / 2) / n**2)
+    # coverage_at_risk: the largest k / n whose first k cases have at most 20 % errors.
+    assert metrics.coverage_at_risk(uncertainty, error, 0.2) == pytest.approx(k[errors_in_first_k / k <= 0.2].max() / n)
+
+
+def test_eaurc_of_perfect_and_large_rankings():
+    rng = np.random.default_rng(24)
+    error = rng.random(50) < 0.3
+    perfect = error + rng.uniform(0, 0.5, 50)  # every error more uncertain than every correct case
+    assert metrics.eaurc(perfect, error) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.eaurc(rng.random(50), error) > 0.0
+    # No errors: both areas are 0.
+    assert metrics.aurc(rng.random(10), np.zeros(10, bool)) == 0.0
+    assert metrics.eaurc(rng.random(10), np.zeros(10, bool)) == 0.0
+    # With many cases, the perfect ranking's AURC tends to r + (1 - r) ln(1 - r), r the error rate.
+    n, r = 20_000, 0.2
+    error = np.arange(n) >= (1 - r) * n
+    assert metrics.aurc(np.arange(n, dtype=float), error) == pytest.approx(r + (1 - r) * math.log(1 - r), abs=1e-4)
+    # The reverse ranking (errors first) gives r - r ln r in the limit; eAURC is the difference.
+    worst = metrics.eaurc(-np.arange(n, dtype=float), error)
+    assert worst == pytest.approx(r - r * math.log(r) - (r + (1 - r) * math.log(1 - r)), abs=1e-4)
+
+
+def test_selective_metrics_of_empty_input():
+    empty_u, empty_e = np.zeros(0), np.zeros(0, bool)
+    curve = metrics.risk_coverage_curve(empty_u, empty_e)
+    assert all(values.size == 0 for values in curve.values()) and set(curve) == {
+        "threshold", "coverage", "risk", "generalized_risk"}
+    for metric in (metrics.aurc, metrics.eaurc, metrics.augrc):
+        assert math.isnan(metric(empty_u, empty_e))
+    assert math.isnan(metrics.coverage_at_risk(empty_u, empty_e, 0.1))
+    with pytest.raises(ValueError, match="sizes differ: 3 vs 2"):
+        metrics.aurc(np.ones(3), np.ones(2, bool))
+
+
+# ---------------------------------------------------------------------- contour band
+def _brute_force_band(surfaces: list[np.ndarray], shape: tuple[int, int], width: float) -> np.ndarray:
+    points = np.vstack(surfaces)
+    pixels = np.argwhere(np.ones(shape, bool))
+    return (cdist(pixels, points).min(axis=1) <= width).reshape(shape)
+
+
+@pytest.mark.parametrize("width", [0, 1, 2.5])
+def test_contour_band_is_within_width_of_the_outlines(width):
+    mask = np.zeros((40, 40), np.uint8)
+    yy, xx = np.mgrid[:40, :40]
+    mask[(yy - 20) ** 2 + (xx - 18) ** 2 <= 144] = 1  # disc rim
+    mask[(yy - 21) ** 2 + (xx - 19) ** 2 <= 25] = 2  # cup
+    mask[36:, 35:] = 1  # a blob on the image border: the border is part of its outline
+    band = metrics.contour_band(mask, ["background", "disc", "cup"], width)
+    expected = _brute_force_band([_brute_force_surface(mask >= 1), _brute_force_surface(mask == 2)], mask.shape, width)
+    assert band.dtype == bool and np.array_equal(band, expected)
+    assert band[21, 19 - 5] and not band[21, 19]  # on the cup's outline; the cup's centre is not
+    # Any other layout: each foreground class's outline.
+    other = metrics.contour_band(mask, ["background", "lesion", "core"], width)
+    expected = _brute_force_band([_brute_force_surface(mask == 1), _brute_force_surface(mask == 2)], mask.shape, width)
+    assert np.array_equal(other, expected)
+
+
+def test_contour_band_of_an_empty_mask_is_empty():
+    band = metrics.contour_band(np.zeros((8, 9), np.uint8), ["background", "disc", "cup"], 3)
+    assert band.shape == (8, 9) and band.dtype == bool and not band.any()
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -387,6 +606,80 @@ def test_resampled_pixel_auc_pools_the_pixels_of_resampled_images():
     # More errors than hits swaps the roles inside; the result is the same AUC.
     flipped = metrics.resampled_auc(-uncertainty.ravel(), ~error.ravel(), group=image_of_pixel, n_groups=images)
     np.testing.assert_allclose(flipped(counts), values)
+
+
+def test_resampled_selective_and_scoring_statistics_equal_the_metrics_on_resampled_arrays(binary_case):
+    labels, prob = binary_case
+    n = labels.size
+    rng = np.random.default_rng(25)
+    counts = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=4)]).astype(float)
+    error = prob.argmax(1) != labels
+    uncertainty = np.round(1 - prob.max(1) + rng.normal(0, 0.05, n), 2)  # informative, with ties
+    stats = {
+        "aurc": (metrics.resampled_aurc(uncertainty, error), metrics.aurc),
+        "eaurc": (metrics.resampled_eaurc(uncertainty, error), metrics.eaurc),
+        "augrc": (metrics.resampled_augrc(uncertainty, error), metrics.augrc),
+    }
+    nll, brier = metrics.resampled_nll(labels, prob)(counts), metrics.resampled_brier(labels, prob)(counts)
+    for key, (stat, metric) in stats.items():
+        values = stat(counts)
+        for b, row in enumerate(counts):
+            u, e = _resample(row, uncertainty, error)
+            assert values[b] == pytest.approx(metric(u, e)), (key, b)
+    for b, row in enumerate(counts):
+        y, p = _resample(row, labels, prob)
+        assert nll[b] == pytest.approx(log_loss(y, p, labels=[0, 1]))
+        assert brier[b] == pytest.approx(brier_score_loss(y, p[:, 1], scale_by_half=False))
+    # A resample of correct cases only: no risk at all, and nothing in excess of the perfect ranking.
+    only_correct = (~error).astype(float)[None]
+    assert metrics.resampled_aurc(uncertainty, error)(only_correct)[0] == 0.0
+    assert metrics.resampled_eaurc(uncertainty, error)(only_correct)[0] == pytest.approx(0.0, abs=1e-12)
+    # A resample of errors only: every threshold's risk is 1, the perfect ranking's too.
+    only_errors = error.astype(float)[None]
+    assert metrics.resampled_aurc(uncertainty, error)(only_errors)[0] == pytest.approx(1.0)
+    assert metrics.resampled_eaurc(uncertainty, error)(only_errors)[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def _debiased_on_fixed_bins(labels: np.ndarray, prob: np.ndarray, member: np.ndarray, bins: int) -> float:
+    # Kumar, Liang & Ma's estimator written out bin by bin, with each image's bin given.
+    correct, conf = prob.argmax(1) == labels, prob.max(1)
+    total = 0.0
+    for b in range(bins):
+        inside = member == b
+        n_b = inside.sum()
+        if n_b == 0:
+            continue
+        acc, mean_conf = correct[inside].mean(), conf[inside].mean()
+        total += n_b * ((acc - mean_conf) ** 2 - (acc * (1 - acc) / (n_b - 1) if n_b > 1 else 0.0))
+    return math.sqrt(max(0.0, total / labels.size))
+
+
+def test_resampled_debiased_ece_keeps_the_full_sample_bins(binary_case):
+    labels, prob = binary_case
+    n, bins = labels.size, 8
+    rng = np.random.default_rng(26)
+    stat = metrics.resampled_ece_debiased(labels, prob, bins)
+    # The full sample's equal-mass bins: 25 images each, in confidence order.
+    order = np.argsort(prob.max(1), kind="stable")
+    member = np.empty(n, int)
+    member[order] = np.repeat(np.arange(bins), n // bins)
+    assert stat(np.ones((1, n)))[0] == pytest.approx(metrics.ece_debiased(labels, prob, bins))
+    # Resamples that draw each bin exactly 25 times: re-cutting equal-mass bins gives the same bins,
+    # so the statistic is ece_debiased of the resampled arrays.
+    balanced = np.zeros((4, n))
+    for b in range(bins):
+        inside = np.flatnonzero(member == b)
+        balanced[:, inside] = rng.multinomial(inside.size, np.full(inside.size, 1 / inside.size), size=4)
+    values = stat(balanced)
+    for b, row in enumerate(balanced):
+        y, p = _resample(row, labels, prob)
+        assert values[b] == pytest.approx(metrics.ece_debiased(y, p, bins))
+    # Any resample: the estimator on the resampled arrays, each image in its full-sample bin.
+    counts = rng.multinomial(n, np.full(n, 1 / n), size=4).astype(float)
+    values = stat(counts)
+    for b, row in enumerate(counts):
+        y, p, m = _resample(row, labels, prob, member)
+        assert values[b] == pytest.approx(_debiased_on_fixed_bins(y, p, m, bins))
 
 
 # ------------------------------------------------------------ shared by validation and evaluation

@@ -9,7 +9,8 @@ Keys (each only when the model has the outputs it needs; ``<s>`` is a structure 
 :func:`uml.metrics.structures`, ``disc`` and ``cup`` for fundus masks):
 
 - ``cls/acc``, ``cls/auc``, ``cls/kappa``, ``cls/sensitivity``, ``cls/specificity``, ``cls/f1``,
-  ``cls/ece``, the ``seg/`` keys below and the two mean uncertainties:
+  ``cls/ece``, ``cls/nll``, ``cls/brier``, ``cls/ece_debiased``, ``cls/ece_equal_mass`` (all of
+  :data:`uml.metrics.CLASSIFICATION_METRICS`), the ``seg/`` keys below and the two mean uncertainties:
   :func:`uml.metrics.task_metrics`, the function that validation uses too (the predicted class is
   the argmax of ``class_prob``; the positive class is the model metadata's ``positive_class``,
   copied from the prepared data set)

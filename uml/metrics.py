@@ -8,6 +8,15 @@ Function names follow the metric keys of ``data/reports/metrics.json`` (``cls/ac
   (sensitivity, specificity, F1 and AUC with K = 2). With K > 2 these are "positive vs rest".
   It has no default: every caller passes the data set's declared positive class (the prepared
   store's ``positive_class``, which the export copies into the model's metadata).
+- Calibration metrics (:func:`ece`, :func:`ece_equal_mass`, :func:`ece_debiased`) look at the
+  top-label confidence ``max_k prob[k]`` and whether its argmax is the label; the proper scores
+  (:func:`nll`, :func:`brier`) at the whole probability vector.
+- ``uncertainty`` is a per-case score where higher means less confident (the evidential
+  ``u = K / S``, an entropy); ``error`` is bool, True where the case is misclassified (or, for
+  pixels, mislabelled). The selective-prediction metrics (:func:`risk_coverage_curve`,
+  :func:`aurc`, ...) take the uncertainty itself as the score: a case is accepted when its
+  uncertainty is at most a threshold, and cases of equal uncertainty are accepted or referred
+  together.
 - One function per metric; :func:`classification_metrics` and :func:`segmentation_per_image` are
   the sets of them that both validation (``uml.train.worker.validate``) and evaluation
   (``uml.evaluate``) compute, through :func:`task_metrics` (with the mean uncertainties). A new
@@ -35,6 +44,8 @@ statistics are vectorised over resamples: a resample is given as how often each 
 (a row of counts), and the ``resampled_*`` functions build, from per-image data, the statistic that
 computes a metric on every row at once (an AUC from a table of ordered positive/negative pairs, a
 ratio from count-weighted sums), equal to the metric function applied to the resampled arrays.
+The one exception is :func:`resampled_ece_debiased`, whose equal-mass bins are those of the full
+sample rather than re-cut in every resample.
 """
 
 from __future__ import annotations
@@ -43,7 +54,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, special
 from sklearn.metrics import (
     accuracy_score,
     cohen_kappa_score,
@@ -199,6 +210,139 @@ def ece(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
     return float((stats["count"][filled] * gap).sum() / n)
 
 
+def _labels_and_prob(labels: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels, prob = np.asarray(labels).ravel(), _as_prob(prob)
+    if labels.size != prob.shape[0]:
+        raise ValueError(f"labels and prob sizes differ: {labels.size} vs {prob.shape[0]}")
+    return labels.astype(np.int64), prob
+
+
+# The probability of the true class is clipped to at least this before its log is taken. A
+# confident mistake can give the true class a probability of exactly 0.0: the exported model runs
+# in float32, whose exp underflows to 0 for logits ~100 below the largest (the softmax baseline;
+# the evidential head's Dirichlet mean alpha / S is never 0). One such image would make the mean,
+# and every bootstrap resample that draws it, infinite. At 1e-12 an image costs at most
+# -ln(1e-12) = 27.6 nats; every true-class probability above the floor is scored as it is.
+NLL_PROB_FLOOR = 1e-12
+
+
+def _true_class_nll(labels: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    """Per image: ``-ln max(prob[label], NLL_PROB_FLOOR)``."""
+    labels, prob = _labels_and_prob(labels, prob)
+    true_prob = np.take_along_axis(prob, labels[:, None], axis=1)[:, 0]
+    return -np.log(np.maximum(true_prob, NLL_PROB_FLOOR))
+
+
+def nll(labels: np.ndarray, prob: np.ndarray) -> float:
+    """Mean negative log-likelihood (log loss, in nats) of the true class: ``-mean_i ln p_i[y_i]``.
+
+    A proper scoring rule: lower is better, 0 only for probability 1 on every true class. The
+    probability is clipped below at :data:`NLL_PROB_FLOOR` (see there) so that a probability of 0
+    gives a large finite loss rather than ``inf``. ``nan`` for an empty input.
+    """
+    per_image = _true_class_nll(labels, prob)
+    return float(per_image.mean()) if per_image.size else math.nan
+
+
+def _brier_per_image(labels: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    """Per image: ``sum_k (prob[k] - onehot(label)[k])**2``."""
+    labels, prob = _labels_and_prob(labels, prob)
+    onehot = np.eye(prob.shape[1])[labels]
+    return ((prob - onehot) ** 2).sum(axis=1)
+
+
+def brier(labels: np.ndarray, prob: np.ndarray) -> float:
+    """Multiclass Brier score: ``mean_i sum_k (p_ik - y_ik)**2`` with ``y_i`` the one-hot label.
+
+    A proper scoring rule in [0, 2]: 0 for probability 1 on every true class, 2 for probability 1
+    on a wrong class each time. For K = 2 it is twice the binary Brier score
+    ``mean_i (p_i1 - y_i1)**2`` (both classes' squared errors are equal). ``nan`` for an empty input.
+    """
+    per_image = _brier_per_image(labels, prob)
+    return float(per_image.mean()) if per_image.size else math.nan
+
+
+def _equal_mass_bins(labels: np.ndarray, prob: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: its equal-mass bin index, confidence and correctness (0/1).
+
+    Images are sorted by top-label confidence (stable: equal confidences keep their order) and
+    the sorted order is cut into ``bins`` groups of near-equal size as ``np.array_split`` cuts it
+    (the first ``n % bins`` groups have one image more); with ``bins > n`` some bins are empty.
+    """
+    labels, prob = _labels_and_prob(labels, prob)
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    confidence = prob.max(axis=1)
+    correct = (prob.argmax(axis=1) == labels).astype(np.float64)
+    order = np.argsort(confidence, kind="stable")
+    sizes = [part.size for part in np.array_split(order, bins)]
+    index = np.empty(confidence.size, dtype=np.int64)
+    index[order] = np.repeat(np.arange(bins), sizes)
+    return index, confidence, correct
+
+
+def _bin_means(index: np.ndarray, confidence: np.ndarray, correct: np.ndarray,
+               bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per bin: count, accuracy and mean confidence (``nan`` for empty bins)."""
+    count = np.bincount(index, minlength=bins).astype(np.float64)
+    accuracy = _divide_where_positive(np.bincount(index, weights=correct, minlength=bins), count, math.nan)
+    mean_conf = _divide_where_positive(np.bincount(index, weights=confidence, minlength=bins), count, math.nan)
+    return count, accuracy, mean_conf
+
+
+def ece_equal_mass(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error (L1) on the top-label confidence with equal-mass bins.
+
+    ``sum_b (n_b / n) * |accuracy_b - confidence_b|``, as :func:`ece`, but the bins are
+    :func:`_equal_mass_bins`: each holds (nearly) the same number of images, so a model whose
+    confidences crowd near 1 is not measured on one or two populated bins. ``nan`` for an empty
+    input.
+    """
+    index, confidence, correct = _equal_mass_bins(labels, prob, bins)
+    if index.size == 0:
+        return math.nan
+    count, accuracy, mean_conf = _bin_means(index, confidence, correct, bins)
+    filled = count > 0
+    return float((count[filled] * np.abs(accuracy[filled] - mean_conf[filled])).sum() / index.size)
+
+
+def _debiased_l2(count: np.ndarray, accuracy: np.ndarray, mean_conf: np.ndarray) -> np.ndarray:
+    """The debiased L2 calibration error from per-bin statistics (bins on the last axis).
+
+    ``sqrt(max(0, sum_b (n_b / n) * [(acc_b - conf_b)**2 - acc_b (1 - acc_b) / (n_b - 1)]))``;
+    bins with ``n_b = 1`` keep their squared gap uncorrected, empty bins contribute nothing,
+    ``nan`` where ``n = 0``.
+    """
+    filled = count > 0
+    gap = np.where(filled, accuracy - mean_conf, 0.0) ** 2
+    spread = np.where(filled, accuracy * (1.0 - accuracy), 0.0)
+    correction = _divide_where_positive(spread, count - 1.0, 0.0)
+    total = count.sum(axis=-1)
+    squared = _divide_where_positive((count * (gap - correction)).sum(axis=-1), total, math.nan)
+    return np.sqrt(np.maximum(squared, 0.0))  # maximum keeps a nan (no images) a nan
+
+
+def ece_debiased(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
+    """Debiased L2 calibration error on the top-label confidence (Kumar, Liang & Ma, 2019,
+    "Verified Uncertainty Calibration"), with the equal-mass bins of :func:`ece_equal_mass`.
+
+    The plug-in squared gap ``(acc_b - conf_b)**2`` of a bin overestimates the true one by the
+    variance of its accuracy, ``acc_b (1 - acc_b) / n_b`` for a bin of ``n_b`` Bernoulli
+    outcomes; subtracting the unbiased estimate of that variance gives
+
+        ``sqrt(max(0, sum_b (n_b / n) * [(acc_b - conf_b)**2 - acc_b (1 - acc_b) / (n_b - 1)]))``.
+
+    A bin of one image has no variance estimate and contributes its squared gap uncorrected.
+    On the scale of :func:`ece` (a root mean squared gap rather than a mean absolute one), and it
+    can be exactly 0 when the estimated miscalibration is below the sampling noise. ``nan`` for
+    an empty input.
+    """
+    index, confidence, correct = _equal_mass_bins(labels, prob, bins)
+    if index.size == 0:
+        return math.nan
+    return float(_debiased_l2(*_bin_means(index, confidence, correct, bins)))
+
+
 # The image-level metrics every evaluation reports, in metrics.json's order: name -> a function of
 # (labels, prob, pred, positive, bins), where pred is the argmax of prob. One entry here (and the
 # metric's function above) is all a new image-level metric needs to reach metrics.json.
@@ -211,6 +355,10 @@ CLASSIFICATION_METRICS: dict[str, ClassificationMetric] = {
     "specificity": lambda labels, prob, pred, positive, bins: specificity(labels, pred, positive),
     "f1": lambda labels, prob, pred, positive, bins: f1(labels, pred, positive, num_classes=prob.shape[1]),
     "ece": lambda labels, prob, pred, positive, bins: ece(labels, prob, bins),
+    "nll": lambda labels, prob, pred, positive, bins: nll(labels, prob),
+    "brier": lambda labels, prob, pred, positive, bins: brier(labels, prob),
+    "ece_debiased": lambda labels, prob, pred, positive, bins: ece_debiased(labels, prob, bins),
+    "ece_equal_mass": lambda labels, prob, pred, positive, bins: ece_equal_mass(labels, prob, bins),
 }
 
 
@@ -312,6 +460,31 @@ def structures(mask_classes: Sequence[str]) -> dict[str, Callable[[np.ndarray], 
     return {name: (lambda m, c=c: m == c) for c, name in enumerate(mask_classes) if c > 0}
 
 
+def contour_band(label_mask: np.ndarray, mask_classes: Sequence[str], width: float) -> np.ndarray:
+    """The pixels near a structure's outline: bool (H, W), True within ``width`` pixels of the
+    surface of any evaluated structure (:func:`structures`) of the label mask.
+
+    The surface of a structure is its outermost pixels (those with a face neighbour outside it or
+    on the image border, as the surface distances use). A pixel is in the band when its Euclidean
+    distance to the nearest surface pixel of any structure is at most ``width`` (inclusive), on
+    either side of the outline; ``width = 0`` gives the surfaces themselves. For fundus masks the
+    band follows both the disc and the cup outline. A mask without any structure gives an
+    all-False band.
+    """
+    label_mask = np.asarray(label_mask)
+    if label_mask.ndim != 2:
+        raise ValueError(f"a label mask must be 2-D (H, W), got shape {label_mask.shape}")
+    if width < 0:
+        raise ValueError(f"width must be >= 0, got {width}")
+    surface = np.zeros(label_mask.shape, dtype=bool)
+    for select in structures(mask_classes).values():
+        surface |= _surface(np.asarray(select(label_mask), dtype=bool))
+    if not surface.any():
+        return surface
+    # EDT of the complement: each pixel's distance to the nearest surface pixel (0 on it).
+    return ndimage.distance_transform_edt(~surface) <= width
+
+
 def dice_per_image(pred_masks: np.ndarray, gt_masks: np.ndarray, mask_classes: Sequence[str]) -> dict[str, np.ndarray]:
     """Structure name (:func:`structures`) -> the Dice of each image, for label-mask stacks (n, H, W)."""
     pred_masks, gt_masks = np.asarray(pred_masks), np.asarray(gt_masks)
@@ -396,12 +569,19 @@ def task_metrics(
 
 # ----------------------------------------------------------------------------- clinical
 def vertical_cdr(mask: np.ndarray) -> float:
-    """Vertical cup-to-disc ratio of a fundus label mask (0 background, 1 rim, 2 cup).
+    """Vertical cup-to-disc ratio of a fundus label mask (0 background, 1 rim, 2 cup), measured on
+    the optic disc.
+
+    The disc is the largest 8-connected component of rim ∪ cup (``mask >= 1``; of equally large
+    components, the one ``scipy.ndimage.label`` numbers first, i.e. the first in row-major order),
+    and the cup is the cup pixels (``mask == 2``) inside it. A predicted mask can hold small
+    spurious blobs elsewhere in the image; measuring every foreground pixel would stretch the
+    extents to them.
 
     The vertical extent of a structure is the number of rows from its top-most to its
-    bottom-most pixel (``max_row - min_row + 1``); vCDR = extent(cup) / extent(disc), with the
-    disc being rim ∪ cup. 0.0 when there is a disc but no cup, ``nan`` without a disc. As the cup
-    is part of the disc, the ratio is in [0, 1].
+    bottom-most pixel (``max_row - min_row + 1``); vCDR = extent(cup) / extent(disc). 0.0 when
+    there is a disc but no cup in it, ``nan`` without a disc. As the cup is part of the disc, the
+    ratio is in [0, 1].
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -411,10 +591,12 @@ def vertical_cdr(mask: np.ndarray) -> float:
         rows = np.flatnonzero(binary.any(axis=1))
         return int(rows[-1] - rows[0] + 1) if rows.size else 0
 
-    disc = extent(mask >= 1)
-    if disc == 0:
+    components, count = ndimage.label(mask >= 1, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
         return math.nan
-    return extent(mask == 2) / disc
+    # argmax takes the first of equal sizes: the lowest label.
+    disc = components == 1 + int(np.bincount(components.ravel())[1:].argmax())
+    return extent(disc & (mask == 2)) / extent(disc)
 
 
 def vcdr_mae(pred_vcdr: np.ndarray, gt_vcdr: np.ndarray) -> float:
@@ -504,6 +686,117 @@ def referral_curve(correct: np.ndarray, uncertainty: np.ndarray, fractions: Sequ
     accuracy = np.array([referral_acc(correct, uncertainty, f) for f in fractions])
     retained = np.array([max(1, n - int(round(f * n))) if n else 0 for f in fractions], dtype=np.int64)
     return {"fraction": fractions, "accuracy": accuracy, "retained": retained}
+
+
+# ------------------------------------------------------------------- selective prediction
+# A selective classifier accepts a case when its uncertainty is at most a threshold t and refers
+# it otherwise; sweeping t over the observed uncertainties traces the risk-coverage curve. Cases
+# with equal uncertainty are accepted or referred together (one point of the curve per distinct
+# value), so the curves do not depend on the order of the cases.
+def _selective_inputs(uncertainty: np.ndarray, error: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    uncertainty = np.asarray(uncertainty, dtype=np.float64).ravel()
+    error = np.asarray(error, dtype=bool).ravel()
+    if uncertainty.shape != error.shape:
+        raise ValueError(f"uncertainty and error sizes differ: {uncertainty.size} vs {error.size}")
+    return uncertainty, error
+
+
+def _tie_groups(uncertainty: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(order, starts, threshold)``: the ascending (stable) order of the cases, where each group
+    of equal uncertainty starts in that order, and the group's uncertainty."""
+    order = np.argsort(uncertainty, kind="stable")
+    threshold, starts = np.unique(uncertainty[order], return_index=True)
+    return order, starts, threshold
+
+
+def risk_coverage_curve(uncertainty: np.ndarray, error: np.ndarray) -> dict[str, np.ndarray]:
+    """The risk-coverage curve of uncertainty-based referral, one point per distinct uncertainty.
+
+    At threshold ``t`` (the distinct values of ``uncertainty``, ascending) the cases with
+    uncertainty ``<= t`` are accepted. Returns arrays ``threshold``, ``coverage`` (accepted / n),
+    ``risk`` (errors among the accepted / accepted: the selective risk) and ``generalized_risk``
+    (errors among the accepted / n: the share of all cases that are accepted and wrong). The last
+    point accepts everything (coverage 1, risk = error rate). Empty arrays for an empty input.
+    """
+    uncertainty, error = _selective_inputs(uncertainty, error)
+    n = uncertainty.size
+    if n == 0:
+        return {key: np.zeros(0) for key in ("threshold", "coverage", "risk", "generalized_risk")}
+    order, starts, threshold = _tie_groups(uncertainty)
+    accepted = np.append(starts[1:], n)  # cases accepted up to the end of each group
+    errors = np.cumsum(error[order])[accepted - 1]
+    return {"threshold": threshold, "coverage": accepted / n, "risk": errors / accepted, "generalized_risk": errors / n}
+
+
+def aurc(uncertainty: np.ndarray, error: np.ndarray) -> float:
+    """Area under the risk-coverage curve (Geifman, Uziel & El-Yaniv, 2019, "Bias-Reduced
+    Uncertainty Estimation for Deep Neural Classifiers"): lower is better.
+
+    The step area ``sum_g (coverage_g - coverage_{g-1}) * risk_g`` over the points ``g`` of
+    :func:`risk_coverage_curve` (``coverage_0 = 0``). Without ties it is the mean selective risk
+    over the n coverages ``k / n``, ``(1/n) sum_k risk@k``; a tie group counts at the risk of
+    accepting it whole. It mixes the ranking quality of the uncertainty with the error rate
+    itself (see :func:`eaurc`). ``nan`` for an empty input.
+    """
+    curve = risk_coverage_curve(uncertainty, error)
+    if curve["coverage"].size == 0:
+        return math.nan
+    return float(np.diff(curve["coverage"], prepend=0.0) @ curve["risk"])
+
+
+def _optimal_aurc(correct: np.ndarray | float, n: np.ndarray | float) -> np.ndarray:
+    """AURC of a perfect ranking (every correct case before every error) of ``n`` cases of which
+    ``correct`` are right: ``(1/n) sum_{k=correct+1}^{n} (k - correct) / k``
+    ``= (n - correct - correct * (H_n - H_correct)) / n`` with the harmonic numbers
+    ``H_m = digamma(m + 1) + euler_gamma`` (elementwise; ``nan`` where ``n = 0``)."""
+    correct, n = np.asarray(correct, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    harmonic_gap = special.digamma(n + 1.0) - special.digamma(correct + 1.0)
+    return _divide_where_positive(n - correct - correct * harmonic_gap, n, math.nan)
+
+
+def eaurc(uncertainty: np.ndarray, error: np.ndarray) -> float:
+    """Excess AURC: :func:`aurc` minus the AURC of a perfect ranking of the same errors (Geifman,
+    Uziel & El-Yaniv, 2019), so that only the ranking, not the error rate, is measured.
+
+    With ``n_c`` correct cases of ``n``, the perfect ranking accepts every correct case first:
+    ``AURC* = (1/n) sum_{k=n_c+1}^{n} (k - n_c) / k``, the discrete form of
+    ``r + (1 - r) ln(1 - r)`` for an error rate ``r``. 0 for a perfect ranking and when there are
+    no errors (both areas are 0); ``nan`` for an empty input.
+    """
+    uncertainty, error = _selective_inputs(uncertainty, error)
+    n = error.size
+    if n == 0:
+        return math.nan
+    n_correct = n - int(error.sum())
+    k = np.arange(n_correct + 1, n + 1, dtype=np.float64)
+    return aurc(uncertainty, error) - float(((k - n_correct) / k).sum() / n)
+
+
+def augrc(uncertainty: np.ndarray, error: np.ndarray) -> float:
+    """Area under the generalized risk-coverage curve (Traub et al., 2024, "Overcoming Common
+    Flaws in the Evaluation of Selective Classification Systems"): lower is better.
+
+    The step area ``sum_g (coverage_g - coverage_{g-1}) * generalized_risk_g`` over the points of
+    :func:`risk_coverage_curve`: the average, over the coverages, of the share of all cases that
+    are accepted and wrong (silent failures). Unlike :func:`aurc` it does not weight the few
+    most confident cases heavily. ``nan`` for an empty input.
+    """
+    curve = risk_coverage_curve(uncertainty, error)
+    if curve["coverage"].size == 0:
+        return math.nan
+    return float(np.diff(curve["coverage"], prepend=0.0) @ curve["generalized_risk"])
+
+
+def coverage_at_risk(uncertainty: np.ndarray, error: np.ndarray, target: float) -> float:
+    """The largest coverage of :func:`risk_coverage_curve` whose selective risk is at most
+    ``target``: the most cases that can be accepted, at some threshold, with an error rate among
+    them of at most ``target``. 0.0 when no threshold achieves it, ``nan`` for an empty input.
+    """
+    curve = risk_coverage_curve(uncertainty, error)
+    if curve["coverage"].size == 0:
+        return math.nan
+    feasible = curve["risk"] <= target
+    return float(curve["coverage"][feasible].max()) if feasible.any() else 0.0
 
 
 # ---------------------------------------------------------------------------- bootstrap
@@ -600,6 +893,95 @@ def resampled_ece(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> Resam
         return np.abs(counts @ gap_per_bin).sum(axis=1) / counts.sum(axis=1)
 
     return statistic
+
+
+def resampled_nll(labels: np.ndarray, prob: np.ndarray) -> ResampledStatistic:
+    """:func:`nll` per resample: the count-weighted mean of the per-image losses."""
+    per_image = _true_class_nll(labels, prob)
+    return resampled_ratio(per_image, np.ones_like(per_image))
+
+
+def resampled_brier(labels: np.ndarray, prob: np.ndarray) -> ResampledStatistic:
+    """:func:`brier` per resample: the count-weighted mean of the per-image squared errors."""
+    per_image = _brier_per_image(labels, prob)
+    return resampled_ratio(per_image, np.ones_like(per_image))
+
+
+def resampled_ece_debiased(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> ResampledStatistic:
+    """:func:`ece_debiased` per resample, on the equal-mass bins of the full sample.
+
+    Bin membership is fixed once, from all images (re-binning every resample would add the bin
+    edges' noise to the interval); in a resample, each image counts as often as it is drawn in
+    its bin's count ``n_b``, accuracy and mean confidence, and ``n_b`` is what the variance
+    correction divides by. With a row of ones this is :func:`ece_debiased` itself; in general it
+    equals it on the resampled arrays only where those arrays' own equal-mass bins are the fixed
+    ones (e.g. when every bin's images are drawn, in all, as often as the bin holds images).
+    """
+    index, confidence, correct = _equal_mass_bins(labels, prob, bins)
+    member = np.zeros((index.size, bins))
+    member[np.arange(index.size), index] = 1.0
+    correct_in_bin, confidence_in_bin = member * correct[:, None], member * confidence[:, None]
+
+    def statistic(counts: np.ndarray) -> np.ndarray:
+        count = counts @ member
+        accuracy = _divide_where_positive(counts @ correct_in_bin, count, math.nan)
+        mean_conf = _divide_where_positive(counts @ confidence_in_bin, count, math.nan)
+        return _debiased_l2(count, accuracy, mean_conf)
+
+    return statistic
+
+
+# (count-weighted tie-group sizes, accepted cases, accepted errors, cases) -> one value per resample
+_SelectiveArea = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def _resampled_selective(uncertainty: np.ndarray, error: np.ndarray, area: _SelectiveArea) -> ResampledStatistic:
+    """A statistic of the risk-coverage curve per resample. The cases are sorted and grouped by
+    uncertainty once; per resample, ``area(accepted_in_group, accepted, errors, total)`` gets the
+    count-weighted size of every tie group, the cumulative accepted cases and errors at each
+    group's threshold (resamples on the first axis, groups on the second) and each resample's
+    number of cases. A group a resample does not draw adds no step to its curve."""
+    uncertainty, error = _selective_inputs(uncertainty, error)
+    order, starts, _ = _tie_groups(uncertainty)
+    error_sorted = error[order].astype(np.float64)
+
+    def statistic(counts: np.ndarray) -> np.ndarray:
+        counts = np.asarray(counts, dtype=np.float64)
+        if uncertainty.size == 0:
+            return np.full(len(counts), math.nan)
+        drawn = counts[:, order]
+        in_group = np.add.reduceat(drawn, starts, axis=1)
+        errors = np.cumsum(np.add.reduceat(drawn * error_sorted, starts, axis=1), axis=1)
+        return area(in_group, np.cumsum(in_group, axis=1), errors, counts.sum(axis=1))
+
+    return statistic
+
+
+def resampled_aurc(uncertainty: np.ndarray, error: np.ndarray) -> ResampledStatistic:
+    """:func:`aurc` per resample (``nan`` for a resample without cases)."""
+    def area(in_group: np.ndarray, accepted: np.ndarray, errors: np.ndarray, total: np.ndarray) -> np.ndarray:
+        risk = _divide_where_positive(errors, accepted, 0.0)  # 0 only where the step is 0 too
+        return _divide_where_positive((in_group * risk).sum(axis=1), total, math.nan)
+
+    return _resampled_selective(uncertainty, error, area)
+
+
+def resampled_eaurc(uncertainty: np.ndarray, error: np.ndarray) -> ResampledStatistic:
+    """:func:`eaurc` per resample: its AURC minus that of a perfect ranking of its own errors."""
+    def area(in_group: np.ndarray, accepted: np.ndarray, errors: np.ndarray, total: np.ndarray) -> np.ndarray:
+        risk = _divide_where_positive(errors, accepted, 0.0)
+        observed = _divide_where_positive((in_group * risk).sum(axis=1), total, math.nan)
+        return observed - _optimal_aurc(total - errors[:, -1], total)
+
+    return _resampled_selective(uncertainty, error, area)
+
+
+def resampled_augrc(uncertainty: np.ndarray, error: np.ndarray) -> ResampledStatistic:
+    """:func:`augrc` per resample (``nan`` for a resample without cases)."""
+    def area(in_group: np.ndarray, accepted: np.ndarray, errors: np.ndarray, total: np.ndarray) -> np.ndarray:
+        return _divide_where_positive((in_group * errors).sum(axis=1), total**2, math.nan)
+
+    return _resampled_selective(uncertainty, error, area)
 
 
 def _ordered_pair_table(score: np.ndarray, positive: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:

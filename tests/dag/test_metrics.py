@@ -43,6 +43,7 @@ def matches(written_value: float | None, expected: float) -> bool:
 
 def expected_keys() -> list[str]:
     keys = ["cls/acc", "cls/auc", "cls/kappa", "cls/sensitivity", "cls/specificity", "cls/f1", "cls/ece",
+            "cls/nll", "cls/brier", "cls/ece_debiased", "cls/ece_equal_mass",
             "clinical/vcdr_mae", "clinical/vcdr_auc", "reference/vcdr_auc", "reference/positive_fraction",
             "unc/error_auroc", "unc/referral_acc_10", "unc/referral_acc_20", "unc/referral_acc_30",
             "unc/mean_class_uncertainty", "unc/pixel_error_auroc", "unc/mean_pixel_uncertainty"]
