@@ -1,5 +1,6 @@
-"""One-GPU check for the README: the paper model's training speed, the loader that feeds it, and
-the train stage on the GPU with a resume. Run it once on a machine with one NVIDIA GPU (H100/H200
+"""One-GPU check for the README: the paper model's training speed, the loader that feeds it, the
+exported model in onnxruntime's CUDA provider, one NCCL rank without Ray, and the train stage on
+the GPU with a resume. Run it once on a machine with one NVIDIA GPU (H100/H200
 class); it takes about 5-8 minutes and stops with an error when CUDA is not available (it never
 falls back to the CPU).
 
@@ -37,6 +38,23 @@ Sections (each prints a markdown table; every number also goes to the ``--out`` 
     repeated): samples/s, per worker, and next to the fastest model variant's images/s,
     so the README can say how many loader CPUs one GPU needs.
 
+``onnx``
+    The ``--preset`` model (randomly initialised) exported by ``uml.export.export_onnx`` as the
+    export stage does, run by onnxruntime's ``CUDAExecutionProvider`` at batch 1 and
+    ``--batch-size`` against eager torch fp32 on the GPU, numpy in and numpy out on both sides
+    (median of ``--onnx-iters`` after ``--onnx-warmup``), with the largest output difference. Where
+    ``onnxruntime.get_available_providers()`` lacks the CUDA provider (the CPU-only ``onnxruntime``
+    package) it records that and exports nothing; a listed provider whose session fails or falls
+    back to the CPU is recorded too. None of these is a failed check. The dry run times the CPU
+    provider.
+
+``nccl``
+    A smoke test of the NCCL path without Ray: one rank (world size 1) in a spawned process, a
+    ``torch.distributed.TCPStore`` on 127.0.0.1 (port chosen by the OS), ``init_process_group("nccl",
+    device_id=cuda:0)``, all-reduces of 4 KiB (median of 20) and 64 MiB checked for their result,
+    a barrier and ``destroy_process_group``. The dry run uses gloo on the CPU. A wrong result, an
+    error or no answer in ``--nccl-timeout`` seconds is a failed check.
+
 ``train``
     ``python -m pipeline.train`` with ``ray.use_gpu: true`` (one worker, NCCL) on a tiny prepared
     synthetic set (``--train-images`` at ``--train-size`` px, preset ``--train-preset``) in a
@@ -51,7 +69,10 @@ Sections (each prints a markdown table; every number also goes to the ``--out`` 
 ``--dry-run`` runs every section on the CPU with tiny sizes (the ``small`` preset at 64 px, 1-2
 steps, a 16-image store, gloo instead of NCCL, no two-ranks check) to test the plumbing; its
 numbers mean nothing. A failed check (no resume, two ranks on one GPU not refused, a section that
-crashed) makes the exit status 1 after the tables and the JSON are written.
+crashed, the one-rank all-reduce wrong) makes the exit status 1 after the tables and the JSON are
+written. The JSON is rewritten after each section (``meta.complete`` is true once all have run), so
+a run killed part-way keeps what it measured. Only the ``train`` section needs Ray; the others run
+where it is not installed.
 """
 
 from __future__ import annotations
@@ -93,7 +114,7 @@ from uml.config import LossParams, Paths, parse_params  # noqa: E402
 # The model (timm) and the loader (albumentations, zarr) are imported where they are used: the
 # spawned model processes need no loader, and a machine without CUDA hears so before any of it.
 
-SECTIONS = ("model", "loader", "train")
+SECTIONS = ("model", "loader", "onnx", "nccl", "train")
 # Dense Tensor Core peaks of the H100 / H200 SXM (NVIDIA's datasheets give 1,979 bf16 and 989 tf32
 # TFLOP/s "with sparsity"; dense is half). The same figures hold for both GPUs.
 PEAK_TFLOPS_BF16 = 989.0
@@ -106,9 +127,11 @@ GIB = 1024 ** 3
 DEFAULTS = {
     False: dict(preset="paper", size=256, batch_size=8, warmup=5, steps=10, rounds=5,
                 loader_size=256, loader_images=256, loader_samples=1024, workers=[0, 4, 8],
+                onnx_warmup=3, onnx_iters=20, nccl_timeout=120,
                 train_preset="paper", train_size=64, train_images=48, train_timeout=300),
     True: dict(preset="small", size=64, batch_size=2, warmup=1, steps=1, rounds=1,
                loader_size=64, loader_images=16, loader_samples=32, workers=[0, 2],
+               onnx_warmup=0, onnx_iters=1, nccl_timeout=120,
                train_preset="small", train_size=64, train_images=48, train_timeout=400),
 }
 
@@ -392,7 +415,195 @@ def section_loader(args: argparse.Namespace, device: torch.device, model: dict[s
     return result
 
 
-# -- section 3: the train stage on the GPU -------------------------------------------------------
+# -- section 3: the exported model in onnxruntime ------------------------------------------------
+
+CUDA_EP = "CUDAExecutionProvider"
+
+
+def section_onnx(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The ``--preset`` model exported as the export stage does, timed in onnxruntime's CUDA
+    execution provider where this onnxruntime has it, next to eager torch on the same device.
+    Both take a float32 numpy batch and return numpy outputs (host copies included on both sides).
+    Without the CUDA provider (the CPU-only ``onnxruntime`` package) the section only records so;
+    a dry run times the CPU provider instead, to test the plumbing."""
+    import onnxruntime as ort
+
+    from uml.export import INPUT_NAME, export_onnx
+    from uml.models import build_model
+
+    available = ort.get_available_providers()
+    result: dict[str, Any] = {"onnxruntime": ort.__version__, "available_providers": available,
+                              "preset": args.preset, "size": args.size, "cuda_provider_installed": CUDA_EP in available}
+    provider = CUDA_EP if CUDA_EP in available else ("CPUExecutionProvider" if args.dry_run else None)
+    header = f"\n**ONNX** (`{args.preset}` preset at {args.size} px, onnxruntime {ort.__version__})\n"
+    if provider is None:
+        result["status"] = "not installed"
+        result["reason"] = (f"{CUDA_EP} is not among onnxruntime {ort.__version__}'s available providers "
+                            f"{available}: the CPU-only onnxruntime package (onnxruntime-gpu has it)")
+        print(header + f"\nNot timed: {result['reason']}.")
+        return result
+
+    torch.manual_seed(0)
+    model = build_model(args.preset, image_size=args.size).eval()
+    with tempfile.TemporaryDirectory(prefix="uml-gpu-check-onnx-") as tmp:
+        path = Path(tmp) / f"{args.preset}.onnx"
+        progress(f"onnx: exporting {args.preset} at {args.size} px")
+        started = time.perf_counter()
+        export_onnx(model, path)
+        result["export_seconds"] = time.perf_counter() - started
+        result["onnx_bytes"] = path.stat().st_size
+        providers = [(CUDA_EP, {"device_id": 0}), "CPUExecutionProvider"] if provider == CUDA_EP else [provider]
+        try:
+            sess = ort.InferenceSession(str(path), providers=providers)
+        except Exception as exc:  # listed, but its libraries (CUDA, cuDNN) did not load
+            result["status"] = "failed"
+            result["reason"] = f"{provider} is listed but the session failed: {type(exc).__name__}: {exc}"
+            print(header + f"\nNot timed: {result['reason'][:500]}")
+            return result
+    result["session_providers"] = sess.get_providers()
+    if sess.get_providers()[0] != provider:
+        result["status"] = "fell back"
+        result["reason"] = f"asked for {provider}, the session runs on {sess.get_providers()}"
+        print(header + f"\nNot timed: {result['reason']}.")
+        return result
+    result["status"] = "timed"
+    result["provider"] = provider
+
+    names = [o.name for o in sess.get_outputs()]
+    model = model.to(device)
+    rows = []
+    for batch in sorted({1, args.batch_size}):
+        x = np.random.default_rng(batch).random((batch, 3, args.size, args.size), dtype=np.float32)
+
+        def run_torch() -> dict[str, np.ndarray]:
+            with torch.no_grad():
+                out = model.infer(torch.from_numpy(x).to(device))
+                return {k: v.cpu().numpy() for k, v in out.items()}  # .cpu() synchronises
+
+        def run_ort() -> list[np.ndarray]:
+            return sess.run(names, {INPUT_NAME: x})
+
+        reference = run_torch()
+        got = dict(zip(names, run_ort()))
+        diff = max(float(np.abs(got[n] - reference[n]).max()) for n in names)
+        times = {}
+        for engine, fn in (("ort", run_ort), ("torch", run_torch)):  # one after the other, not interleaved
+            for _ in range(args.onnx_warmup):
+                fn()
+            samples = []
+            for _ in range(args.onnx_iters):
+                start = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - start)
+            times[engine] = statistics.median(samples)
+        rows.append({"batch": batch, "max_abs_diff": diff, "ort_ms": 1e3 * times["ort"], "torch_ms": 1e3 * times["torch"],
+                     "ort_images_per_s": batch / times["ort"], "torch_images_per_s": batch / times["torch"],
+                     "torch_over_ort": times["torch"] / times["ort"]})
+        progress(f"onnx: batch {batch}: onnxruntime {1e3 * times['ort']:.2f} ms, torch {1e3 * times['torch']:.2f} ms")
+    result.update(warmup=args.onnx_warmup, iters=args.onnx_iters, rows=rows)
+
+    print(header.rstrip("\n") + f": {provider} against eager torch fp32 on {device.type}, numpy in and out; "
+          f"median of {args.onnx_iters} after {args.onnx_warmup} warm-up runs; export {result['export_seconds']:.0f} s\n")
+    print("| batch | onnxruntime (ms) | torch (ms) | onnxruntime images/s | torch images/s | torch / onnxruntime time | max abs diff |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['ort_ms']:.2f} | {r['torch_ms']:.2f} | {r['ort_images_per_s']:.0f} | "
+              f"{r['torch_images_per_s']:.0f} | {r['torch_over_ort']:.2f}x | {r['max_abs_diff']:.1e} |")
+    return result
+
+
+# -- section 4: one NCCL rank without Ray ---------------------------------------------------------
+
+
+def _collective_child(conn: Any, backend: str, device_type: str, t0: float) -> None:
+    """In a fresh process: one rank of ``backend`` over a TCP store on 127.0.0.1 (world size 1)."""
+    global _T0
+    import datetime
+
+    import torch.distributed as dist
+
+    _T0 = t0
+    out: dict[str, Any] = {"ok": False}
+    try:
+        device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.zeros(1, device=device)  # the CUDA context, so that init times the backend alone
+        started = time.perf_counter()
+        store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, timeout=datetime.timedelta(seconds=60))
+        out["store_port"] = store.port
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=60),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+        small = torch.arange(1024, dtype=torch.float32, device=device)
+        dist.all_reduce(small)
+        synchronize(device)
+        out["init_and_first_all_reduce_seconds"] = time.perf_counter() - started
+        out["small_correct"] = bool(torch.equal(small.cpu(), torch.arange(1024, dtype=torch.float32)))
+        samples = []
+        for _ in range(20):
+            start = time.perf_counter()
+            dist.all_reduce(small)
+            synchronize(device)
+            samples.append(time.perf_counter() - start)
+        out["small_all_reduce_us"] = 1e6 * statistics.median(samples)
+        big = torch.full((16 * 1024 * 1024,), 2.0, device=device)  # 64 MiB of float32
+        start = time.perf_counter()
+        dist.all_reduce(big)
+        synchronize(device)
+        out["big_all_reduce_ms"] = 1e3 * (time.perf_counter() - start)
+        out["big_bytes"] = big.numel() * big.element_size()
+        out["big_correct"] = bool((big == 2.0).all().item())
+        dist.barrier()
+        out["backend"] = dist.get_backend()
+        dist.destroy_process_group()
+        out["ok"] = out["small_correct"] and out["big_correct"]
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        out["traceback"] = traceback.format_exc()
+    conn.send(out)
+    conn.close()
+
+
+def section_nccl(args: argparse.Namespace, device: torch.device, problems: list[str]) -> dict[str, Any]:
+    """A smoke test of the NCCL path without Ray: one rank (world size 1) in a spawned process,
+    a TCP store on 127.0.0.1, ``init_process_group("nccl")``, all-reduces of 4 KiB and 64 MiB,
+    a barrier. The dry run does the same with gloo on the CPU."""
+    backend = "gloo" if device.type == "cpu" else "nccl"
+    version = torch.cuda.nccl.version() if backend == "nccl" else None  # a tuple in recent torch, an int before
+    result: dict[str, Any] = {"backend": backend, "world_size": 1,
+                              "nccl_version": ".".join(map(str, version)) if isinstance(version, tuple) else version}
+    progress(f"nccl: one {backend} rank, TCP store on 127.0.0.1")
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_collective_child, args=(send, backend, device.type, _T0))
+    started = time.perf_counter()
+    child.start()
+    send.close()
+    out = receive.recv() if receive.poll(args.nccl_timeout) else {"ok": False, "error": f"no answer in {args.nccl_timeout} s"}
+    child.join(10)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    result.update(out, seconds=time.perf_counter() - started, exit_status=child.exitcode)
+    if not result["ok"]:
+        problems.append(f"nccl: {result.get('error', 'wrong all-reduce result')}\n{result.get('traceback', '')}")
+
+    print(f"\n**Collectives without Ray** (`torch.distributed`, {backend}"
+          + (f" {result['nccl_version']}" if result["nccl_version"] else "") + ", world size 1, TCP store on 127.0.0.1)\n")
+    print("| check | result |")
+    print("|---|---|")
+    if "error" in result:
+        print(f"| init + all-reduce | FAILED: `{result['error'][:300]}` |")
+    else:
+        print(f"| init_process_group + first all-reduce | {result['init_and_first_all_reduce_seconds']:.2f} s |")
+        print(f"| 4 KiB all-reduce (median of 20) | {result['small_all_reduce_us']:.0f} µs, "
+              f"{'correct' if result['small_correct'] else 'WRONG'} |")
+        print(f"| 64 MiB all-reduce | {result['big_all_reduce_ms']:.2f} ms, {'correct' if result['big_correct'] else 'WRONG'} |")
+        print(f"| barrier, destroy_process_group | {'done' if result['ok'] else '-'} |")
+    return result
+
+
+# -- section 5: the train stage on the GPU -------------------------------------------------------
 
 
 def run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str]) -> tuple[int | None, str]:
@@ -564,6 +775,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     loader.add_argument("--loader-images", type=int, help="images in the store: 256 / 16")
     loader.add_argument("--loader-samples", type=int, help="samples read per worker count (the images repeated): 1024 / 32")
     loader.add_argument("--workers", type=int, nargs="+", help="DataLoader worker counts: 0 4 8 / 0 2")
+    onnx = parser.add_argument_group("onnx and nccl (GPU default / --dry-run default)")
+    onnx.add_argument("--onnx-warmup", type=int, help="untimed runs per engine and batch: 3 / 0")
+    onnx.add_argument("--onnx-iters", type=int, help="timed runs per engine and batch (the median is shown): 20 / 1")
+    onnx.add_argument("--nccl-timeout", type=int, help="seconds the one-rank process may take: 120 / 120")
     train = parser.add_argument_group("train (GPU default / --dry-run default)")
     train.add_argument("--train-preset", choices=("paper", "small"), help="paper / small")
     train.add_argument("--train-size", type=int, help="image size of the tiny set: 64 / 64")
@@ -576,6 +791,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.out is None:
         args.out = REPO / "benchmarks" / "results" / ("gpu_check-dry-run.json" if args.dry_run else "gpu_check.json")
     return args
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -605,6 +827,14 @@ def main(argv: list[str] | None = None) -> int:
                         "source": "NVIDIA H100/H200 SXM datasheets, dense (half the with-sparsity figures)"},
         "sections": args.sections,
     }
+    if not args.dry_run:
+        meta["multiprocessors"] = torch.cuda.get_device_properties(device).multi_processor_count
+        try:  # the driver and clocks, as nvidia-smi reports them
+            meta["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit",
+                 "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as exc:
+            meta["nvidia_smi"] = f"not available: {exc}"
     print(f"`{meta['command']}`\n\nGPU: {gpu_name}; torch {meta['torch']}, CUDA {meta['cuda']}, cuDNN {meta['cudnn']}; "
           f"CPU: {meta['cpu']}, {meta['cpus']} logical CPUs; {meta['date']}"
           + ("\n\n**Dry run on the CPU: the numbers below test the plumbing and mean nothing.**" if args.dry_run else ""))
@@ -612,6 +842,8 @@ def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []
     sections = {"model": lambda: section_model(args, device),
                 "loader": lambda: section_loader(args, device, results.get("model")),
+                "onnx": lambda: section_onnx(args, device),
+                "nccl": lambda: section_nccl(args, device, problems),
                 "train": lambda: section_train(args, problems)}
     for name, run_section in sections.items():
         if name not in args.sections:
@@ -621,11 +853,13 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # one section's failure keeps the others' numbers
             traceback.print_exc()
             problems.append(f"{name}: {type(exc).__name__}: {exc}")
+        meta["seconds"] = time.time() - _T0
+        meta["problems"] = problems
+        write_json(args.out, results)  # after each section: a run killed later keeps what it measured
     meta["seconds"] = time.time() - _T0
     meta["problems"] = problems
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    meta["complete"] = True
+    write_json(args.out, results)
     print(f"\n{meta['seconds']:.0f} s in all; numbers in {os.path.relpath(args.out)}")
     for problem in problems:
         print(f"\ngpu_check: FAILED: {problem}", file=sys.stderr)

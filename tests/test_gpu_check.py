@@ -79,3 +79,52 @@ def test_without_cuda_it_fails_loudly_instead_of_measuring_the_cpu(tmp_path):
     assert done.returncode != 0
     assert "CUDA is not available" in done.stderr and "--dry-run" in done.stderr
     assert not out.exists() and "| variant |" not in done.stdout  # nothing measured
+
+
+def test_dry_run_of_onnx_and_collectives(tmp_path):
+    """The onnx section times the CPU provider in a dry run and records whether onnxruntime has the
+    CUDA provider; the collectives section runs one gloo rank over a TCP store on 127.0.0.1."""
+    out = tmp_path / "gpu_check.json"
+    done = run("--dry-run", "--sections", "onnx", "nccl", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["meta"]["complete"] is True and results["meta"]["problems"] == []
+    assert "model" not in results and "loader" not in results
+
+    onnx = results["onnx"]
+    assert onnx["status"] == "timed" and onnx["provider"] == "CPUExecutionProvider"
+    assert onnx["cuda_provider_installed"] == ("CUDAExecutionProvider" in onnx["available_providers"])
+    assert positive(onnx["export_seconds"]) and positive(onnx["onnx_bytes"])
+    assert [r["batch"] for r in onnx["rows"]] == [1, 2]
+    for row in onnx["rows"]:
+        for key in ("ort_ms", "torch_ms", "ort_images_per_s", "torch_images_per_s", "torch_over_ort"):
+            assert positive(row[key]), (key, row)
+        assert row["max_abs_diff"] < 1e-3  # the same graph on both sides
+
+    nccl = results["nccl"]
+    assert (nccl["backend"], nccl["world_size"], nccl["ok"]) == ("gloo", 1, True), nccl
+    assert nccl["small_correct"] and nccl["big_correct"] and nccl["exit_status"] == 0
+    assert positive(nccl["small_all_reduce_us"]) and positive(nccl["big_all_reduce_ms"])
+
+    assert "| batch | onnxruntime (ms) |" in done.stdout and "**Collectives without Ray**" in done.stdout
+
+
+def test_onnx_section_without_the_cuda_provider_records_why(monkeypatch):
+    """On a GPU machine whose onnxruntime is the CPU-only package the section exports nothing and
+    says so (not a failed check)."""
+    import argparse
+    import importlib.util
+
+    import onnxruntime
+    import torch
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # its _machine
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, gpu_check)  # its dataclasses look their module up
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    args = argparse.Namespace(dry_run=False, preset="small", size=64, batch_size=2, onnx_warmup=0, onnx_iters=1)
+    result = gpu_check.section_onnx(args, torch.device("cpu"))
+    assert result["status"] == "not installed" and result["cuda_provider_installed"] is False
+    assert "CUDAExecutionProvider" in result["reason"] and "rows" not in result
