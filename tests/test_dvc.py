@@ -18,7 +18,7 @@ from uml.train.sweep import sweep_identity_keys
 from uml.train.trainer import train_identity_keys
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "tune", "train", "export", "evaluate")
+STAGES = ("prepare", "tune", "train", "calibrate", "export", "evaluate")
 CODE_ROOTS = ("uml", "pipeline")
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 

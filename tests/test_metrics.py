@@ -324,18 +324,29 @@ def test_pixel_samples_are_uniform_and_deterministic():
     rng = np.random.default_rng(1)
     error = rng.random((64, 64)) < 0.1
     uncertainty = np.where(error, rng.beta(4, 2, error.shape), rng.beta(2, 4, error.shape))
-    unc, err = metrics.sample_pixels(uncertainty, error, 64 * 64, np.random.default_rng(0))
+    def sample(count, seed, where=None):
+        found = metrics.sample_pixels(count, np.random.default_rng(seed), where, uncertainty=uncertainty, error=error)
+        return found["uncertainty"], found["error"]
+
+    unc, err = sample(64 * 64, 0)
     assert np.array_equal(unc, uncertainty.ravel()) and np.array_equal(err, error.ravel())  # small: every pixel
-    unc, err = metrics.sample_pixels(uncertainty, error, 1000, np.random.default_rng(7))
-    again = metrics.sample_pixels(uncertainty, error, 1000, np.random.default_rng(7))
+    unc, err = sample(1000, 7)
+    again = sample(1000, 7)
     assert unc.size == err.size == 1000 and np.array_equal(unc, again[0]) and np.array_equal(err, again[1])
     # Each sampled pixel keeps its own error flag, and the sample is drawn without replacement.
     where = {float(u): bool(e) for u, e in zip(uncertainty.ravel(), error.ravel())}
     assert all(where[float(u)] == bool(e) for u, e in zip(unc, err)) and len(set(unc.tolist())) == 1000
     full = roc_auc_score(error.ravel(), uncertainty.ravel())
     assert metrics.error_auroc(unc, err) == pytest.approx(full, abs=0.05)
+    # Restricted to a region: only its pixels, all of them when they are fewer than the count.
+    region = np.zeros((64, 64), bool)
+    region[10:20, 5:15] = True
+    unc, err = sample(1000, 0, where=region)
+    assert np.array_equal(unc, uncertainty[region]) and np.array_equal(err, error[region])
+    unc, _ = sample(30, 0, where=region)
+    assert unc.size == 30 and set(unc.tolist()) <= set(uncertainty[region].tolist())
     with pytest.raises(ValueError, match="sizes differ"):
-        metrics.sample_pixels(uncertainty, error[:10], 5, np.random.default_rng(0))
+        metrics.sample_pixels(5, np.random.default_rng(0), uncertainty=uncertainty, error=error[:10])
 
 
 def test_referral_accuracy():

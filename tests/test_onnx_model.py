@@ -15,10 +15,13 @@ from uml.errors import ModelFileError
 from uml.image_io import RESAMPLING, ResizeMethod
 from uml.onnx_model import METADATA_FORMAT, ExportMetadata, OnnxModel, read_metadata
 
-# The top-level keys of metadata.json as the export has always written them (format uml-onnx/1);
-# renaming one would break every reader of an existing export.
+# The top-level keys of metadata.json as the export writes them (format uml-onnx/2); renaming one
+# would break every reader of an existing export.
 EXPORTED_KEYS = ["format", "onnx_sha256", "input", "outputs", "class_names", "mask_classes", "positive_class", "tasks",
-                 "uncertainty", "preprocessing", "model", "hashes", "export", "versions"]
+                 "uncertainty", "preprocessing", "calibration", "model_card", "model", "hashes", "export", "versions"]
+CALIBRATION = {"num_images": 10, "model_sha256": "0" * 64, "min_image_side": 8,
+               "unusual": {"statistics": ["brightness"], "center": [0.5], "scale": [0.1], "threshold": 3.0, "alpha": 0.1,
+                           "calibration_images": 10}}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def test_the_typed_model_writes_the_keys_of_the_file_format():
         "input": {"name": "image", "shape": ["batch", 3, 8, 8]},
         "outputs": {"class_prob": {"shape": ["batch", 2]}},
         "class_names": ["a", "b"], "mask_classes": [], "positive_class": 0, "tasks": ["cls"], "uncertainty": True,
-        "preprocessing": {"image_size": 8},
+        "preprocessing": {"image_size": 8}, "calibration": CALIBRATION,
         "model": {"config": {}}, "hashes": {}, "export": {"opset": 18, "parity_max_abs_diff": {}, "parity_atol": 1e-4},
         "versions": {"uml": None},
     })
@@ -60,9 +63,15 @@ def test_the_typed_model_writes_the_keys_of_the_file_format():
 
 
 def test_reader_refuses_another_format_and_names_the_key(tmp_path, toy_dir):
-    folder = _with_metadata(tmp_path, toy_dir, "v2", lambda m: m.update(format="uml-onnx/2"))
+    folder = _with_metadata(tmp_path, toy_dir, "v3", lambda m: m.update(format="uml-onnx/3"))
     message = _model_error(folder)
-    assert str(folder / "metadata.json") in message and "format" in message and "uml-onnx/1" in message
+    assert str(folder / "metadata.json") in message and "format" in message and "uml-onnx/2" in message
+    # An export from before calibration is named as such, with what to re-run.
+    folder = _with_metadata(tmp_path, toy_dir, "v1", lambda m: m.update(format="uml-onnx/1"))
+    message = _model_error(folder)
+    assert "older export" in message and "pipeline.calibrate" in message and "pipeline.export" in message
+    folder = _with_metadata(tmp_path, toy_dir, "no_calibration", lambda m: m.pop("calibration"))
+    assert "calibration" in _model_error(folder)
     folder = _with_metadata(tmp_path, toy_dir, "no_size", lambda m: m["preprocessing"].pop("image_size"))
     assert "preprocessing.image_size" in _model_error(folder)
     folder = _with_metadata(tmp_path, toy_dir, "bad_resize", lambda m: m["preprocessing"].update(resize="lanczos"))

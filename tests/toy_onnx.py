@@ -6,12 +6,20 @@ thresholds (so pixels near a threshold are uncertain). Its glaucoma evidence gro
 ``sqrt(cup area / disc area) - 0.5`` (the cup-to-disc radius ratio for circles). On the images of
 :func:`fundus_set` it therefore segments perfectly and classifies by the drawn cup/disc ratio,
 which makes every metric predictable.
+
+Its outputs follow the export contract with temperatures of 1 (the calibrated outputs are the raw
+ones): ``class_prob`` = ``class_prob_raw`` = alpha/S, ``class_uncertainty`` = 1 - max p,
+``class_uncertainty_raw`` = K/S, ``seg_prob`` = alpha/S per pixel, ``seg_uncertainty`` its
+normalised entropy, ``seg_uncertainty_raw`` = C/S. The metadata's calibration carries a referral
+threshold (:data:`REFERRAL_THRESHOLD`), an unusual-image rule fitted on :func:`fundus_set` and a
+vCDR interval (:data:`VCDR_HALFWIDTH`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +38,8 @@ RATIOS = [0.20, 0.24, 0.28, 0.32, 0.36, 0.40, 0.43, 0.48, 0.53, 0.57,
           0.60, 0.64, 0.68, 0.72, 0.76, 0.80, 0.22, 0.34, 0.66, 0.78]
 FLIPPED = (0.48, 0.53)
 DISC_RADIUS = 20
+REFERRAL_THRESHOLD = 0.2
+VCDR_HALFWIDTH = 0.05
 
 
 class ToyUML(nn.Module):
@@ -44,6 +54,7 @@ class ToyUML(nn.Module):
         evidence = 5.0 * F.softplus(logits)
         strength = (evidence + 1.0).sum(dim=1, keepdim=True)
         seg_prob, seg_unc = (evidence + 1.0) / strength, 3.0 / strength
+        seg_entropy = -(seg_prob * torch.log(seg_prob)).sum(dim=1, keepdim=True) / math.log(3.0)
 
         disc = torch.sigmoid(self.k * (b - 0.45)).sum(dim=(1, 2, 3))
         cup = torch.sigmoid(self.k * (b - 0.75)).sum(dim=(1, 2, 3))
@@ -54,30 +65,57 @@ class ToyUML(nn.Module):
 
         outputs = []
         if "cls" in self.tasks:
-            outputs += [class_prob, class_unc]
+            outputs += [class_prob, 1.0 - class_prob.amax(dim=1, keepdim=True), class_prob, class_unc]
         if "seg" in self.tasks:
-            outputs += [seg_prob, seg_unc]
+            outputs += [seg_prob, seg_entropy, seg_unc]
         return tuple(outputs)
 
 
 def output_names(tasks: tuple[str, ...]) -> list[str]:
     names = []
     if "cls" in tasks:
-        names += ["class_prob", "class_uncertainty"]
+        names += ["class_prob", "class_uncertainty", "class_prob_raw", "class_uncertainty_raw"]
     if "seg" in tasks:
-        names += ["seg_prob", "seg_uncertainty"]
+        names += ["seg_prob", "seg_uncertainty", "seg_uncertainty_raw"]
     return names
+
+
+def calibration(tasks: tuple[str, ...], image_size: int) -> dict:
+    """The toy's metadata ``calibration``: no temperatures (1), a referral threshold, an
+    unusual-image rule whose reference is the toy's own :func:`fundus_set` and a vCDR interval."""
+    from uml.calibration import ReferralRule, fit_unusual_rule
+    from uml.quality import STATISTICS, image_statistics
+
+    images = fundus_set(image_size)[0].astype(np.float32) / 255.0
+    features, names = image_statistics(images), list(STATISTICS)
+    if "seg" in tasks:
+        with torch.no_grad():
+            seg_uncertainty = ToyUML(tasks)(torch.from_numpy(images.transpose(0, 3, 1, 2)))[-2]
+        features = np.concatenate([features, seg_uncertainty.mean(dim=(1, 2, 3)).double().numpy()[:, None]], axis=1)
+        names.append("mean_pixel_uncertainty")
+    # Every toy image is its own reference: a 0.05 share over 20 images flags beyond the largest of them.
+    unusual = fit_unusual_rule(features, features, names, alpha=0.05)
+    referral = (ReferralRule(threshold=REFERRAL_THRESHOLD, risk=0.1, delta=0.1, calibration_images=20,
+                             calibration_coverage=0.5, calibration_risk=0.0) if "cls" in tasks else None)
+    return {"format": "uml-calibration/1", "split": "calib", "num_images": 20, "model_sha256": "toy",
+            "referral": referral.model_dump() if referral else None, "unusual": unusual.model_dump(),
+            "vcdr_interval": ({"coverage": 0.9, "halfwidth": VCDR_HALFWIDTH, "calibration_images": 20}
+                              if "seg" in tasks else None),
+            "min_image_side": 16}
 
 
 def metadata(image_size: int, tasks: tuple[str, ...]) -> dict:
     shapes = {
         "class_prob": ["batch", 2],
         "class_uncertainty": ["batch", 1],
+        "class_prob_raw": ["batch", 2],
+        "class_uncertainty_raw": ["batch", 1],
         "seg_prob": ["batch", 3, image_size, image_size],
         "seg_uncertainty": ["batch", 1, image_size, image_size],
+        "seg_uncertainty_raw": ["batch", 1, image_size, image_size],
     }
     return {
-        "format": "uml-onnx/1",
+        "format": "uml-onnx/2",
         "input": {"name": "image", "dtype": "float32", "shape": ["batch", 3, image_size, image_size], "range": [0.0, 1.0]},
         "outputs": {n: {"shape": shapes[n], "dtype": "float32", "range": [0, 1]} for n in output_names(tasks)},
         "class_names": CLASS_NAMES,
@@ -87,6 +125,7 @@ def metadata(image_size: int, tasks: tuple[str, ...]) -> dict:
         "tasks": list(tasks),
         "uncertainty": True,
         "positive_class": 1,
+        "calibration": calibration(tasks, image_size),
     }
 
 

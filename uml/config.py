@@ -443,6 +443,24 @@ class TuneParams(_Section):
         return v
 
 
+# ---------------------------------------------------------------------------------- calibrate
+class CalibrateParams(_Section):
+    """The post-hoc ``calibrate`` stage, fitted on the calibration split (``data.split.calib``)."""
+
+    # epsilon: the referral rule accepts a case only when the error rate among accepted cases stays
+    # at most this ...
+    risk: float = Field(0.1, gt=0.0, lt=1.0)
+    # ... with probability at least 1 - delta over the draw of the calibration split.
+    delta: float = Field(0.1, gt=0.0, lt=1.0)
+    # Share of ordinary images (like the calibration split) that the unusual-image flag may refer.
+    unusual_alpha: float = Field(0.01, gt=0.0, lt=1.0)
+    # Coverage of the per-image vCDR interval (split conformal).
+    vcdr_coverage: float = Field(0.9, gt=0.0, lt=1.0)
+    # Images whose shorter side is below this many pixels are refused (too small to hold a fundus).
+    min_image_side: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
 # ------------------------------------------------------------------------------------- export
 class ExportParams(_Section):
     opset: int = Field(18, ge=13)
@@ -463,6 +481,9 @@ class EvaluateParams(_Section):
     seed: int = 0
     # Resamples of the test images for the 95 % intervals of the headline metrics (0: none).
     bootstrap_samples: int = Field(1000, ge=0)
+    # Half-width in pixels of the band around the predicted contours where the pixel-error AUROC
+    # is measured a second time (background far from any contour cannot inflate it there).
+    contour_band_px: float = Field(3.0, gt=0.0)
 
     @field_validator("bootstrap_samples")
     @classmethod
@@ -493,6 +514,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     ray: RayParams = RayParams()
     tune: TuneParams = TuneParams()
+    calibrate: CalibrateParams = CalibrateParams()
     export: ExportParams = ExportParams()
     evaluate: EvaluateParams = EvaluateParams()
 
@@ -651,8 +673,11 @@ class Paths:
         self.model_pt = root / "models" / "model.pt"
         self.model_onnx = root / "models" / "model.onnx"
         self.metadata = root / "models" / "metadata.json"
+        self.calibration = root / "models" / "calibration.json"
+        self.calibrate_dir = root / "calibrate"
         self.reports = root / "reports"
         self.metrics = root / "reports" / "metrics.json"
+        self.model_card = root / "reports" / "model_card.md"
         self.plots = root / "reports" / "plots"
         self.ray_storage = (
             Path(params.ray.storage_path).expanduser().resolve()

@@ -63,6 +63,7 @@ from uml.atomic import write_text_replacing
 from uml.config import EvaluateParams, Params, Paths
 from uml.errors import DataError, ModelFileError
 from uml.fundus import FUNDUS_MASK_CLASSES
+from uml.model_card import model_card
 from uml.noise import gaussian_noise, salt_and_pepper
 from uml.onnx_model import OnnxModel
 
@@ -92,14 +93,18 @@ def referral_key(fraction: float) -> str:
 class PassOutputs:
     """What one pass over the test images keeps (``None`` where the model lacks the output)."""
 
-    class_prob: np.ndarray | None = None  # (n, K)
-    class_uncertainty: np.ndarray | None = None  # (n,)
+    class_prob: np.ndarray | None = None  # (n, K) calibrated
+    class_uncertainty: np.ndarray | None = None  # (n,) calibrated 1 - max p
+    class_prob_raw: np.ndarray | None = None  # (n, K) alpha/S
+    class_uncertainty_raw: np.ndarray | None = None  # (n,) K/S
     pred_masks: np.ndarray | None = None  # (n, S, S) uint8
-    mean_pixel_uncertainty: np.ndarray | None = None  # (n,)
-    pixel_uncertainty_sample: np.ndarray | None = None  # subsample for the pixel-error AUROC
-    pixel_error_sample: np.ndarray | None = None
-    pixel_sample_image: np.ndarray | None = None  # position of each sampled pixel's image
-    panel_uncertainty: dict[int, np.ndarray] = field(default_factory=dict)  # position -> (S, S)
+    mean_pixel_uncertainty: np.ndarray | None = None  # (n,) of the delivered mask's error map
+    mean_pixel_uncertainty_raw: np.ndarray | None = None  # (n,) of the paper's map U
+    unusual_features: np.ndarray | None = None  # (n, F) the unusual-image rule's features
+    # Pixel samples for the pixel-error AUROCs: keys uncertainty, uncertainty_raw, error, image.
+    pixels: dict[str, np.ndarray] | None = None  # uniform over each image
+    band: dict[str, np.ndarray] | None = None  # within evaluate.contour_band_px of the predicted contours
+    panel_maps: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # position -> name -> (S, S)
 
 
 def _noise_rng(seed: int, kind: str, level: float, image_id: int) -> np.random.Generator:
@@ -118,51 +123,69 @@ def run_pass(
     gt_masks: np.ndarray | None = None,
     panel_positions: Sequence[int] = (),
     pixel_budget: int = metrics.PIXEL_AUROC_MAX_PIXELS,
+    band_px: float = 3.0,
     desc: str = "clean",
 ) -> PassOutputs:
     """Run the model over uint8 images (N, S, S, 3) in batches, optionally corrupted by ``noise``
     (``(kind, level)``, kind in :data:`NOISE_KINDS`).
 
-    With ``gt_masks`` a deterministic sample of at most ``pixel_budget`` pixels (spread evenly
-    over the images) keeps each pixel's uncertainty and whether its predicted class is wrong;
+    With ``gt_masks`` two deterministic samples of at most ``pixel_budget`` pixels each (spread
+    evenly over the images) keep each pixel's two uncertainties and whether its predicted class is
+    wrong: one over whole images, one within ``band_px`` of the predicted contours.
     ``panel_positions`` keep those images' full uncertainty maps.
     """
     n = len(images)
     ids = np.arange(n) if ids is None else np.asarray(ids)
     out = PassOutputs()
-    probs, class_unc, masks, pix_mean, pix_unc, pix_err, pix_image = [], [], [], [], [], [], []
+    parts: dict[str, list[np.ndarray]] = {}
+    pixels: list[dict[str, np.ndarray]] = []
+    band: list[dict[str, np.ndarray]] = []
     panel_set = set(int(p) for p in panel_positions)
     per_image_pixels = max(1, pixel_budget // max(n, 1))
+
+    def keep(name: str, value: np.ndarray) -> None:
+        parts.setdefault(name, []).append(value)
+
     with tqdm(total=n, desc=f"evaluate [{desc}]", unit="img", leave=False, mininterval=1.0) as bar:
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             batch = _corrupted(model.scale_images(images[start:stop]), noise, seed, ids[start:stop])
             result = model.run(model.to_input(batch))
             if model.has_cls:
-                probs.append(result["class_prob"].astype(np.float64))
-            if model.has_class_uncertainty:
-                class_unc.append(result["class_uncertainty"].reshape(stop - start).astype(np.float64))
-            if model.has_seg:
-                pred = result["seg_prob"].argmax(axis=1).astype(np.uint8)
-                masks.append(pred)
-            if model.has_seg_uncertainty:
-                unc = result["seg_uncertainty"][:, 0].astype(np.float32)
-                pix_mean.append(unc.reshape(stop - start, -1).mean(axis=1, dtype=np.float64))
-                for j in range(stop - start):
-                    position = start + j
-                    if position in panel_set:
-                        out.panel_uncertainty[position] = unc[j].copy()
-                    if gt_masks is not None:
-                        flat_unc, flat_err = metrics.sample_pixels(unc[j], pred[j] != gt_masks[position], per_image_pixels,
-                                                                   np.random.default_rng([seed, 0, int(ids[position])]))
-                        pix_unc.append(flat_unc)
-                        pix_err.append(flat_err)
-                        pix_image.append(np.full(flat_unc.size, position))
+                for name in ("class_prob", "class_prob_raw"):
+                    keep(name, result[name].astype(np.float64))
+                for name in ("class_uncertainty", "class_uncertainty_raw"):
+                    keep(name, result[name].reshape(stop - start).astype(np.float64))
+            keep("unusual_features", model.unusual_features(batch, result.get("seg_uncertainty")))
+            if not model.has_seg:
+                bar.update(stop - start)
+                continue
+            pred = result["seg_prob"].argmax(axis=1).astype(np.uint8)
+            keep("pred_masks", pred)
+            maps = {"uncertainty": result["seg_uncertainty"][:, 0].astype(np.float32),
+                    "uncertainty_raw": result["seg_uncertainty_raw"][:, 0].astype(np.float32)}
+            keep("mean_pixel_uncertainty", maps["uncertainty"].reshape(stop - start, -1).mean(axis=1, dtype=np.float64))
+            keep("mean_pixel_uncertainty_raw", maps["uncertainty_raw"].reshape(stop - start, -1).mean(axis=1, dtype=np.float64))
+            for j in range(stop - start):
+                position = start + j
+                if position in panel_set:
+                    out.panel_maps[position] = {name: values[j].copy() for name, values in maps.items()}
+                if gt_masks is None:
+                    continue
+                image_maps = {"uncertainty": maps["uncertainty"][j], "uncertainty_raw": maps["uncertainty_raw"][j],
+                              "error": pred[j] != gt_masks[position]}
+                rng = np.random.default_rng([seed, 0, int(ids[position])])
+                sampled = metrics.sample_pixels(per_image_pixels, rng, **image_maps)
+                pixels.append({**sampled, "image": np.full(sampled["error"].size, position)})
+                near = metrics.contour_band(pred[j], model.mask_classes, band_px)
+                sampled = metrics.sample_pixels(per_image_pixels, rng, where=near, **image_maps)
+                band.append({**sampled, "image": np.full(sampled["error"].size, position)})
             bar.update(stop - start)
-    out.class_prob, out.class_uncertainty, out.pred_masks = _joined(probs), _joined(class_unc), _joined(masks)
-    out.mean_pixel_uncertainty = _joined(pix_mean)
-    out.pixel_uncertainty_sample, out.pixel_error_sample = _joined(pix_unc), _joined(pix_err)
-    out.pixel_sample_image = _joined(pix_image)
+    for name, values in parts.items():
+        setattr(out, name, np.concatenate(values))
+    if pixels:
+        out.pixels = {key: np.concatenate([p[key] for p in pixels]) for key in pixels[0]}
+        out.band = {key: np.concatenate([p[key] for p in band]) for key in band[0]}
     return out
 
 
@@ -173,11 +196,6 @@ def _corrupted(batch: np.ndarray, noise: tuple[str, float] | None, seed: int, id
     kind, level = noise
     corrupt = NOISE_KINDS[kind][1]
     return np.stack([corrupt(img, level, _noise_rng(seed, kind, level, image_id)) for img, image_id in zip(batch, ids)])
-
-
-def _joined(parts: list[np.ndarray]) -> np.ndarray | None:
-    # None for an output the model does not have (no batch added to it).
-    return np.concatenate(parts) if parts else None
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -193,6 +211,19 @@ def _panel_positions(n: int, count: int) -> list[int]:
     if count <= 0 or n == 0:
         return []
     return sorted(set(np.linspace(0, n - 1, min(count, n)).round().astype(int).tolist()))
+
+
+def selective_scores(outputs: PassOutputs) -> dict[str, np.ndarray]:
+    """The confidence scores whose selective prediction is reported (as uncertainties: refer the
+    highest first): ``calibrated`` (the deployment's ``1 - max p``), ``raw_maxprob``
+    (``1 - max alpha/S``) and ``raw_uncertainty`` (the paper's ``K/S``; the normalised entropy for
+    a softmax model)."""
+    return {"calibrated": outputs.class_uncertainty, "raw_maxprob": 1.0 - outputs.class_prob_raw.max(axis=1),
+            "raw_uncertainty": outputs.class_uncertainty_raw}
+
+
+def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}{key}": value for key, value in values.items()}
 
 
 def evaluate_arrays(
@@ -226,30 +257,55 @@ def evaluate_arrays(
     if model.has_seg and masks.max() >= len(model.mask_classes):
         raise DataError(f"test masks hold class {masks.max()} but the model has {len(model.mask_classes)} mask classes")
 
+    calibration = model.calibration
     fundus = tuple(model.mask_classes) == FUNDUS_MASK_CLASSES
     panels = _panel_positions(n, cfg.num_panels) if plots_dir is not None else []
-    clean = run_pass(model, images, cfg.batch_size, seed=cfg.seed, ids=ids, gt_masks=masks, panel_positions=panels)
+    clean = run_pass(model, images, cfg.batch_size, seed=cfg.seed, ids=ids, gt_masks=masks, panel_positions=panels,
+                     band_px=cfg.contour_band_px)
 
     seg = metrics.segmentation_per_image(clean.pred_masks, masks, model.mask_classes) if clean.pred_masks is not None else None
     result = metrics.task_metrics(labels, clean.class_prob, seg, positive=model.positive_class, bins=cfg.calibration_bins,
                                   class_uncertainty=clean.class_uncertainty, pixel_uncertainty=clean.mean_pixel_uncertainty)
+    # The paper's outputs, side by side (classification metrics of alpha/S, K/S and U).
+    result.update(_prefixed("raw/", metrics.task_metrics(
+        labels, clean.class_prob_raw, None, positive=model.positive_class, bins=cfg.calibration_bins,
+        class_uncertainty=clean.class_uncertainty_raw, pixel_uncertainty=clean.mean_pixel_uncertainty_raw)))
+
     gt_vcdr = np.array([metrics.vertical_cdr(m) for m in masks]) if fundus else None
     pred_vcdr = None
-    if clean.pred_masks is not None:
-        if fundus:
-            pred_vcdr = np.array([metrics.vertical_cdr(m) for m in clean.pred_masks])
-            result["clinical/vcdr_mae"] = metrics.vcdr_mae(pred_vcdr, gt_vcdr)
-            result["clinical/vcdr_auc"] = metrics.vcdr_auc(labels, pred_vcdr, model.positive_class)
+    if clean.pred_masks is not None and fundus:
+        pred_vcdr = np.array([metrics.vertical_cdr(m) for m in clean.pred_masks])
+        result["clinical/vcdr_mae"] = metrics.vcdr_mae(pred_vcdr, gt_vcdr)
+        result["clinical/vcdr_auc"] = metrics.vcdr_auc(labels, pred_vcdr, model.positive_class)
+        result.update(_vcdr_interval_metrics(model, pred_vcdr, gt_vcdr, labels))
     if gt_vcdr is not None:
         result["reference/vcdr_auc"] = metrics.vcdr_auc(labels, gt_vcdr, model.positive_class)
     result["reference/positive_fraction"] = float(np.mean(labels == model.positive_class))
-    if clean.class_uncertainty is not None and clean.class_prob is not None:
-        correct = metrics.predicted_class(clean.class_prob) == labels
-        result["unc/error_auroc"] = metrics.error_auroc(clean.class_uncertainty, ~correct)
+
+    error = None
+    if clean.class_prob is not None:
+        error = metrics.predicted_class(clean.class_prob) != labels
+        result["unc/error_auroc"] = metrics.error_auroc(clean.class_uncertainty, error)
+        result["raw/unc/error_auroc"] = metrics.error_auroc(clean.class_uncertainty_raw, error)
         for fraction in cfg.referral_fractions:
-            result[referral_key(fraction)] = metrics.referral_acc(correct, clean.class_uncertainty, fraction)
-    if clean.pixel_uncertainty_sample is not None:
-        result["unc/pixel_error_auroc"] = metrics.error_auroc(clean.pixel_uncertainty_sample, clean.pixel_error_sample)
+            result[referral_key(fraction)] = metrics.referral_acc(~error, clean.class_uncertainty, fraction)
+        target = calibration.referral.risk if calibration.referral is not None else math.nan
+        for score, uncertainty in selective_scores(clean).items():
+            result[f"sel/aurc_{score}"] = metrics.aurc(uncertainty, error)
+            result[f"sel/eaurc_{score}"] = metrics.eaurc(uncertainty, error)
+            result[f"sel/augrc_{score}"] = metrics.augrc(uncertainty, error)
+            result[f"sel/coverage_at_risk_{score}"] = metrics.coverage_at_risk(uncertainty, error, target)
+    if clean.pixels is not None:
+        for prefix, key in (("", "uncertainty"), ("raw/", "uncertainty_raw")):
+            result[f"{prefix}unc/pixel_error_auroc"] = metrics.error_auroc(clean.pixels[key], clean.pixels["error"])
+            result[f"{prefix}unc/pixel_error_auroc_band"] = metrics.error_auroc(clean.band[key], clean.band["error"])
+
+    unusual = calibration.unusual
+    clean_unusual = unusual.score(clean.unusual_features)
+    flagged = unusual.flag(clean.unusual_features)
+    result["unusual/flagged"] = float(flagged.mean())
+    if error is not None and calibration.referral is not None:
+        result.update(_referral_metrics(calibration.referral.accept(clean.class_uncertainty), flagged, error))
 
     robust_tables: dict[str, list[dict[str, float]]] = {}
     clean_robust = _robust_metrics(model, clean, labels, masks)
@@ -259,28 +315,61 @@ def evaluate_arrays(
             noisy = run_pass(model, images, cfg.batch_size, noise=(kind, level), seed=cfg.seed, ids=ids,
                              desc=f"{kind} {level_name(level)}")
             values = _robust_metrics(model, noisy, labels, masks)
-            result.update({f"robust/{kind}_{level_name(level)}/{k}": v for k, v in values.items()})
-            result.update(_noise_detection(clean, noisy, f"{kind}_{level_name(level)}"))
+            name = f"{kind}_{level_name(level)}"
+            result.update({f"robust/{name}/{k}": v for k, v in values.items()})
+            result.update(_noise_detection(clean, noisy, name))
+            result[f"unusual/noise_auroc_{name}"] = metrics.noise_auroc(clean_unusual, unusual.score(noisy.unusual_features))
+            result[f"unusual/flagged_{name}"] = float(unusual.flag(noisy.unusual_features).mean())
             table.append({"level": float(level), **_columns(values)})
         robust_tables[kind] = table
 
     if cfg.bootstrap_samples:
-        intervals = _bootstrap_intervals(model, clean, masks, labels, gt_vcdr, pred_vcdr, cfg)
+        intervals = _bootstrap_intervals(model, clean, masks, labels, gt_vcdr, pred_vcdr, flagged, cfg)
         result = _with_intervals(result, intervals)
     if plots_dir is not None:
-        write_plots(Path(plots_dir), model, clean, images, masks, labels, cfg, panels, robust_tables)
+        write_plots(Path(plots_dir), model, clean, images, masks, labels, cfg, panels, robust_tables, pred_vcdr, gt_vcdr)
+    return result
+
+
+def _vcdr_interval_metrics(model: OnnxModel, pred_vcdr: np.ndarray, gt_vcdr: np.ndarray,
+                           labels: np.ndarray) -> dict[str, float]:
+    """How often the calibrated vCDR interval holds the true vCDR on the test split, overall and
+    per class (the conformal promise is marginal: per class it can differ)."""
+    interval = model.calibration.vcdr_interval
+    if interval is None or interval.halfwidth is None:
+        return {}
+    defined = np.isfinite(pred_vcdr) & np.isfinite(gt_vcdr)
+    covered = np.abs(pred_vcdr - gt_vcdr) <= interval.halfwidth
+    result = {"clinical/vcdr_interval_halfwidth": interval.halfwidth,
+              "clinical/vcdr_interval_coverage": float(covered[defined].mean()) if defined.any() else math.nan}
+    for k, name in enumerate(model.class_names):
+        chosen = defined & (labels == k)
+        result[f"clinical/vcdr_interval_coverage_{name}"] = float(covered[chosen].mean()) if chosen.any() else math.nan
+    return result
+
+
+def _referral_metrics(accept_class: np.ndarray, flagged: np.ndarray, error: np.ndarray) -> dict[str, float]:
+    """The referral rule as deployed, on the test split: ``refer/coverage`` and ``refer/risk`` of the
+    class rule alone (what its promise is about), ``refer/combined_*`` with unusual images referred too."""
+    result = {}
+    for prefix, accepted in (("refer/", accept_class), ("refer/combined_", accept_class & ~flagged)):
+        result[f"{prefix}coverage"] = float(accepted.mean())
+        result[f"{prefix}risk"] = float(error[accepted].mean()) if accepted.any() else math.nan
     return result
 
 
 def _noise_detection(clean: PassOutputs, noisy: PassOutputs, noise: str) -> dict[str, float]:
-    """``unc/noise_auroc_<noise>`` and ``unc/pixel_noise_auroc_<noise>``: do the corrupted copies
-    carry more (image, mean pixel) uncertainty than the clean images?"""
+    """Do the corrupted copies carry more uncertainty than the clean images? For the deployment's
+    class uncertainty and mean pixel uncertainty, and (``raw/``) the paper's ``u`` and ``U``."""
     result: dict[str, float] = {}
-    if clean.class_uncertainty is not None:
-        result[f"unc/noise_auroc_{noise}"] = metrics.noise_auroc(clean.class_uncertainty, noisy.class_uncertainty)
-    if clean.mean_pixel_uncertainty is not None:
-        result[f"unc/pixel_noise_auroc_{noise}"] = metrics.noise_auroc(clean.mean_pixel_uncertainty,
-                                                                       noisy.mean_pixel_uncertainty)
+    for prefix, suffix in (("", ""), ("raw/", "_raw")):
+        clean_class, noisy_class = getattr(clean, f"class_uncertainty{suffix}"), getattr(noisy, f"class_uncertainty{suffix}")
+        if clean_class is not None:
+            result[f"{prefix}unc/noise_auroc_{noise}"] = metrics.noise_auroc(clean_class, noisy_class)
+        clean_pixel = getattr(clean, f"mean_pixel_uncertainty{suffix}")
+        if clean_pixel is not None:
+            result[f"{prefix}unc/pixel_noise_auroc_{noise}"] = metrics.noise_auroc(
+                clean_pixel, getattr(noisy, f"mean_pixel_uncertainty{suffix}"))
     return result
 
 
@@ -291,6 +380,7 @@ def _bootstrap_intervals(
     labels: np.ndarray,
     gt_vcdr: np.ndarray | None,
     pred_vcdr: np.ndarray | None,
+    flagged: np.ndarray,
     cfg: EvaluateParams,
 ) -> dict[str, tuple[float, float]]:
     """Metric key -> 95 % bootstrap interval, for the headline metrics the model has (see the module docstring)."""
@@ -305,17 +395,38 @@ def _bootstrap_intervals(
         statistics["cls/acc"] = metrics.resampled_ratio(correct, every_image)
         statistics["cls/f1"] = metrics.resampled_f1(labels, pred, model.positive_class, clean.class_prob.shape[1])
         statistics["cls/sensitivity"] = metrics.resampled_ratio(positive & correct, positive)
-        statistics["cls/ece"] = metrics.resampled_ece(labels, clean.class_prob, cfg.calibration_bins)
-        if clean.class_uncertainty is not None:
-            statistics["unc/error_auroc"] = metrics.resampled_auc(clean.class_uncertainty, ~correct)
+        for prefix, prob in (("", clean.class_prob), ("raw/", clean.class_prob_raw)):
+            statistics[f"{prefix}cls/ece"] = metrics.resampled_ece(labels, prob, cfg.calibration_bins)
+            statistics[f"{prefix}cls/nll"] = metrics.resampled_nll(labels, prob)
+            statistics[f"{prefix}cls/brier"] = metrics.resampled_brier(labels, prob)
+            statistics[f"{prefix}cls/ece_debiased"] = metrics.resampled_ece_debiased(labels, prob, cfg.calibration_bins)
+        statistics["unc/error_auroc"] = metrics.resampled_auc(clean.class_uncertainty, ~correct)
+        statistics["raw/unc/error_auroc"] = metrics.resampled_auc(clean.class_uncertainty_raw, ~correct)
+        for score, uncertainty in selective_scores(clean).items():
+            statistics[f"sel/aurc_{score}"] = metrics.resampled_aurc(uncertainty, ~correct)
+            statistics[f"sel/augrc_{score}"] = metrics.resampled_augrc(uncertainty, ~correct)
+        if model.calibration.referral is not None:
+            accepted = model.calibration.referral.accept(clean.class_uncertainty)
+            statistics["refer/coverage"] = metrics.resampled_ratio(accepted, every_image)
+            statistics["refer/risk"] = metrics.resampled_ratio(accepted & ~correct, accepted)
+            combined = accepted & ~flagged
+            statistics["refer/combined_coverage"] = metrics.resampled_ratio(combined, every_image)
+            statistics["refer/combined_risk"] = metrics.resampled_ratio(combined & ~correct, combined)
     if clean.pred_masks is not None:
         for name, dice in metrics.dice_per_image(clean.pred_masks, masks, model.mask_classes).items():
             statistics[f"seg/dice_{name}"] = metrics.resampled_ratio(dice, every_image)
-    if clean.pixel_uncertainty_sample is not None:
-        statistics["unc/pixel_error_auroc"] = metrics.resampled_auc(
-            clean.pixel_uncertainty_sample, clean.pixel_error_sample, group=clean.pixel_sample_image, n_groups=n)
+    if clean.pixels is not None:
+        for prefix, key in (("", "uncertainty"), ("raw/", "uncertainty_raw")):
+            for suffix, sample in (("", clean.pixels), ("_band", clean.band)):
+                statistics[f"{prefix}unc/pixel_error_auroc{suffix}"] = metrics.resampled_auc(
+                    sample[key], sample["error"], group=sample["image"], n_groups=n)
     if pred_vcdr is not None:
         statistics["clinical/vcdr_auc"] = metrics.resampled_auc(pred_vcdr, positive)
+        interval = model.calibration.vcdr_interval
+        if interval is not None and interval.halfwidth is not None:
+            defined = np.isfinite(pred_vcdr) & np.isfinite(gt_vcdr)
+            covered = defined & (np.abs(pred_vcdr - gt_vcdr) <= interval.halfwidth)
+            statistics["clinical/vcdr_interval_coverage"] = metrics.resampled_ratio(covered, defined)
     if gt_vcdr is not None:
         statistics["reference/vcdr_auc"] = metrics.resampled_auc(gt_vcdr, positive)
     return {key: metrics.bootstrap_ci(statistic, n, cfg.bootstrap_samples, cfg.seed, confidence=0.95)
@@ -348,11 +459,15 @@ def write_plots(
     cfg: EvaluateParams,
     panels: Sequence[int],
     robust_tables: dict[str, list[dict[str, float]]],
+    pred_vcdr: np.ndarray | None = None,
+    gt_vcdr: np.ndarray | None = None,
 ) -> list[Path]:
     """Write the plot data files (CSV, for ``dvc plots``) and PNG figures; returns the paths written.
 
-    ``roc`` (positive class vs rest), ``reliability`` and ``referral`` need the class outputs;
-    ``robustness_<kind>.csv`` always; ``panels/case_<position>.png`` per panel.
+    ``roc`` (positive class vs rest), ``reliability`` (calibrated and raw), ``risk_coverage`` (one
+    CSV per score of :func:`selective_scores`) and ``referral`` need the class outputs;
+    ``vcdr.png`` the fundus masks; ``robustness_<kind>.csv`` always; ``panels/case_<position>.png``
+    per panel.
     """
     plots_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -370,31 +485,54 @@ def write_plots(
                                             title=f"ROC ({model.class_names[model.positive_class]} vs rest)"))
         else:
             log.warning("the test split holds one class only: no ROC curve")
-        stats = metrics.reliability_diagram(labels, clean.class_prob, cfg.calibration_bins)
-        filled = stats["count"] > 0
-        rows = [
-            {"bin_lower": lo, "bin_upper": hi, "confidence": c, "accuracy": a, "count": k}
-            for lo, hi, c, a, k in zip(*(stats[key][filled] for key in ("lower", "upper", "confidence", "accuracy", "count")))
-        ]
-        written.append(plots.write_csv(plots_dir / "reliability.csv", rows))
-        written.append(plots.reliability_figure(plots_dir / "reliability.png", stats, metrics.ece(labels, clean.class_prob, cfg.calibration_bins)))
-        if clean.class_uncertainty is not None:
-            correct = metrics.predicted_class(clean.class_prob) == labels
-            curve = metrics.referral_curve(correct, clean.class_uncertainty, REFERRAL_PLOT_FRACTIONS)
-            rows = [{"referred_fraction": f, "accuracy": a, "retained": r} for f, a, r in zip(curve["fraction"], curve["accuracy"], curve["retained"])]
-            written.append(plots.write_csv(plots_dir / "referral.csv", rows))
-            written.append(plots.referral_figure(plots_dir / "referral.png", curve))
+        diagrams = {}
+        for name, suffix, prob in (("calibrated", "", clean.class_prob), ("raw", "_raw", clean.class_prob_raw)):
+            stats = metrics.reliability_diagram(labels, prob, cfg.calibration_bins)
+            filled = stats["count"] > 0
+            rows = [
+                {"bin_lower": lo, "bin_upper": hi, "confidence": c, "accuracy": a, "count": k}
+                for lo, hi, c, a, k in zip(*(stats[key][filled] for key in ("lower", "upper", "confidence", "accuracy", "count")))
+            ]
+            written.append(plots.write_csv(plots_dir / f"reliability{suffix}.csv", rows))
+            diagrams[name] = (stats, metrics.ece(labels, prob, cfg.calibration_bins))
+        written.append(plots.reliability_comparison_figure(plots_dir / "reliability.png", diagrams,
+                                                           title=f"reliability on the test split ({len(labels)} images)"))
+        error = metrics.predicted_class(clean.class_prob) != labels
+        curves = {}
+        for name, uncertainty in selective_scores(clean).items():
+            curve = metrics.risk_coverage_curve(uncertainty, error)
+            curves[name] = curve
+            rows = [{"coverage": c, "risk": r, "threshold": t} for c, r, t in zip(curve["coverage"], curve["risk"], curve["threshold"])]
+            written.append(plots.write_csv(plots_dir / f"risk_coverage_{name}.csv", rows))
+        referral = model.calibration.referral
+        chosen = None
+        if referral is not None and referral.threshold is not None:
+            accepted = referral.accept(clean.class_uncertainty)
+            chosen = (float(accepted.mean()), float(error[accepted].mean()) if accepted.any() else math.nan)
+        written.append(plots.risk_coverage_figure(plots_dir / "risk_coverage.png", curves,
+                                                  target=referral.risk if referral else None, chosen=chosen))
+        curve = metrics.referral_curve(~error, clean.class_uncertainty, REFERRAL_PLOT_FRACTIONS)
+        rows = [{"referred_fraction": f, "accuracy": a, "retained": r} for f, a, r in zip(curve["fraction"], curve["accuracy"], curve["retained"])]
+        written.append(plots.write_csv(plots_dir / "referral.csv", rows))
+        written.append(plots.referral_figure(plots_dir / "referral.png", curve))
+    if pred_vcdr is not None and gt_vcdr is not None:
+        interval = model.calibration.vcdr_interval
+        written.append(plots.vcdr_figure(plots_dir / "vcdr.png", pred_vcdr, gt_vcdr, labels, model.class_names,
+                                         interval.halfwidth if interval is not None else None,
+                                         interval.coverage if interval is not None else None))
     for kind, table in robust_tables.items():
         written.append(plots.write_csv(plots_dir / f"robustness_{kind}.csv", table))
     written.append(plots.robustness_figure(plots_dir / "robustness.png", robust_tables,
                                            {"gaussian": "Gaussian noise sigma", "salt_pepper": "salt-and-pepper amount"}))
+    map_titles = {"uncertainty": "error map of the mask (calibrated entropy)", "uncertainty_raw": "paper's U (mutual branch)"}
     for position in panels:
+        maps = clean.panel_maps.get(position, {})
         written.append(plots.panel_figure(
             plots_dir / "panels" / f"case_{position:03d}.png",
             images[position],
             masks[position],
             clean.pred_masks[position] if clean.pred_masks is not None else None,
-            clean.panel_uncertainty.get(position),
+            {map_titles[name]: values for name, values in maps.items()},
             model.mask_classes,
             _panel_title(model, clean, labels, position),
         ))
@@ -406,9 +544,8 @@ def _panel_title(model: OnnxModel, clean: PassOutputs, labels: np.ndarray, posit
     parts = [f"#{position}  label: {names[labels[position]]}"]
     if clean.class_prob is not None:
         k = int(clean.class_prob[position].argmax())
-        parts.append(f"pred: {names[k]} p={clean.class_prob[position, k]:.2f}")
-    if clean.class_uncertainty is not None:
-        parts.append(f"u={clean.class_uncertainty[position]:.2f}")
+        parts.append(f"pred: {names[k]} p={clean.class_prob[position, k]:.2f} (raw {clean.class_prob_raw[position, k]:.2f})")
+        parts.append(f"u={clean.class_uncertainty_raw[position]:.2f}")
     return "   ".join(parts)
 
 
@@ -451,29 +588,34 @@ def evaluate(params: Params) -> dict[str, float | None]:
     images, masks, labels, indices = load_split(prepared, "test")  # verified once, above
     log.info("evaluating %s on %d test images (%s)", paths.model_onnx, len(images), ", ".join(model.outputs))
 
-    # Both outputs are built under staging names and replace the old ones only once both are
-    # complete: a failure keeps the previous metrics.json and plots/ together. The new plots
-    # folder replaces the old one whole, dropping files of an earlier model (e.g. an ROC curve
-    # that a segmentation-only model does not produce).
+    # The outputs are built under staging names and replace the old ones only once all are
+    # complete: a failure keeps the previous metrics.json, model card and plots/ together. The new
+    # plots folder replaces the old one whole, dropping files of an earlier model (e.g. an ROC
+    # curve that a segmentation-only model does not produce).
     staging_plots = paths.plots.with_name(f".{paths.plots.name}.partial")
     staging_metrics = paths.metrics.with_name(f".{paths.metrics.name}.partial")
+    staging_card = paths.model_card.with_name(f".{paths.model_card.name}.partial")
     old_plots = paths.plots.with_name(f".{paths.plots.name}.old")
     for stale in (staging_plots, old_plots):  # left by a run that was killed
         shutil.rmtree(stale, ignore_errors=True)
     try:
         values = evaluate_arrays(model, images, masks, labels, params.evaluate, plots_dir=staging_plots, ids=indices)
         ready = write_metrics(staging_metrics, values)
+        write_text_replacing(staging_card, model_card(ready, model.metadata, prepared.attrs))
     except BaseException:
         shutil.rmtree(staging_plots, ignore_errors=True)
         staging_metrics.unlink(missing_ok=True)
+        staging_card.unlink(missing_ok=True)
         raise
     if paths.plots.exists():
         paths.plots.rename(old_plots)
     staging_plots.rename(paths.plots)
+    os.replace(staging_card, paths.model_card)
     os.replace(staging_metrics, paths.metrics)
     shutil.rmtree(old_plots, ignore_errors=True)
-    for key in ("cls/acc", "cls/auc", "seg/dice_disc", "seg/dice_cup", "unc/error_auroc"):
+    for key in ("cls/acc", "cls/auc", "cls/ece_debiased", "seg/dice_disc", "seg/dice_cup", "unc/error_auroc",
+                "unc/pixel_error_auroc", "refer/coverage", "refer/risk"):
         if key in ready:
             log.info("%s = %s", key, ready[key])
-    log.info("wrote %s and %s", paths.metrics, paths.plots)
+    log.info("wrote %s, %s and %s", paths.metrics, paths.model_card, paths.plots)
     return ready

@@ -1,8 +1,12 @@
 """The ``export`` stage: ``model.pt`` -> one self-contained ``model.onnx`` + ``metadata.json``.
 
-The ONNX graph takes ``image`` float32 (B, 3, H, W) in [0, 1] with a dynamic batch and returns the
-deployment outputs by name: ``class_prob`` (alpha/S), ``class_uncertainty`` (K/S), ``seg_prob``
-and ``seg_uncertainty`` (the single-task ablations export only the outputs they have). The stage
+The ONNX graph takes ``image`` float32 (B, 3, H, W) in [0, 1] with a dynamic batch and returns, by
+name, the calibrated deployment outputs ``class_prob``, ``class_uncertainty``, ``seg_prob``,
+``seg_uncertainty`` and the paper's raw outputs ``class_prob_raw`` (alpha/S),
+``class_uncertainty_raw`` (K/S) and ``seg_uncertainty_raw`` (the mutual map U); see
+:func:`uml.models.uml_net.deployment_outputs`. The temperatures come from the calibrate stage's
+``calibration.json``, which must have been fitted for this ``model.pt`` (its SHA-256), and are
+constants of the graph. The single-task ablations export only the outputs they have. The stage
 checks the graph with ``onnx.checker``, runs it in onnxruntime against torch on validation
 images and random inputs, and fails if they differ by more than ``export.parity_atol``.
 
@@ -29,6 +33,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from uml.calibration import Calibration
 from uml.config import Params, Paths
 from uml.data.store import PreparedData, load_split, open_prepared
 from uml.errors import ModelFileError, UMLError
@@ -50,31 +55,36 @@ from uml.onnx_model import (
 )
 
 log = logging.getLogger(__name__)
+# The evaluate stage writes the model card here, relative to metadata.json (data/models -> data/reports).
+MODEL_CARD_FROM_METADATA = "../reports/model_card.md"
 # protobuf's hard limit on one serialised message; beyond it ONNX needs external data files.
 PROTOBUF_LIMIT = 2 * 1024**3
 
 
 class DeploymentGraph(nn.Module):
-    """``UMLNet.infer`` as a tuple in a fixed order, which is what ONNX export traces."""
+    """``UMLNet.infer`` with fixed temperatures as a tuple in a fixed order, which is what ONNX
+    export traces."""
 
-    def __init__(self, model: UMLNet):
+    def __init__(self, model: UMLNet, class_temperature: float = 1.0, seg_temperature: float = 1.0):
         super().__init__()
         self.model = model
+        self.temperatures = (float(class_temperature), float(seg_temperature))
         with torch.no_grad():
             probe = model.infer(torch.zeros(1, 3, model.cfg.image_size, model.cfg.image_size))
         self.output_names = [name for name in OUTPUT_ORDER if name in probe]
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model.infer(image)
+        out = self.model.infer(image, *self.temperatures)
         return tuple(out[name] for name in self.output_names)
 
 
-def export_onnx(model: UMLNet, path: str | Path, opset: int = 18) -> list[str]:
-    """Write ``model`` (eval mode) as a single ONNX file; returns the output names."""
+def export_onnx(model: UMLNet, path: str | Path, opset: int = 18, class_temperature: float = 1.0,
+                seg_temperature: float = 1.0) -> list[str]:
+    """Write ``model`` (eval mode) with these temperatures as a single ONNX file; returns the output names."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    graph = DeploymentGraph(model).eval()
+    graph = DeploymentGraph(model, class_temperature, seg_temperature).eval()
     size = model.cfg.image_size
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = param_bytes > PROTOBUF_LIMIT * 0.9
@@ -108,14 +118,15 @@ def session(path: str | Path, threads: int | None = None) -> ort.InferenceSessio
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def parity(model: UMLNet, onnx_path: str | Path, images: np.ndarray) -> dict[str, float]:
+def parity(model: UMLNet, onnx_path: str | Path, images: np.ndarray, class_temperature: float = 1.0,
+           seg_temperature: float = 1.0) -> dict[str, float]:
     """Max absolute difference per output between onnxruntime and eager torch on ``images``
     (float32, (N, 3, H, W) in [0, 1]), run with the batch size of the input."""
     sess = session(onnx_path)
     names = [o.name for o in sess.get_outputs()]
     ort_out = dict(zip(names, sess.run(names, {INPUT_NAME: images.astype(np.float32)})))
     with torch.no_grad():
-        torch_out = model.eval().infer(torch.from_numpy(images.astype(np.float32)))
+        torch_out = model.eval().infer(torch.from_numpy(images.astype(np.float32)), class_temperature, seg_temperature)
     return {name: float(np.abs(ort_out[name] - torch_out[name].numpy()).max()) for name in names}
 
 
@@ -126,31 +137,49 @@ def _version(package: str) -> str | None:
         return None
 
 
+def output_meanings(cfg: Any, calibration: Calibration) -> dict[str, str]:
+    """What each output is, in words, for ``metadata.json``."""
+    evidential = cfg.uncertainty
+    mutual = evidential and "cls" in cfg.tasks
+    t_cls = calibration.class_temperature.temperature if calibration.class_temperature else 1.0
+    t_seg = calibration.seg_temperature.temperature if calibration.seg_temperature else 1.0
+    return {
+        "class_prob": (f"calibrated class probability: softmax(log alpha / {t_cls:.4g}), the mean of the tempered "
+                       f"Dirichlet alpha^(1/T)" if evidential else f"calibrated class probability: softmax(logits / {t_cls:.4g})"),
+        "class_uncertainty": "calibrated probability that the predicted class is wrong: 1 - max_k class_prob (the referral score)",
+        "class_prob_raw": "the paper's class probability alpha/S (uncalibrated)" if evidential else "softmax probability (uncalibrated)",
+        "class_uncertainty_raw": "the paper's image uncertainty K/S (1 = no evidence)" if evidential
+        else "normalised entropy of the uncalibrated softmax",
+        "seg_prob": f"calibrated per-pixel class probability softmax(S_0 / {t_seg:.4g}); its argmax is the delivered mask",
+        "seg_uncertainty": "normalised entropy of seg_prob: the uncertainty of the delivered mask (its error map)",
+        "seg_uncertainty_raw": ("the paper's pixel uncertainty U = C/S of the mutual branch (the map that steers the navigator)"
+                                if mutual else "normalised entropy of the mutual branch's softmax" if "cls" in cfg.tasks
+                                else "normalised entropy of the uncalibrated softmax(S_0)"),
+    }
+
+
 def build_metadata(model: UMLNet, extra: dict[str, Any], outputs: list[str], params: Params,
-                   parity_diff: dict[str, float], opset: int, onnx_sha256: str, positive_class: int) -> ExportMetadata:
+                   parity_diff: dict[str, float], opset: int, onnx_sha256: str, positive_class: int,
+                   calibration: Calibration) -> ExportMetadata:
     """The metadata of an export; ``positive_class`` is the prepared data set's."""
     cfg = model.cfg
     size = cfg.image_size
+    k, c = cfg.num_classes, cfg.num_mask_classes
     shapes = {
-        "class_prob": ["batch", cfg.num_classes],
-        "class_uncertainty": ["batch", 1],
-        "seg_prob": ["batch", cfg.num_mask_classes, size, size],
-        "seg_uncertainty": ["batch", 1, size, size],
+        "class_prob": ["batch", k], "class_uncertainty": ["batch", 1],
+        "class_prob_raw": ["batch", k], "class_uncertainty_raw": ["batch", 1],
+        "seg_prob": ["batch", c, size, size], "seg_uncertainty": ["batch", 1, size, size],
+        "seg_uncertainty_raw": ["batch", 1, size, size],
     }
-    meaning = {
-        "class_prob": "expected class probability alpha/S of the image-level Dirichlet" if cfg.uncertainty else "softmax probability",
-        "class_uncertainty": "image uncertainty K/S (1 = no evidence)" if cfg.uncertainty else "normalised entropy of the softmax",
-        "seg_prob": "per-pixel expected class probability alpha/S" if cfg.uncertainty else "per-pixel softmax probability",
-        "seg_uncertainty": ("per-pixel uncertainty C/S of the mutual branch (the map that steers the navigator)"
-                            if cfg.uncertainty and "cls" in cfg.tasks else
-                            "per-pixel uncertainty C/S" if cfg.uncertainty else "per-pixel normalised entropy"),
-    }
+    ranges = {name: [0.0, 1.0] for name in shapes}
+    ranges["class_uncertainty"] = [0.0, 1.0 - 1.0 / k]
+    meaning = output_meanings(cfg, calibration)
     return ExportMetadata(
         format=METADATA_FORMAT,
         # Readers (uml.onnx_model.OnnxModel, hence evaluate and predict) refuse a model.onnx with another hash.
         onnx_sha256=onnx_sha256,
         input=InputSpec(name=INPUT_NAME, dtype="float32", shape=["batch", 3, size, size], range=[0.0, 1.0]),
-        outputs={name: OutputSpec(dtype="float32", shape=shapes[name], range=[0.0, 1.0], meaning=meaning[name])
+        outputs={name: OutputSpec(dtype="float32", shape=shapes[name], range=ranges[name], meaning=meaning[name])
                  for name in outputs},
         class_names=list(extra.get("class_names") or [f"class_{k}" for k in range(cfg.num_classes)]),
         mask_classes=list(extra.get("mask_classes") or [f"class_{c}" for c in range(cfg.num_mask_classes)]),
@@ -161,6 +190,8 @@ def build_metadata(model: UMLNet, extra: dict[str, Any], outputs: list[str], par
             image_size=size, channels="RGB", layout="NCHW", dtype="float32", scale=1.0 / PIXEL_MAX, resize="area",
             note="RGB uint8 image resized to image_size x image_size (area when shrinking, linear when enlarging), divided by 255",
         ),
+        calibration=calibration,
+        model_card=MODEL_CARD_FROM_METADATA,
         model=TrainingRecord(config=cfg.to_dict(), run=extra.get("run"), best_epoch=extra.get("best_epoch"),
                              best_metrics=extra.get("best_metrics"), loss=extra.get("loss")),
         hashes=Hashes(data=extra.get("data_hash"), params=params.section_hash("model", "loss", "train"),
@@ -169,6 +200,20 @@ def build_metadata(model: UMLNet, extra: dict[str, Any], outputs: list[str], par
         versions={"uml": _version("uml"), "torch": torch.__version__, "onnx": onnx.__version__,
                   "onnxruntime": ort.__version__, "timm": _version("timm"), "python": platform.python_version()},
     )
+
+
+def read_calibration(path: Path, model_pt: Path) -> Calibration:
+    """``calibration.json``, checked to be the calibration of ``model_pt``."""
+    if not path.is_file():
+        raise ModelFileError(f"{path}: calibration not found; run `python -m pipeline.calibrate` after training")
+    try:
+        calibration = Calibration.model_validate_json(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{path}: not a calibration file of this uml version ({exc}); re-run the calibrate stage") from None
+    if calibration.model_sha256 != file_sha256(model_pt):
+        raise ModelFileError(f"{path}: was fitted for another model.pt than {model_pt} (SHA-256 differs): re-run "
+                             "`python -m pipeline.calibrate`")
+    return calibration
 
 
 def _positive_class(prepared: PreparedData, extra: dict[str, Any], model_pt: Path) -> int:
@@ -185,13 +230,16 @@ def export(params: Params) -> Path:
     paths = Paths(params)
     extra = read_model_file(paths.model_pt).get("extra", {})
     model = load_model(paths.model_pt)
+    calibration = read_calibration(paths.calibration, paths.model_pt)
+    temperatures = (calibration.class_temperature.temperature if calibration.class_temperature else 1.0,
+                    calibration.seg_temperature.temperature if calibration.seg_temperature else 1.0)
     prepared = open_prepared(paths.dataset)
     positive_class = _positive_class(prepared, extra, paths.model_pt)
     opset = params.export.opset
     log.info("exporting %s (%s, %d px) to ONNX opset %d", paths.model_pt, "+".join(model.cfg.tasks), model.cfg.image_size, opset)
     # Export under a staging name: model.onnx appears only once it has passed the parity check.
     staging = paths.model_onnx.with_name(paths.model_onnx.name + ".partial")
-    outputs = export_onnx(model, staging, opset)
+    outputs = export_onnx(model, staging, opset, *temperatures)
     images, _, _, _ = load_split(prepared, "val", limit=params.export.parity_images)
     if images.shape[1] != model.cfg.image_size:
         staging.unlink(missing_ok=True)
@@ -200,7 +248,7 @@ def export(params: Params) -> Path:
     data = images.transpose(0, 3, 1, 2).astype(np.float32) / PIXEL_MAX
     rng = np.random.default_rng(0)
     random_inputs = rng.random((3, 3, model.cfg.image_size, model.cfg.image_size), dtype=np.float32)
-    diffs = [parity(model, staging, data), parity(model, staging, data[:1]), parity(model, staging, random_inputs)]
+    diffs = [parity(model, staging, batch, *temperatures) for batch in (data, data[:1], random_inputs)]
     worst = {name: max(d[name] for d in diffs) for name in outputs}
     log.info("onnxruntime vs torch, max |diff| over %d validation + 3 random images: %s", len(data),
              ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
@@ -211,7 +259,7 @@ def export(params: Params) -> Path:
         raise UMLError(f"ONNX parity check failed: max |onnxruntime - torch| = {max(worst.values()):.3e} > "
                        f"export.parity_atol {params.export.parity_atol:g} ({worst}); no model.onnx was written")
     meta = build_metadata(model, extra, outputs, params, worst, opset, onnx_sha256=file_sha256(staging),
-                          positive_class=positive_class)
+                          positive_class=positive_class, calibration=calibration)
     tmp = paths.metadata.with_name(paths.metadata.name + ".tmp")
     tmp.write_text(meta.to_json())
     # Two renames cannot be one atomic step: a kill between them leaves a new metadata.json beside

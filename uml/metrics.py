@@ -644,19 +644,24 @@ def noise_auroc(clean_uncertainty: np.ndarray, noisy_uncertainty: np.ndarray) ->
     return float(roc_auc_score(is_noisy, np.concatenate([clean, noisy])))
 
 
-def sample_pixels(uncertainty: np.ndarray, error: np.ndarray, count: int,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One image's pixels for the pixel-error AUROC (:func:`error_auroc` over pixels): every
-    pixel's uncertainty and error, or ``count`` of them drawn uniformly without replacement by
-    ``rng`` when the image has more. roc_auc_score sorts its input, so a test split's pixels are
+def sample_pixels(count: int, rng: np.random.Generator, where: np.ndarray | None = None,
+                  **maps: np.ndarray) -> dict[str, np.ndarray]:
+    """One image's pixels for the pixel-error AUROC (:func:`error_auroc` over pixels): the pixels
+    of each of ``maps`` (same-shaped arrays, e.g. ``uncertainty=..., error=...``), restricted to
+    the True pixels of ``where`` when given, or ``count`` positions of them drawn uniformly
+    without replacement by ``rng`` when there are more; the same positions in every map, as flat
+    arrays under the same names. roc_auc_score sorts its input, so a test split's pixels are
     sampled (:data:`PIXEL_AUROC_MAX_PIXELS` in all) rather than all ranked."""
-    uncertainty, error = np.asarray(uncertainty).ravel(), np.asarray(error, dtype=bool).ravel()
-    if uncertainty.shape != error.shape:
-        raise ValueError(f"uncertainty and error sizes differ: {uncertainty.size} vs {error.size}")
-    if uncertainty.size > count:
-        keep = rng.choice(uncertainty.size, size=count, replace=False)
-        uncertainty, error = uncertainty[keep], error[keep]
-    return uncertainty, error
+    flat = {name: np.asarray(values).ravel() for name, values in maps.items()}
+    sizes = {name: values.size for name, values in flat.items()}
+    if len(set(sizes.values())) > 1 or (where is not None and np.asarray(where).size not in sizes.values()):
+        raise ValueError(f"the maps' sizes differ: {sizes}" + (f", where {np.asarray(where).size}" if where is not None else ""))
+    positions = np.flatnonzero(np.asarray(where, dtype=bool).ravel()) if where is not None else None
+    total = positions.size if positions is not None else next(iter(sizes.values()), 0)
+    keep = rng.choice(total, size=count, replace=False) if total > count else np.arange(total)
+    if positions is not None:
+        keep = positions[keep]
+    return {name: values[keep] for name, values in flat.items()}
 
 
 def referral_acc(correct: np.ndarray, uncertainty: np.ndarray, fraction: float) -> float:

@@ -4,9 +4,13 @@ wrapper that checks an exported model against it.
 The export stage (:mod:`uml.export`) builds an :class:`ExportMetadata` and writes it next to
 ``model.onnx``; every reader (:mod:`uml.evaluate`, ``uml predict``) opens the pair through
 :class:`OnnxModel`, which parses the file with :func:`read_metadata` and checks that the graph
-honours the contract: input ``image`` (B, 3, S, S) float32 in [0, 1]; outputs ``class_prob``,
-``class_uncertainty``, ``seg_prob``, ``seg_uncertainty``, of which a single-task model has only its
-own pair. Anything else is a :class:`~uml.errors.ModelFileError` that names the file.
+honours the contract: input ``image`` (B, 3, S, S) float32 in [0, 1]; the calibrated deployment
+outputs ``class_prob``, ``class_uncertainty``, ``seg_prob``, ``seg_uncertainty`` and the paper's raw
+outputs ``class_prob_raw``, ``class_uncertainty_raw``, ``seg_uncertainty_raw`` (a single-task model
+has only its own task's). Anything else is a :class:`~uml.errors.ModelFileError` that names the
+file. ``metadata.json`` also carries what the ``calibrate`` stage fitted (:class:`uml.calibration.Calibration`:
+temperatures, the referral rule, the unusual-image rule, the vCDR interval), which
+:meth:`OnnxModel.unusual_features` and the readers apply.
 
 ``format`` versions the file layout (:data:`METADATA_FORMAT`); a reader refuses another version.
 The ONNX file must be the one its metadata describes: ``onnx_sha256`` is checked against the file,
@@ -25,13 +29,15 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from uml.calibration import Calibration
 from uml.errors import ModelFileError
 from uml.image_io import PIXEL_MAX, ResizeMethod
+from uml.quality import image_statistics
 
-METADATA_FORMAT = "uml-onnx/1"
+METADATA_FORMAT = "uml-onnx/2"
 INPUT_NAME = "image"
-CLASS_OUTPUTS = ("class_prob", "class_uncertainty")
-SEG_OUTPUTS = ("seg_prob", "seg_uncertainty")
+CLASS_OUTPUTS = ("class_prob", "class_uncertainty", "class_prob_raw", "class_uncertainty_raw")
+SEG_OUTPUTS = ("seg_prob", "seg_uncertainty", "seg_uncertainty_raw")
 # The order in which the export traces the outputs (a single-task model has a subset).
 OUTPUT_ORDER = CLASS_OUTPUTS + SEG_OUTPUTS
 METADATA_SHA256_KEY = "onnx_sha256"
@@ -98,7 +104,7 @@ class ExportMetadata(_Part):
     export always writes them, readers do not need them.
     """
 
-    format: Literal["uml-onnx/1"]
+    format: Literal["uml-onnx/2"]
     # Optional only so that the reader can say what is wrong with a file of an older export.
     onnx_sha256: str | None = None
     input: InputSpec
@@ -109,6 +115,10 @@ class ExportMetadata(_Part):
     tasks: list[Literal["cls", "seg"]]
     uncertainty: bool
     preprocessing: Preprocessing
+    # What the calibrate stage fitted on the calibration split; the temperatures are already in the graph.
+    calibration: Calibration
+    # Where the evaluate stage writes the model card, relative to this file.
+    model_card: str | None = None
     model: TrainingRecord | None = None
     hashes: Hashes | None = None
     export: ExportRecord | None = None
@@ -129,6 +139,9 @@ def read_metadata(path: str | Path) -> ExportMetadata:
         raise ModelFileError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ModelFileError(f"{path}: expected a JSON object")
+    if raw.get("format") == "uml-onnx/1":
+        raise ModelFileError(f"{path}: written by an older export (format uml-onnx/1, without calibrated outputs); run "
+                             "`python -m pipeline.calibrate` and `python -m pipeline.export` (or `dvc repro`)")
     try:
         return ExportMetadata.model_validate(raw)
     except ValidationError as exc:
@@ -168,7 +181,7 @@ class OnnxModel:
     Attributes: ``path``, ``metadata_path``, ``metadata`` (the :class:`ExportMetadata`),
     ``outputs`` (the present output names, in session order), ``image_size``, ``resize``,
     ``scale``, ``bgr``, ``class_names``, ``mask_classes``, ``positive_class``, ``has_cls``,
-    ``has_seg``, ``has_class_uncertainty``, ``has_seg_uncertainty``.
+    ``has_seg``, ``calibration`` (what the calibrate stage fitted, from the metadata).
     """
 
     def __init__(self, path: str | Path, metadata_path: str | Path | None = None, threads: int | None = None):
@@ -225,8 +238,11 @@ class OnnxModel:
 
         self.has_cls = "class_prob" in session_outputs
         self.has_seg = "seg_prob" in session_outputs
-        self.has_class_uncertainty = self.has_cls and "class_uncertainty" in session_outputs
-        self.has_seg_uncertainty = self.has_seg and "seg_uncertainty" in session_outputs
+        for task, names in ((self.has_cls, CLASS_OUTPUTS), (self.has_seg, SEG_OUTPUTS)):
+            absent = [name for name in names if name not in session_outputs]
+            if task and absent:
+                raise ModelFileError(f"{where}: lacks the outputs {absent} (has {list(session_outputs)}); re-run the export stage")
+        self.calibration = meta.calibration
         self.class_names = list(meta.class_names)
         self.mask_classes = list(meta.mask_classes)
         self.positive_class = meta.positive_class
@@ -267,3 +283,17 @@ class OnnxModel:
         """One forward pass of a float32 (B, 3, S, S) batch; returns the present outputs by name."""
         values = self.session.run(list(self.outputs), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
         return dict(zip(self.outputs, values))
+
+    def unusual_features(self, images: np.ndarray, seg_uncertainty: np.ndarray | None) -> np.ndarray:
+        """The features of the unusual-image rule (``calibration.unusual.statistics``) of float NHWC
+        images in [0, 1] at model resolution (possibly corrupted) and their ``seg_uncertainty``
+        maps (B, 1, S, S), as the calibrate stage computed them."""
+        features = image_statistics(images)
+        names = self.calibration.unusual.statistics
+        if len(names) > features.shape[1]:
+            if seg_uncertainty is None:
+                raise ValueError(f"the unusual-image rule needs {names[features.shape[1]:]}, which needs seg_uncertainty")
+            features = np.concatenate([features, seg_uncertainty.reshape(len(images), -1).mean(axis=1, dtype=np.float64)[:, None]],
+                                      axis=1)
+        return features
+

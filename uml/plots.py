@@ -81,6 +81,65 @@ def reliability_figure(path: str | Path, stats: Mapping[str, np.ndarray], ece_va
     return _save(fig, path)
 
 
+def reliability_comparison_figure(path: str | Path, diagrams: Mapping[str, tuple[Mapping[str, np.ndarray], float]],
+                                  title: str) -> Path:
+    """Per-bin accuracy against mean confidence of several class outputs (name -> (the
+    :func:`uml.metrics.reliability_diagram` statistics, ECE)) on one chart, with the diagonal."""
+    fig = Figure(figsize=(4.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
+    for name, (stats, ece_value) in diagrams.items():
+        filled = stats["count"] > 0
+        ax.plot(stats["confidence"][filled], stats["accuracy"][filled], marker="o", markersize=4,
+                label=f"{name} (ECE {ece_value:.3f})")
+    ax.set(xlabel="mean predicted-class confidence in the bin", ylabel="accuracy in the bin", xlim=(0, 1), ylim=(0, 1.02),
+           title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def risk_coverage_figure(path: str | Path, curves: Mapping[str, Mapping[str, np.ndarray]], target: float | None,
+                         chosen: tuple[float, float] | None) -> Path:
+    """Selective risk (errors among accepted cases) against coverage, one line per confidence
+    score (name -> :func:`uml.metrics.risk_coverage_curve`), the promised risk as a line and the
+    referral rule's operating point on this data as a marker."""
+    fig = Figure(figsize=(5, 4), layout="constrained")
+    ax = fig.subplots()
+    for name, curve in curves.items():
+        ax.step(curve["coverage"], curve["risk"], where="post", label=name)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"promised risk {target:g}")
+    if chosen is not None:
+        ax.plot(*chosen, "o", color="black", label=f"referral rule: coverage {chosen[0]:.2f}, risk {chosen[1]:.3f}")
+    ax.set(xlabel="coverage (fraction of cases accepted)", ylabel="error rate among accepted cases", xlim=(0, 1),
+           ylim=(0, None), title="risk-coverage")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def vcdr_figure(path: str | Path, predicted: np.ndarray, truth: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                halfwidth: float | None, coverage: float | None) -> Path:
+    """Predicted against true vertical cup-to-disc ratio per image, coloured by label, with the
+    conformal interval as error bars."""
+    fig = Figure(figsize=(4.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for k, name in enumerate(class_names):
+        chosen = (labels == k) & np.isfinite(predicted) & np.isfinite(truth)
+        if not chosen.any():
+            continue
+        ax.errorbar(truth[chosen], predicted[chosen], yerr=halfwidth if halfwidth is not None else None, fmt="o", markersize=3,
+                    alpha=0.6, elinewidth=0.5, label=name)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    interval = f", intervals +-{halfwidth:.3f} at {100 * coverage:g} %" if halfwidth is not None and coverage else ""
+    ax.set(xlabel="true vCDR", ylabel="predicted vCDR", xlim=(0, 1), ylim=(0, 1), title=f"vertical cup-to-disc ratio{interval}")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def referral_figure(path: str | Path, curve: Mapping[str, np.ndarray]) -> Path:
     fig = Figure(figsize=(4.5, 4), layout="constrained")
     ax = fig.subplots()
@@ -133,26 +192,26 @@ def panel_figure(
     image: np.ndarray,
     gt_mask: np.ndarray,
     pred_mask: np.ndarray | None,
-    uncertainty: np.ndarray | None,
+    maps: Mapping[str, np.ndarray],
     mask_classes: Sequence[str],
     title: str,
 ) -> Path:
-    """One test case: image, ground truth, prediction and pixel-uncertainty heat map (what exists)."""
-    columns = [("image", None), ("ground truth", gt_mask)]
+    """One test case: image, ground truth, prediction and one heat map per pixel-uncertainty map
+    (title -> (S, S) map in [0, 1]), for what exists."""
+    columns: list[tuple[str, np.ndarray | None, np.ndarray | None]] = [("image", None, None), ("ground truth", gt_mask, None)]
     if pred_mask is not None:
-        columns.append(("prediction", pred_mask))
-    if uncertainty is not None:
-        columns.append(("pixel uncertainty", None))
+        columns.append(("prediction", pred_mask, None))
+    columns += [(name, None, values) for name, values in maps.items()]
     fig = Figure(figsize=(3.2 * len(columns), 3.8), layout="constrained")
     axes = fig.subplots(1, len(columns), squeeze=False)[0]
-    for ax, (name, mask) in zip(axes, columns):
+    for ax, (name, mask, heat_map) in zip(axes, columns):
         ax.imshow(image)
         if mask is not None:
             draw_mask_overlay(ax, mask, mask_classes)
-        if name == "pixel uncertainty":
-            heat = ax.imshow(uncertainty, cmap="magma", vmin=0.0, vmax=1.0, alpha=0.75)
+        if heat_map is not None:
+            heat = ax.imshow(heat_map, cmap="magma", vmin=0.0, vmax=1.0, alpha=0.75)
             fig.colorbar(heat, ax=ax, shrink=0.8)
-        ax.set_title(name, fontsize=10)
+        ax.set_title(name, fontsize=9)
         ax.set_axis_off()
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)

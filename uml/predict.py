@@ -53,10 +53,18 @@ class Prediction:
 
     size: tuple[int, int]  # (width, height) of the original image
     display: np.ndarray  # uint8 (h, w, 3): the image, at most OVERLAY_MAX_SIDE on its longer side
-    class_prob: np.ndarray | None  # (K,)
-    class_uncertainty: float | None
-    mask: np.ndarray | None  # uint8 (S, S) argmax of seg_prob
-    seg_uncertainty: np.ndarray | None  # float32 (S, S)
+    outputs: dict[str, np.ndarray]  # every model output for this image, batch axis dropped
+    unusual_features: np.ndarray  # (F,) the unusual-image rule's features
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """uint8 (S, S): the delivered mask, the argmax of ``seg_prob``."""
+        return self.outputs["seg_prob"].argmax(axis=0).astype(np.uint8) if "seg_prob" in self.outputs else None
+
+    @property
+    def seg_uncertainty(self) -> np.ndarray | None:
+        """float32 (S, S): the delivered mask's error map."""
+        return self.outputs["seg_uncertainty"][0] if "seg_uncertainty" in self.outputs else None
 
 
 def display_copy(image: np.ndarray, max_side: int = OVERLAY_MAX_SIDE) -> np.ndarray:
@@ -69,18 +77,23 @@ def display_copy(image: np.ndarray, max_side: int = OVERLAY_MAX_SIDE) -> np.ndar
     return cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_AREA)
 
 
-def predict_array(model: OnnxModel, image: np.ndarray) -> Prediction:
-    """Run the model on one uint8 RGB image of any size. The prediction keeps a display-sized copy
-    of the image, not the image itself."""
+def predict_array(model: OnnxModel, image: np.ndarray, source: str | Path = "image") -> Prediction:
+    """Run the model on one uint8 RGB image of any size at least ``calibration.min_image_side`` on
+    its shorter side (a smaller one is a :class:`DataError` naming ``source``). The prediction
+    keeps a display-sized copy of the image, not the image itself."""
+    height, width = image.shape[:2]
+    smallest = model.calibration.min_image_side
+    if min(height, width) < smallest:
+        raise DataError(f"{source}: {width}x{height} px is too small to hold a fundus photograph: the model needs at "
+                        f"least {smallest} px on the shorter side (metadata.json calibration.min_image_side)")
     small = resize_image(image, model.image_size, model.resize)
-    out = model.run(model.preprocess(small[None]))
+    scaled = model.scale_images(small[None])
+    out = model.run(model.to_input(scaled))
     return Prediction(
-        size=(int(image.shape[1]), int(image.shape[0])),
+        size=(int(width), int(height)),
         display=display_copy(image),
-        class_prob=out["class_prob"][0].astype(np.float64) if model.has_cls else None,
-        class_uncertainty=float(out["class_uncertainty"].reshape(-1)[0]) if model.has_class_uncertainty else None,
-        mask=out["seg_prob"][0].argmax(axis=0).astype(np.uint8) if model.has_seg else None,
-        seg_uncertainty=out["seg_uncertainty"][0, 0].astype(np.float32) if model.has_seg_uncertainty else None,
+        outputs={name: value[0] for name, value in out.items()},
+        unusual_features=model.unusual_features(scaled, out.get("seg_uncertainty"))[0],
     )
 
 
@@ -88,32 +101,71 @@ def _finite_or_none(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+def referral(model: OnnxModel, prediction: Prediction, vcdr: float | None) -> list[str]:
+    """Why this image goes to a human (empty: the model's answer is accepted): the referral rule
+    on the calibrated class uncertainty, the unusual-image rule, and a fundus mask without a disc."""
+    calibration, reasons = model.calibration, []
+    rule = calibration.referral
+    if rule is not None and "class_uncertainty" in prediction.outputs:
+        uncertainty = float(prediction.outputs["class_uncertainty"][0])
+        promise = (f"the rule keeps the error rate among accepted cases <= {rule.risk:g} with probability >= "
+                   f"{1 - rule.delta:g}")
+        if rule.threshold is None:
+            reasons.append(f"every case is referred: no threshold could be certified on the calibration split ({promise})")
+        elif not rule.accept(np.array([uncertainty]))[0]:
+            reasons.append(f"uncertain classification: estimated error probability {uncertainty:.3f} > threshold "
+                           f"{rule.threshold:.3f} ({promise})")
+    if calibration.unusual.flag(prediction.unusual_features[None])[0]:
+        reasons.append(calibration.unusual.reason(prediction.unusual_features))
+    if prediction.mask is not None and tuple(model.mask_classes) == FUNDUS_MASK_CLASSES and vcdr is None:
+        reasons.append("no optic disc found in the segmentation")
+    return reasons
+
+
 def summarize(model: OnnxModel, prediction: Prediction, source: str | Path) -> dict[str, Any]:
     """The ``<stem>.json`` record of one prediction."""
     width, height = prediction.size
+    out = prediction.outputs
     record: dict[str, Any] = {"image": str(source), "size": [width, height], "model_resolution": model.image_size}
-    if prediction.class_prob is not None:
-        index = int(prediction.class_prob.argmax())
+    raw: dict[str, Any] = {}
+    if "class_prob" in out:
+        prob = out["class_prob"].astype(np.float64)
+        index = int(prob.argmax())
         record.update(
             {
                 "class": model.class_names[index],
                 "class_index": index,
-                "probability": float(prediction.class_prob[index]),
-                "probabilities": {name: float(p) for name, p in zip(model.class_names, prediction.class_prob)},
+                "probability": float(prob[index]),
+                "probabilities": {name: float(p) for name, p in zip(model.class_names, prob)},
+                "class_uncertainty": float(out["class_uncertainty"][0]),
             }
         )
-        if prediction.class_uncertainty is not None:
-            record["class_uncertainty"] = prediction.class_uncertainty
-    if prediction.mask is not None:
-        total = prediction.mask.size
+        raw["probabilities"] = {name: float(p) for name, p in zip(model.class_names, out["class_prob_raw"])}
+        raw["class_uncertainty"] = float(out["class_uncertainty_raw"][0])
+    vcdr = None
+    mask = prediction.mask
+    if mask is not None:
+        total = mask.size
         if tuple(model.mask_classes) == FUNDUS_MASK_CLASSES:
-            record["vcdr"] = _finite_or_none(metrics.vertical_cdr(prediction.mask))
+            vcdr = _finite_or_none(metrics.vertical_cdr(mask))
+            record["vcdr"] = vcdr
+            interval = model.calibration.vcdr_interval
+            bounds = interval.interval(vcdr) if interval is not None and vcdr is not None else None
+            record["vcdr_interval"] = list(bounds) if bounds is not None else None
+            record["vcdr_interval_coverage"] = interval.coverage if interval is not None else None
         for name, select in metrics.structures(model.mask_classes).items():
-            pixels = int(select(prediction.mask).sum())
+            pixels = int(select(mask).sum())
             record[f"{name}_area_pixels"] = pixels
             record[f"{name}_area_fraction"] = pixels / total
-        if prediction.seg_uncertainty is not None:
-            record["mean_pixel_uncertainty"] = float(prediction.seg_uncertainty.mean())
+        record["mean_pixel_uncertainty"] = float(out["seg_uncertainty"].mean())
+        raw["mean_pixel_uncertainty"] = float(out["seg_uncertainty_raw"].mean())
+    record["raw"] = raw
+    unusual = model.calibration.unusual
+    record["unusual_score"] = float(unusual.score(prediction.unusual_features[None])[0])
+    record["unusual_threshold"] = unusual.threshold
+    reasons = referral(model, prediction, vcdr)
+    record["refer"] = bool(reasons)
+    record["refer_reasons"] = reasons
     return record
 
 
@@ -121,10 +173,11 @@ def _title(model: OnnxModel, record: dict[str, Any]) -> str:
     parts = []
     if "class" in record:
         parts.append(f"{record['class']}  p={record['probability']:.3f}")
-        if "class_uncertainty" in record:
-            parts.append(f"u={record['class_uncertainty']:.3f}")
     if record.get("vcdr") is not None:
-        parts.append(f"vCDR={record['vcdr']:.2f}")
+        interval = record.get("vcdr_interval")
+        bounds = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+        parts.append(f"vCDR={record['vcdr']:.2f}{bounds}")
+    parts.append("REFER" if record.get("refer") else "accept")
     return "   ".join(parts) or Path(record["image"]).name
 
 
@@ -177,7 +230,7 @@ def predict_files(
     records, errors = [], []
     for i, image_path in enumerate(stems.values(), start=1):
         try:
-            prediction = predict_array(model, read_rgb(image_path))
+            prediction = predict_array(model, read_rgb(image_path), image_path)
             record = summarize(model, prediction, image_path)
             json_path = write_replacing(out_dir, f"{image_path.stem}.json",
                                         lambda stream: stream.write((json.dumps(record, indent=2) + "\n").encode()))

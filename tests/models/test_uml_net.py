@@ -50,7 +50,8 @@ def test_small_output_shapes(size):
     assert [tuple(s.shape[-2:]) for s in out["side_logits"]] == [(size // d, size // d) for d in (16, 8, 4)]
     assert "seg_evidence" not in out  # the navigator's outputs are softmax logits, not evidence
     assert {k: tuple(v.shape) for k, v in inf.items()} == {
-        "class_prob": (2, 3), "class_uncertainty": (2, 1), "seg_prob": (2, 4, size, size), "seg_uncertainty": (2, 1, size, size)}
+        "class_prob": (2, 3), "class_uncertainty": (2, 1), "class_prob_raw": (2, 3), "class_uncertainty_raw": (2, 1),
+        "seg_prob": (2, 4, size, size), "seg_uncertainty": (2, 1, size, size), "seg_uncertainty_raw": (2, 1, size, size)}
     assert bool((out["mutual_evidence"] >= 0).all()) and torch.allclose(inf["class_prob"].sum(1), torch.ones(2))
 
 
@@ -381,7 +382,9 @@ def test_seg_only_and_cls_only_baselines():
         seg_out, cls_out = seg(torch.rand(1, 3, 64, 64)), cls(torch.rand(1, 3, 64, 64))
     assert "class_logits" not in seg_out and "seg_logits" in seg_out and "uncertainty_map" not in seg_out
     assert set(cls_out) == {"class_logits", "class_evidence"}
-    assert set(seg.infer(torch.rand(1, 3, 64, 64))) == {"seg_prob", "seg_uncertainty"}
+    assert set(seg.infer(torch.rand(1, 3, 64, 64))) == {"seg_prob", "seg_uncertainty", "seg_uncertainty_raw"}
+    assert set(cls.infer(torch.rand(1, 3, 64, 64))) == {"class_prob", "class_uncertainty", "class_prob_raw",
+                                                        "class_uncertainty_raw"}
 
 
 def test_save_and_load_round_trip(tmp_path, small):

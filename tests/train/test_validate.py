@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 
-from tests.toy_onnx import CLASS_NAMES, FLIPPED, MASK_CLASSES, RATIOS, ToyUML, export_toy, fundus_set
+from tests.toy_onnx import CLASS_NAMES, FLIPPED, MASK_CLASSES, RATIOS, ToyUML, export_toy, fundus_set, output_names
 from uml.config import EvaluateParams
 from uml.data.records import Record
 from uml.data.store import write_dataset
@@ -39,8 +39,15 @@ class ToyNet(torch.nn.Module):
         self.toy = ToyUML()
 
     def infer(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        class_prob, class_unc, seg_prob, seg_unc = self.toy(images)
-        return {"class_prob": class_prob, "class_uncertainty": class_unc, "seg_prob": seg_prob, "seg_uncertainty": seg_unc}
+        return dict(zip(output_names(self.toy.tasks), self.toy(images)))
+
+
+@pytest.fixture(autouse=True)
+def _every_validation_pixel(monkeypatch):
+    # 64 x 64 images: validation's pixel sample is then every pixel, as evaluation's is.
+    from uml.train import worker
+
+    monkeypatch.setattr(worker, "VALIDATION_PIXELS_PER_IMAGE", 64 * 64)
 
 
 def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -79,15 +86,25 @@ def reference(case):
     prob = out["class_prob"].numpy().astype(np.float64)
     pred = prob.argmax(1)
     seg = out["seg_prob"].numpy().argmax(1)
+    error, pixel_error = pred != labels, (seg != masks).ravel()
+    one_hot = np.eye(2)[labels]
     ref = {
         "cls/acc": accuracy_score(labels, pred),
         "cls/auc": roc_auc_score(labels == POSITIVE, prob[:, POSITIVE]),
         "cls/f1": f1_score(labels, pred, pos_label=POSITIVE),
+        "cls/nll": log_loss(labels, prob, labels=[0, 1]),
+        "cls/brier": float(((prob - one_hot) ** 2).sum(1).mean()),
         "seg/dice_disc": np.mean([_dice(p >= 1, g >= 1) for p, g in zip(seg, masks)]),
         "seg/dice_cup": np.mean([_dice(p == 2, g == 2) for p, g in zip(seg, masks)]),
         # Equal-sized images: the mean of the per-image mean pixel uncertainties is the global mean.
         "unc/mean_class_uncertainty": out["class_uncertainty"].numpy().astype(np.float64).mean(),
         "unc/mean_pixel_uncertainty": out["seg_uncertainty"].numpy().astype(np.float64).mean(),
+        "raw/unc/mean_class_uncertainty": out["class_uncertainty_raw"].numpy().astype(np.float64).mean(),
+        "raw/unc/mean_pixel_uncertainty": out["seg_uncertainty_raw"].numpy().astype(np.float64).mean(),
+        "unc/error_auroc": roc_auc_score(error, out["class_uncertainty"].numpy()[:, 0]),
+        "raw/unc/error_auroc": roc_auc_score(error, out["class_uncertainty_raw"].numpy()[:, 0]),
+        "unc/pixel_error_auroc": roc_auc_score(pixel_error, out["seg_uncertainty"].numpy()[:, 0].ravel()),
+        "raw/unc/pixel_error_auroc": roc_auc_score(pixel_error, out["seg_uncertainty_raw"].numpy()[:, 0].ravel()),
     }
     # The case tells the positive classes apart: a path that scored class 1 would give another F1.
     assert ref["cls/f1"] != pytest.approx(f1_score(labels, pred, pos_label=1))
@@ -117,6 +134,9 @@ INDEX_SETS = {"whole set": KEPT, "uneven shares": KEPT[:-1], "one rank empty": K
 
 
 def _validate_as_rank(rank: int, world: int, init_file: str, store: str, out_dir: str) -> None:
+    from uml.train import worker
+
+    worker.VALIDATION_PIXELS_PER_IMAGE = 64 * 64  # as the parent's fixture sets it
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         for name, indices in INDEX_SETS.items():

@@ -221,31 +221,72 @@ class UMLNet(nn.Module):
                 out["uncertainty_map"] = dirichlet(out["mutual_evidence"], dim=1)[2]
         return out
 
-    def infer(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The deployment outputs (what the ONNX model exposes), for whichever heads exist:
-        ``class_prob`` (B,K), ``class_uncertainty`` (B,1), ``seg_prob`` (B,C,H,W) and
-        ``seg_uncertainty`` (B,1,H,W).
+    def scores(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the deployment outputs are computed from, for whichever heads exist:
 
-        ``class_prob``/``class_uncertainty``: ``alpha / S`` and ``K / S`` of an evidential head,
-        the softmax and its normalised entropy otherwise. ``seg_prob`` is ``softmax(S_0)``.
-        ``seg_uncertainty`` is the mutual branch's map (U = C/S, or the normalised entropy of the
-        mutual softmax in the ablation), or the normalised entropy of ``seg_prob`` without a
-        mutual branch.
+        - ``class_log_score`` (B,K): ``log alpha`` of an evidential head, the logits of a softmax
+          head. ``softmax(class_log_score)`` is the class probability ``alpha / S`` (resp. the
+          softmax), and dividing it by a temperature is the post-hoc calibration.
+        - ``class_uncertainty_raw`` (B,1): the paper's image uncertainty ``K / S`` (the normalised
+          entropy of the softmax for a softmax head).
+        - ``seg_logits`` (B,C,H,W): the navigator's ``S_0``, whose softmax is the delivered mask.
+        - ``seg_uncertainty_raw`` (B,1,H,W): the paper's pixel uncertainty, the mutual branch's map
+          ``U = C / S`` (the normalised entropy of the mutual softmax in the softmax ablation, of
+          ``softmax(S_0)`` without a mutual branch).
         """
         out = self.forward(image)
         result: dict[str, torch.Tensor] = {}
         if "class_logits" in out:
             if self.evidential:
-                _, result["class_prob"], result["class_uncertainty"] = dirichlet(out["class_evidence"], dim=1)
+                result["class_log_score"] = torch.log1p(out["class_evidence"])  # log(alpha), alpha = e + 1
+                result["class_uncertainty_raw"] = dirichlet(out["class_evidence"], dim=1)[2]
             else:
-                result["class_prob"] = torch.softmax(out["class_logits"], dim=1)
-                result["class_uncertainty"] = normalized_entropy(result["class_prob"], dim=1)
+                result["class_log_score"] = out["class_logits"]
+                result["class_uncertainty_raw"] = normalized_entropy(torch.softmax(out["class_logits"], dim=1), dim=1)
         if "seg_logits" in out:
-            result["seg_prob"] = torch.softmax(out["seg_logits"], dim=1)
+            result["seg_logits"] = out["seg_logits"]
             if "uncertainty_map" in out:
-                result["seg_uncertainty"] = out["uncertainty_map"]
+                result["seg_uncertainty_raw"] = out["uncertainty_map"]
             elif "mutual_logits" in out:
-                result["seg_uncertainty"] = normalized_entropy(torch.softmax(out["mutual_logits"], dim=1), dim=1)
+                result["seg_uncertainty_raw"] = normalized_entropy(torch.softmax(out["mutual_logits"], dim=1), dim=1)
             else:
-                result["seg_uncertainty"] = normalized_entropy(result["seg_prob"], dim=1)
+                result["seg_uncertainty_raw"] = normalized_entropy(torch.softmax(out["seg_logits"], dim=1), dim=1)
         return result
+
+    def infer(self, image: torch.Tensor, class_temperature: float = 1.0, seg_temperature: float = 1.0) -> dict[str, torch.Tensor]:
+        """The deployment outputs (what the ONNX model exposes): :func:`deployment_outputs` of
+        :meth:`scores` with the given temperatures (1: uncalibrated, as during training)."""
+        return deployment_outputs(self.scores(image), class_temperature, seg_temperature)
+
+
+def deployment_outputs(scores: dict[str, torch.Tensor], class_temperature: float = 1.0,
+                       seg_temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """The outputs a user acts on, from :meth:`UMLNet.scores`, with post-hoc temperatures:
+
+    - ``class_prob`` = ``softmax(class_log_score / class_temperature)``. For an evidential head
+      this is the mean of the tempered Dirichlet ``alpha_k ** (1 / T)``; with K = 2 it is a
+      strictly increasing function of ``alpha / S`` with the same argmax, so accuracy, F1 and AUC
+      do not change, only how sure the probability says the model is.
+    - ``class_uncertainty`` = ``1 - max_k class_prob``: the calibrated probability that the
+      predicted class is wrong, the score the referral rule thresholds.
+    - ``class_prob_raw`` = ``softmax(class_log_score)`` (``alpha / S``) and ``class_uncertainty_raw``
+      (``K / S``): the paper's outputs, as trained.
+    - ``seg_prob`` = ``softmax(S_0 / seg_temperature)``: the same argmax (the delivered mask) as
+      ``softmax(S_0)``.
+    - ``seg_uncertainty``: the normalised entropy of ``seg_prob``, the uncertainty of the mask
+      actually delivered (its error map).
+    - ``seg_uncertainty_raw``: the paper's pixel uncertainty (the mutual map ``U``), which belongs
+      to the mutual branch, not to the delivered mask.
+    """
+    result: dict[str, torch.Tensor] = {}
+    if "class_log_score" in scores:
+        log_score = scores["class_log_score"]
+        result["class_prob"] = torch.softmax(log_score / class_temperature, dim=1)
+        result["class_uncertainty"] = 1.0 - result["class_prob"].amax(dim=1, keepdim=True)
+        result["class_prob_raw"] = torch.softmax(log_score, dim=1)
+        result["class_uncertainty_raw"] = scores["class_uncertainty_raw"]
+    if "seg_logits" in scores:
+        result["seg_prob"] = torch.softmax(scores["seg_logits"] / seg_temperature, dim=1)
+        result["seg_uncertainty"] = normalized_entropy(result["seg_prob"], dim=1)
+        result["seg_uncertainty_raw"] = scores["seg_uncertainty_raw"]
+    return result

@@ -49,21 +49,28 @@ def write_live_log(out_dir: Path, history: list[dict[str, float]], params_to_log
 
 
 def plot_progress(history: list[dict[str, float]], path: Path) -> None:
-    """Losses and validation metrics against the epoch, best epoch marked.
+    """Losses, validation task metrics, and validation calibration and uncertainty metrics against
+    the epoch, best epoch marked.
 
     A ``matplotlib.figure.Figure`` of its own, never pyplot (as :mod:`uml.plots`): no backend
     switch or figure registry shared with the rest of the process."""
     epochs = [int(r["epoch"]) + 1 for r in history]  # 1-based, as the progress lines
-    fig = Figure(figsize=(11, 4))
-    ax_loss, ax_val = fig.subplots(1, 2)
+    fig = Figure(figsize=(16, 4.5))
+    ax_loss, ax_val, ax_unc = fig.subplots(1, 3)
     for key, style in (("train/loss", "-"), ("train/loss_cls", "--"), ("train/loss_seg", "--"), ("train/loss_mut", ":")):
         if key in history[0]:
             ax_loss.plot(epochs, [r[key] for r in history], style, label=key.removeprefix("train/"))
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
     ax_loss.legend()
     for key in sorted(history[0]):
-        if key.startswith("val/") and key != SCORE_KEY:
-            ax_val.plot(epochs, [r[key] for r in history], label=key.removeprefix("val/"))
+        if not key.startswith("val/") or key == SCORE_KEY:
+            continue
+        name = key.removeprefix("val/")
+        calibration = name.startswith(("unc/", "raw/")) or name in ("cls/nll", "cls/brier", "cls/ece")
+        (ax_unc if calibration else ax_val).plot(epochs, [r[key] for r in history], label=name)
+    ax_unc.set(xlabel="epoch", ylabel="value", title="Validation: calibration and uncertainty")
+    ax_unc.set_ylim(bottom=0)
+    ax_unc.legend(fontsize="x-small", ncol=2)
     scores = [r.get(SCORE_KEY, float("nan")) for r in history]
     ax_val.plot(epochs, scores, "k-", linewidth=2, label="score")
     if any(not math.isnan(s) for s in scores):

@@ -113,8 +113,11 @@ def _unwrap(model: torch.nn.Module) -> UMLNet:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-# The classification metrics of a validation row (the evaluation stage computes them all).
-VALIDATION_CLASSIFICATION_METRICS = ("acc", "auc", "f1")
+# The classification metrics of a validation row (the evaluation stage computes them all): the
+# selection score's, and how well calibrated the class output is as training goes on.
+VALIDATION_CLASSIFICATION_METRICS = ("acc", "auc", "f1", "nll", "brier", "ece")
+# Pixels per validation image kept for the pixel-error AUROCs (a fixed, seeded sample).
+VALIDATION_PIXELS_PER_IMAGE = 2048
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
@@ -157,12 +160,21 @@ def validate(model: UMLNet, loader: DataLoader, mask_classes: list[str], device:
     through ``loader`` (:func:`validation_loader`).
 
     The per-image results are gathered to every rank, so all ranks report identical metrics, all
-    from :func:`uml.metrics.task_metrics` as in the evaluation stage (with the data set's declared
-    positive class): classification, Dice, and the mean class and pixel uncertainties.
+    from :mod:`uml.metrics` as in the evaluation stage (with the data set's declared positive
+    class), on the uncalibrated outputs (temperatures of 1):
+
+    - :func:`uml.metrics.task_metrics`: classification (with NLL, Brier and ECE), Dice, and the
+      mean class and pixel uncertainties of the deployment outputs (``1 - max p``, the entropy of
+      the delivered mask) and, under ``raw/``, of the paper's ``u`` and ``U``;
+    - ``unc/error_auroc`` and ``raw/unc/error_auroc``: the class uncertainties against errors;
+    - ``unc/pixel_error_auroc`` and ``raw/unc/pixel_error_auroc``: the pixel maps against wrong
+      pixels, on :data:`VALIDATION_PIXELS_PER_IMAGE` pixels per image drawn with a generator seeded
+      by the image's index (the same pixels at every epoch and on any number of ranks).
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     dataset: SegClsDataset = loader.dataset
-    rows: dict[str, list] = {"label": [], "prob": [], "class_unc": [], "pixel_unc": []}
+    rows: dict[str, list] = {name: [] for name in ("label", "prob", "class_unc", "class_unc_raw", "pixel_unc",
+                                                   "pixel_unc_raw", "sample_unc", "sample_unc_raw", "sample_error")}
     seg_rows: list[dict[str, np.ndarray]] = []
     model.eval()
     for batch in loader:
@@ -171,12 +183,24 @@ def validate(model: UMLNet, loader: DataLoader, mask_classes: list[str], device:
         rows["label"].append(batch["label"].numpy())
         if "class_prob" in out:
             rows["prob"].append(out["class_prob"].float().cpu().numpy())
-            rows["class_unc"].append(out["class_uncertainty"].float().cpu().numpy()[:, 0])
+            # float64 from here on: means over float32 values would depend on how ranks split the set.
+            rows["class_unc"].append(out["class_uncertainty"].double().cpu().numpy()[:, 0])
+            rows["class_unc_raw"].append(out["class_uncertainty_raw"].double().cpu().numpy()[:, 0])
         if "seg_prob" in out:
-            # Per-image values, not masks, cross the ranks: a few numbers per image instead of H x W.
+            # Per-image values and a pixel sample, not masks, cross the ranks.
             pred_masks = out["seg_prob"].argmax(1).cpu().numpy().astype(np.uint8)
-            seg_rows.append(metrics.segmentation_per_image(pred_masks, batch["mask"].numpy(), mask_classes, distances=False))
-            rows["pixel_unc"].append(out["seg_uncertainty"].float().mean(dim=(1, 2, 3)).cpu().numpy())
+            gt_masks = batch["mask"].numpy()
+            seg_rows.append(metrics.segmentation_per_image(pred_masks, gt_masks, mask_classes, distances=False))
+            maps = {"sample_unc": out["seg_uncertainty"].float()[:, 0].cpu().numpy(),
+                    "sample_unc_raw": out["seg_uncertainty_raw"].float()[:, 0].cpu().numpy()}
+            rows["pixel_unc"].append(maps["sample_unc"].mean(axis=(1, 2), dtype=np.float64))
+            rows["pixel_unc_raw"].append(maps["sample_unc_raw"].mean(axis=(1, 2), dtype=np.float64))
+            for j, index in enumerate(batch["index"].numpy()):
+                sampled = metrics.sample_pixels(VALIDATION_PIXELS_PER_IMAGE, np.random.default_rng(int(index)),
+                                                sample_unc=maps["sample_unc"][j], sample_unc_raw=maps["sample_unc_raw"][j],
+                                                sample_error=pred_masks[j] != gt_masks[j])
+                for name, values in sampled.items():
+                    rows[name].append(values)
     local = {k: _concat(v) for k, v in rows.items()}
     local["seg"] = {k: _concat([r[k] for r in seg_rows]) for k in (seg_rows[0] if seg_rows else {})}
     if world > 1:
@@ -186,16 +210,25 @@ def validate(model: UMLNet, loader: DataLoader, mask_classes: list[str], device:
         seg_keys = next((list(g["seg"]) for g in gathered if g["seg"]), [])
         local = {k: _concat([g[k] for g in gathered]) for k in rows}
         local["seg"] = {k: _concat([g["seg"].get(k, np.zeros(0)) for g in gathered]) for k in seg_keys}
-    has_cls = local["prob"].size > 0
+    has_cls, has_seg = local["prob"].size > 0, bool(local["seg"])
+    prob = local["prob"].reshape(len(local["label"]), -1) if has_cls else None
     result = metrics.task_metrics(
-        local["label"],
-        local["prob"].reshape(len(local["label"]), -1) if has_cls else None,
-        local["seg"] or None,
-        positive=dataset.positive_class,
+        local["label"], prob, local["seg"] or None, positive=dataset.positive_class,
         classification=VALIDATION_CLASSIFICATION_METRICS,
         class_uncertainty=local["class_unc"] if has_cls else None,
-        pixel_uncertainty=local["pixel_unc"] if local["seg"] else None,
+        pixel_uncertainty=local["pixel_unc"] if has_seg else None,
     )
+    raw = metrics.task_metrics(local["label"], None, None, positive=dataset.positive_class,
+                               class_uncertainty=local["class_unc_raw"] if has_cls else None,
+                               pixel_uncertainty=local["pixel_unc_raw"] if has_seg else None)
+    result.update({f"raw/{key}": value for key, value in raw.items()})
+    if has_cls:
+        error = metrics.predicted_class(prob) != local["label"]
+        result["unc/error_auroc"] = metrics.error_auroc(local["class_unc"], error)
+        result["raw/unc/error_auroc"] = metrics.error_auroc(local["class_unc_raw"], error)
+    if has_seg:
+        result["unc/pixel_error_auroc"] = metrics.error_auroc(local["sample_unc"], local["sample_error"])
+        result["raw/unc/pixel_error_auroc"] = metrics.error_auroc(local["sample_unc_raw"], local["sample_error"])
     result["score"] = selection_score(result)
     return result
 
@@ -455,8 +488,9 @@ def _quiet_report_logging() -> None:
 
 def format_epoch(row: dict[str, float], epochs: int) -> str:
     """One progress line per epoch."""
-    keys = [("train/loss", "loss"), ("val/cls/acc", "acc"), ("val/cls/auc", "auc"), ("val/seg/dice_disc", "disc"),
-            ("val/seg/dice_cup", "cup"), ("val/unc/mean_class_uncertainty", "u_img"), ("val/unc/mean_pixel_uncertainty", "u_pix"), ("val/score", "score")]
+    keys = [("train/loss", "loss"), ("val/cls/acc", "acc"), ("val/cls/auc", "auc"), ("val/cls/ece", "ece"),
+            ("val/seg/dice_disc", "disc"), ("val/seg/dice_cup", "cup"), ("val/raw/unc/mean_class_uncertainty", "u"),
+            ("val/unc/pixel_error_auroc", "pix_err_auroc"), ("val/score", "score")]
     shown = "  ".join(f"{short} {row[k]:.3f}" for k, short in keys if k in row and not math.isnan(row[k]))
     return (f"epoch {int(row['epoch']) + 1:>3}/{epochs}  {shown}  lr {row['lr']:.1e}  "
             f"{row['epoch_seconds']:.1f}s  {row['images_per_second']:.1f} img/s")

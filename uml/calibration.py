@@ -1,0 +1,259 @@
+"""Post-hoc calibration and referral: what the ``calibrate`` stage fits on the calibration split,
+and the rules the deployment applies with it.
+
+Everything here is fitted on the store's ``calib`` split, which no other stage reads, so the
+guarantees below hold for new images drawn like that split (exchangeable with it):
+
+- **Temperatures** (:func:`fit_temperature`). The class output is ``softmax(log_score / T)``
+  with ``log_score = log alpha`` (a tempered Dirichlet, ``alpha ** (1 / T)``) or the logits of a
+  softmax head; the segmentation output is ``softmax(S_0 / T)``. Each ``T`` minimises the negative
+  log-likelihood on the calibration split (Guo et al. 2017, "On Calibration of Modern Neural
+  Networks"). Dividing by ``T > 0`` keeps every argmax and, for two classes, the order of the
+  positive-class probability, so accuracy, F1, Dice and AUC are unchanged.
+- **Referral** (:func:`fit_referral_rule`): accept a case when its calibrated class uncertainty
+  (``1 - max p``, the estimated probability of an error) is at most a threshold ``lambda``; refer
+  it to a human otherwise. ``lambda`` is chosen by Learn-then-Test (Angelopoulos, Bates, Candès,
+  Jordan & Lei 2021, "Learn then Test: Calibrating Predictive Algorithms to Achieve Risk
+  Control"): for each ``lambda`` of a fixed grid, the null hypothesis "the error rate among
+  accepted cases exceeds ``epsilon``" has the exact binomial p-value ``P(Binomial(n_lambda,
+  epsilon) <= k_lambda)`` (``k_lambda`` errors among the ``n_lambda`` accepted calibration
+  cases); the hypotheses are tested in two fixed sequences that start at ``lambda = epsilon``
+  (where a calibrated score is most likely to have both data and a risk below ``epsilon``), one
+  upwards and one downwards, each at level ``delta / 2``, each stopping at its first
+  non-rejection. That controls the family-wise error at ``delta``, so with probability at least
+  ``1 - delta`` over the draw of the calibration split, the chosen threshold's error rate among
+  accepted cases is at most ``epsilon``. When no threshold can be certified, every case is
+  referred.
+- **Unusual images** (:func:`fit_unusual_rule`): the :mod:`uml.quality` statistics of an image
+  (and, with a segmentation head, the mean uncertainty of its delivered mask), each standardised
+  by the median and the scaled median absolute deviation of the validation split, give the
+  score ``max_j |z_j|``. The threshold is the split-conformal quantile of that score on the
+  calibration split (Vovk et al. 2005; Angelopoulos & Bates 2021, "A Gentle Introduction to
+  Conformal Prediction"): an image exchangeable with the calibration images is flagged with
+  probability at most ``alpha``. Noise, a grayscale or blank picture or an image the model finds
+  confusing lies far outside.
+- **vCDR interval** (:func:`fit_vcdr_interval`): split conformal on the absolute error of the
+  predicted vertical cup-to-disc ratio: ``vCDR +- q``, with ``q`` the conformal quantile of the
+  calibration split's errors, covers the true vCDR with probability at least the chosen coverage
+  (marginally over images; per class it can be lower or higher, which evaluate reports).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import optimize, special, stats
+
+CALIBRATION_FORMAT = "uml-calibration/1"
+# The referral threshold is searched on this grid of calibrated error probabilities.
+REFERRAL_GRID_STEP = 0.005
+# |z| needs a positive scale even when a statistic does not vary on the reference images.
+_MIN_SCALE = 1e-6
+# 1.4826 * MAD estimates the standard deviation of normally distributed values.
+_MAD_TO_SD = 1.4826
+# Bounds of the temperature search (T = 1 / beta); NLL is convex in beta.
+_BETA_BOUNDS = (1e-3, 1e3)
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TemperatureFit(_Part):
+    """A fitted temperature and the calibration split's mean negative log-likelihood before
+    (``T = 1``) and after."""
+
+    temperature: float = Field(gt=0.0)
+    nll_before: float
+    nll_after: float
+    samples: int = Field(ge=1, description="images (class) or pixels (segmentation) it was fitted on")
+
+
+class ReferralRule(_Part):
+    """Accept a case when ``class_uncertainty <= threshold``; ``threshold`` None: refer every case."""
+
+    score: Literal["class_uncertainty"] = "class_uncertainty"
+    threshold: float | None
+    risk: float = Field(gt=0.0, lt=1.0, description="epsilon: the promised largest error rate among accepted cases")
+    delta: float = Field(gt=0.0, lt=1.0, description="the promise fails with probability at most delta")
+    method: str = "Learn-then-Test, exact binomial p-values, two fixed sequences from lambda = epsilon at delta / 2 each"
+    calibration_images: int
+    calibration_coverage: float
+    calibration_risk: float | None
+
+    def accept(self, class_uncertainty: np.ndarray) -> np.ndarray:
+        """Which cases the rule accepts (True) rather than refers."""
+        uncertainty = np.asarray(class_uncertainty, dtype=np.float64)
+        if self.threshold is None:
+            return np.zeros(uncertainty.shape, dtype=bool)
+        return uncertainty <= self.threshold
+
+
+class UnusualRule(_Part):
+    """Flag an image whose standardised statistics lie beyond the calibration split's conformal
+    quantile of ``max_j |z_j|``."""
+
+    statistics: list[str]
+    center: list[float]
+    scale: list[float]
+    threshold: float | None = Field(description="None: the calibration split is too small to flag at this alpha")
+    alpha: float = Field(gt=0.0, lt=1.0)
+    reference_split: str = "val"
+    threshold_split: str = "calib"
+    calibration_images: int
+
+    def z_scores(self, features: np.ndarray) -> np.ndarray:
+        """(n, F) features in :attr:`statistics` order -> (n, F) standardised values."""
+        features = np.asarray(features, dtype=np.float64)
+        if features.ndim != 2 or features.shape[1] != len(self.statistics):
+            raise ValueError(f"expected (n, {len(self.statistics)}) features {self.statistics}, got shape {features.shape}")
+        return (features - np.asarray(self.center)) / np.asarray(self.scale)
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """``max_j |z_j|`` per image: how far the most unusual statistic lies from the reference."""
+        return np.abs(self.z_scores(features)).max(axis=1)
+
+    def flag(self, features: np.ndarray) -> np.ndarray:
+        if self.threshold is None:
+            return np.zeros(len(features), dtype=bool)
+        return self.score(features) > self.threshold
+
+    def reason(self, features: np.ndarray) -> str:
+        """Which statistic makes one image (features (F,)) unusual, in words."""
+        z = self.z_scores(np.asarray(features, dtype=np.float64)[None])[0]
+        j = int(np.abs(z).argmax())
+        direction = "above" if z[j] > 0 else "below"
+        return (f"unusual image: {self.statistics[j]} {features[j]:.3g} lies {abs(z[j]):.1f} robust standard deviations "
+                f"{direction} the calibration images' (score {abs(z[j]):.1f} > threshold {self.threshold:.1f})")
+
+
+class VcdrInterval(_Part):
+    coverage: float = Field(gt=0.0, lt=1.0)
+    halfwidth: float | None = Field(description="None: too few calibration images for this coverage")
+    calibration_images: int
+
+    def interval(self, vcdr: float) -> tuple[float, float] | None:
+        if self.halfwidth is None or not math.isfinite(vcdr):
+            return None
+        return max(0.0, vcdr - self.halfwidth), min(1.0, vcdr + self.halfwidth)
+
+
+class Calibration(_Part):
+    """The content of ``data/models/calibration.json``, which the export copies into ``metadata.json``."""
+
+    format: Literal["uml-calibration/1"] = CALIBRATION_FORMAT
+    split: str = "calib"
+    num_images: int
+    model_sha256: str = Field(description="the model.pt these values were fitted for")
+    class_temperature: TemperatureFit | None = None
+    seg_temperature: TemperatureFit | None = None
+    referral: ReferralRule | None = None
+    unusual: UnusualRule
+    vcdr_interval: VcdrInterval | None = None
+    min_image_side: int = Field(ge=1, description="shorter sides below this are refused (too small to hold a fundus)")
+
+
+# ---------------------------------------------------------------------------- temperature
+def mean_nll(log_scores: np.ndarray, labels: np.ndarray, beta: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``softmax(beta * log_scores)`` ((n, K) scores, (n,) labels)."""
+    scaled = beta * np.asarray(log_scores, dtype=np.float64)
+    picked = np.take_along_axis(scaled, np.asarray(labels, dtype=np.int64)[:, None], axis=1)[:, 0]
+    return float(np.mean(special.logsumexp(scaled, axis=1) - picked))
+
+
+def fit_temperature(log_scores: np.ndarray, labels: np.ndarray) -> TemperatureFit:
+    """The temperature ``T`` minimising the NLL of ``softmax(log_scores / T)``.
+
+    The NLL is convex in ``beta = 1 / T`` (a log-sum-exp of linear functions minus a linear one),
+    so a bounded scalar search on ``log beta`` finds its minimum."""
+    log_scores = np.asarray(log_scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if log_scores.ndim != 2 or len(labels) != len(log_scores) or len(labels) == 0:
+        raise ValueError(f"expected (n, K) scores and (n,) labels with n > 0, got {log_scores.shape} and {labels.shape}")
+    found = optimize.minimize_scalar(lambda log_beta: mean_nll(log_scores, labels, math.exp(log_beta)),
+                                     bounds=tuple(math.log(b) for b in _BETA_BOUNDS), method="bounded",
+                                     options={"xatol": 1e-6})
+    beta = math.exp(found.x)
+    return TemperatureFit(temperature=1.0 / beta, nll_before=mean_nll(log_scores, labels),
+                          nll_after=mean_nll(log_scores, labels, beta), samples=len(labels))
+
+
+# ------------------------------------------------------------------------------- referral
+def referral_grid(num_classes: int, step: float = REFERRAL_GRID_STEP) -> np.ndarray:
+    """The thresholds tried, fixed before any data is seen: ``step, 2 step, ...`` up to the
+    largest possible ``1 - max p``, ``1 - 1 / K``."""
+    top = 1.0 - 1.0 / num_classes
+    return np.round(np.arange(1, math.floor(top / step + 1e-9) + 1) * step, 10)
+
+
+def binomial_p_value(errors: int, accepted: int, risk: float) -> float:
+    """P-value of "error rate among accepted cases > risk" given ``errors`` of ``accepted``:
+    ``P(Binomial(accepted, risk) <= errors)`` (1.0 when nothing is accepted)."""
+    if accepted == 0:
+        return 1.0
+    return float(stats.binom.cdf(errors, accepted, risk))
+
+
+def fit_referral_rule(uncertainty: np.ndarray, error: np.ndarray, num_classes: int, risk: float,
+                      delta: float) -> ReferralRule:
+    """Learn-then-Test threshold on the calibrated class uncertainty (see the module docstring)."""
+    uncertainty = np.asarray(uncertainty, dtype=np.float64).ravel()
+    error = np.asarray(error, dtype=bool).ravel()
+    if uncertainty.shape != error.shape or uncertainty.size == 0:
+        raise ValueError(f"uncertainty and error must be equal-length and non-empty, got {uncertainty.size} and {error.size}")
+    grid = referral_grid(num_classes)
+    start = int(np.searchsorted(grid, risk + 1e-12, side="right")) - 1  # the largest grid point <= risk
+    start = min(max(start, 0), len(grid) - 1)
+
+    def certified(lam: float) -> bool:
+        accepted = uncertainty <= lam
+        return binomial_p_value(int(error[accepted].sum()), int(accepted.sum()), risk) <= delta / 2.0
+
+    chosen: list[float] = []
+    for sequence in (grid[start:], grid[:start][::-1]):  # upwards from risk, then downwards below it
+        for lam in sequence:
+            if not certified(float(lam)):
+                break
+            chosen.append(float(lam))
+    threshold = max(chosen) if chosen else None
+    accepted = uncertainty <= threshold if threshold is not None else np.zeros(uncertainty.shape, dtype=bool)
+    return ReferralRule(threshold=threshold, risk=risk, delta=delta, calibration_images=int(uncertainty.size),
+                        calibration_coverage=float(accepted.mean()),
+                        calibration_risk=float(error[accepted].mean()) if accepted.any() else None)
+
+
+# -------------------------------------------------------------------------------- conformal
+def conformal_quantile(scores: np.ndarray, coverage: float) -> float | None:
+    """The split-conformal quantile: the ``ceil((n + 1) coverage)``-th smallest of ``n`` scores, so
+    that a new exchangeable score is at most it with probability at least ``coverage``. None when
+    ``n`` is too small for that coverage (the rank would exceed ``n``)."""
+    scores = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    scores = scores[np.isfinite(scores)]
+    rank = math.ceil((scores.size + 1) * coverage)
+    if scores.size == 0 or rank > scores.size:
+        return None
+    return float(scores[rank - 1])
+
+
+def fit_unusual_rule(reference: np.ndarray, calibration: np.ndarray, names: list[str], alpha: float) -> UnusualRule:
+    """Standardise by the ``reference`` images' (n_r, F) median and scaled MAD; threshold at the
+    conformal ``1 - alpha`` quantile of the ``calibration`` images' (n_c, F) scores."""
+    reference = np.asarray(reference, dtype=np.float64)
+    center = np.median(reference, axis=0)
+    scale = np.maximum(_MAD_TO_SD * np.median(np.abs(reference - center), axis=0), _MIN_SCALE)
+    rule = UnusualRule(statistics=list(names), center=center.tolist(), scale=scale.tolist(), threshold=None, alpha=alpha,
+                       calibration_images=len(calibration))
+    rule.threshold = conformal_quantile(rule.score(calibration), 1.0 - alpha)
+    return rule
+
+
+def fit_vcdr_interval(predicted: np.ndarray, truth: np.ndarray, coverage: float) -> VcdrInterval:
+    """Split-conformal half-width of ``|predicted - truth|`` over the images where both are defined."""
+    predicted, truth = np.asarray(predicted, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    residual = np.abs(predicted - truth)
+    residual = residual[np.isfinite(residual)]
+    return VcdrInterval(coverage=coverage, halfwidth=conformal_quantile(residual, coverage),
+                        calibration_images=int(residual.size))

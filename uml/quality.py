@@ -1,0 +1,60 @@
+"""Image statistics that tell an unusual or degraded input from the images a model was calibrated on.
+
+A model answers every image it is given, including a grayscale photograph, a blank frame or a
+picture buried in sensor noise, often with high confidence. The ``calibrate`` stage therefore
+records where a few simple statistics of the calibration images lie, and the deployment flags an
+image whose statistics fall far outside that range (:mod:`uml.calibration`, "unusual image").
+Each statistic is computed on the image as the model sees it: RGB at model resolution, values
+scaled to [0, 1].
+
+==================  ==================================================================
+``brightness``      mean of the gray image (the mean of R, G and B)
+``contrast``        standard deviation of the gray image
+``colourfulness``   mean over pixels of max(R, G, B) - min(R, G, B): 0 for a grayscale image
+``noise``           Immerkær's estimate of the standard deviation of additive white noise
+==================  ==================================================================
+
+Immerkær (1996, "Fast Noise Variance Estimation", Computer Vision and Image Understanding 64(2))
+convolves the gray image with the difference of two Laplacians,
+``[[1, -2, 1], [-2, 4, -2], [1, -2, 1]]``, which cancels any locally linear image content, and
+takes ``sqrt(pi / 2) / (6 (W - 2) (H - 2)) * sum |I * N|`` over the interior pixels: for white
+Gaussian noise of standard deviation sigma the expected value is sigma.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+STATISTICS: tuple[str, ...] = ("brightness", "contrast", "colourfulness", "noise")
+
+_IMMERKAER_KERNEL = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
+
+
+def noise_sigma(gray: np.ndarray) -> float:
+    """Immerkær's noise standard deviation estimate of one 2-D image (see the module docstring);
+    0.0 for an image smaller than 3 x 3."""
+    gray = np.asarray(gray, dtype=np.float64)
+    if gray.ndim != 2:
+        raise ValueError(f"expected a 2-D gray image, got shape {gray.shape}")
+    height, width = gray.shape
+    if height < 3 or width < 3:
+        return 0.0
+    # The kernel is symmetric, so correlation and convolution agree; only interior pixels count.
+    response = ndimage.correlate(gray, _IMMERKAER_KERNEL, mode="constant")[1:-1, 1:-1]
+    return float(math.sqrt(math.pi / 2.0) * np.abs(response).sum() / (6.0 * (width - 2) * (height - 2)))
+
+
+def image_statistics(images: np.ndarray) -> np.ndarray:
+    """The :data:`STATISTICS` of each image: float images (N, H, W, 3) in [0, 1] -> (N, 4) float64."""
+    images = np.asarray(images, dtype=np.float64)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected RGB images (N, H, W, 3), got shape {images.shape}")
+    gray = images.mean(axis=-1)
+    brightness = gray.mean(axis=(1, 2))
+    contrast = gray.std(axis=(1, 2))
+    colourfulness = (images.max(axis=-1) - images.min(axis=-1)).mean(axis=(1, 2))
+    noise = np.array([noise_sigma(g) for g in gray])
+    return np.stack([brightness, contrast, colourfulness, noise], axis=1)
