@@ -239,7 +239,7 @@ class TrainParams(_Section):
     use_tuned: bool = True
     # DataLoader processes per training worker, for training and (a second set) for validation;
     # they persist across epochs. benchmarks/loader.py measures the samples/s each delivers
-    # (README "Benchmarks": how many a GPU needs).
+    # (docs/benchmarks.md: how many a GPU needs).
     loader_workers: int = Field(0, ge=0)
     # Validate every epoch on at most this many images (null: the whole validation split).
     max_val_images: int | None = Field(None, ge=1)
