@@ -458,6 +458,7 @@ class CalibrateParams(_Section):
     vcdr_coverage: float = Field(0.9, gt=0.0, lt=1.0)
     # Images whose shorter side is below this many pixels are refused (too small to hold a fundus).
     min_image_side: int = Field(64, ge=1)
+    # Images per forward pass while scoring the calibration and validation splits.
     batch_size: int = Field(16, ge=1)
 
 

@@ -15,6 +15,8 @@ PLACEHOLDERS = {
     "<kind>": r"(?:gaussian|salt_pepper)",
     "<level>": r"[0-9.e-]+",
     "<pct>": r"[0-9.]+",
+    "<score>": r"(?:calibrated|raw_maxprob|raw_uncertainty)",
+    "<class>": r"[A-Za-z0-9_-]+",  # a class name
 }
 
 
