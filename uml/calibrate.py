@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from uml import metrics, plots
 from uml.atomic import write_text_replacing
 from uml.calibration import (
+    TEMPERATURE_BOUNDS,
     Calibration,
     fit_referral_rule,
     fit_temperature,
@@ -106,6 +107,11 @@ def calibrate(params: Params) -> Path:
         seg_fit = fit_temperature(pixels, calib.masks.reshape(-1))
         log.info("segmentation temperature %.3f: calibration pixel NLL %.4f -> %.4f", seg_fit.temperature,
                  seg_fit.nll_before, seg_fit.nll_after)
+    for name, fit in (("class", class_fit), ("segmentation", seg_fit)):
+        if fit is not None and fit.at_bound:
+            log.warning("the %s temperature stopped at %g, a bound of its search %s: the output carries almost no "
+                        "information on the calibration split (a high bound) or is wildly overconfident (a low one)",
+                        name, fit.temperature, TEMPERATURE_BOUNDS)
     temperatures = (class_fit.temperature if class_fit else 1.0, seg_fit.temperature if seg_fit else 1.0)
     outputs = {name: deployment_outputs(split.scores, *temperatures) for name, split in splits.items()}
 

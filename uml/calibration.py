@@ -54,8 +54,12 @@ REFERRAL_GRID_STEP = 0.005
 _MIN_SCALE = 1e-6
 # 1.4826 * MAD estimates the standard deviation of normally distributed values.
 _MAD_TO_SD = 1.4826
-# Bounds of the temperature search (T = 1 / beta); NLL is convex in beta.
-_BETA_BOUNDS = (1e-3, 1e3)
+# The temperature is searched in [1/20, 20] (T = 1 / beta; the NLL is convex in beta). Outside,
+# the float32 outputs would lose the order they must keep: at T = 1000 (a class head no better than
+# chance flattened to 0.5) probabilities of different images round to the same float32 value, at
+# T = 0.01 confident ones round to 1. A fit at a bound means the head carries almost no
+# information, or is wildly overconfident; the stage logs it.
+TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 
 class _Part(BaseModel):
@@ -67,6 +71,11 @@ class TemperatureFit(_Part):
     (``T = 1``) and after."""
 
     temperature: float = Field(gt=0.0)
+
+    @property
+    def at_bound(self) -> bool:
+        """Whether the fit stopped at a bound of :data:`TEMPERATURE_BOUNDS`."""
+        return any(math.isclose(self.temperature, bound, rel_tol=1e-3) for bound in TEMPERATURE_BOUNDS)
     nll_before: float
     nll_after: float
     samples: int = Field(ge=1, description="images (class) or pixels (segmentation) it was fitted on")
@@ -173,8 +182,9 @@ def fit_temperature(log_scores: np.ndarray, labels: np.ndarray) -> TemperatureFi
     labels = np.asarray(labels, dtype=np.int64)
     if log_scores.ndim != 2 or len(labels) != len(log_scores) or len(labels) == 0:
         raise ValueError(f"expected (n, K) scores and (n,) labels with n > 0, got {log_scores.shape} and {labels.shape}")
+    low, high = TEMPERATURE_BOUNDS
     found = optimize.minimize_scalar(lambda log_beta: mean_nll(log_scores, labels, math.exp(log_beta)),
-                                     bounds=tuple(math.log(b) for b in _BETA_BOUNDS), method="bounded",
+                                     bounds=(math.log(1.0 / high), math.log(1.0 / low)), method="bounded",
                                      options={"xatol": 1e-6})
     beta = math.exp(found.x)
     return TemperatureFit(temperature=1.0 / beta, nll_before=mean_nll(log_scores, labels),

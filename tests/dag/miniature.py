@@ -41,7 +41,8 @@ DIR_ENV = "UML_TESTS_DAG_DIR"
 # a disc Dice of a model that paints the whole image), so nothing could tell a trained model from a
 # broken train stage; six reach a disc Dice of ~0.8 on the test split.
 # Sweep: 2 one-epoch trials (the baseline and one sampled), 1 worker each. Evaluate: one noise
-# level per kind and the smallest valid number of bootstrap resamples.
+# level per kind and the smallest valid number of bootstrap resamples. Calibrate: a promised risk,
+# delta and unusual-image share that 12 calibration images can certify or reach.
 TINY_DAG: tuple[str, ...] = (
     "data.image_size=64", "data.synthetic.num_images=60", "data.synthetic.render_size=128",
     "data.synthetic.vcdr_softness=0.2", "data.split.val=0.2", "data.split.test=0.2", "data.split.calib=0.2",
@@ -49,8 +50,9 @@ TINY_DAG: tuple[str, ...] = (
     "tune.num_samples=2", "tune.epochs=1", "ray.num_workers=1",
     "export.parity_images=4", "evaluate.num_panels=1", "evaluate.gaussian_sigmas=[0.1]",
     "evaluate.salt_pepper_amounts=[0.05]", "evaluate.bootstrap_samples=100",
+    "calibrate.risk=0.3", "calibrate.delta=0.3", "calibrate.unusual_alpha=0.1",
 )
-STAGES = ("prepare", "tune", "train", "export", "evaluate")
+STAGES = ("prepare", "tune", "train", "calibrate", "export", "evaluate")
 REPRO_TIMEOUT_S = 900
 
 

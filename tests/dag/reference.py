@@ -95,14 +95,103 @@ def assd_hd95(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return (a_to_b.mean() + b_to_a.mean()) / 2, max(np.percentile(a_to_b, 95), np.percentile(b_to_a, 95))
 
 
+def largest_component(binary: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a binary mask (the first found in row-major order among
+    equals), by a breadth-first flood fill."""
+    seen = np.zeros(binary.shape, bool)
+    best: list[tuple[int, int]] = []
+    for start in zip(*np.nonzero(binary)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        queue, component = [start], []
+        while queue:
+            y, x = queue.pop()
+            component.append((y, x))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = y + dy, x + dx
+                    if 0 <= ny < binary.shape[0] and 0 <= nx < binary.shape[1] and binary[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        queue.append((ny, nx))
+        if len(component) > len(best):
+            best = component
+    out = np.zeros(binary.shape, bool)
+    for y, x in best:
+        out[y, x] = True
+    return out
+
+
 def vertical_cdr(mask: np.ndarray) -> float:
-    """Rows spanned by the cup / rows spanned by the disc (rim and cup); nan without a disc."""
+    """Rows spanned by the cup / rows spanned by the disc, both on the optic disc: the largest
+    connected component of rim and cup, and the cup inside it; nan without a disc."""
     def rows(binary: np.ndarray) -> int:
         hit = np.nonzero(binary.any(axis=1))[0]
         return 0 if hit.size == 0 else int(hit.max() - hit.min() + 1)
 
-    disc = rows(mask >= 1)
-    return math.nan if disc == 0 else rows(mask == 2) / disc
+    disc = largest_component(mask >= 1)
+    return math.nan if not disc.any() else rows((mask == 2) & disc) / rows(disc)
+
+
+def contour_band(mask: np.ndarray, width: float) -> np.ndarray:
+    """Pixels within ``width`` (Euclidean) of a surface pixel of the disc or the cup of a label mask."""
+    surfaces = [surface_points(select(mask)) for select in STRUCTURES.values() if select(mask).any()]
+    if not surfaces:
+        return np.zeros(mask.shape, bool)
+    grid = np.argwhere(np.ones(mask.shape, bool))
+    return (cdist(grid, np.concatenate(surfaces)).min(axis=1) <= width).reshape(mask.shape)
+
+
+# ------------------------------------------------------------------- calibration and referral
+def softmax(scores: np.ndarray, axis: int = 1) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=axis, keepdims=True))
+    return shifted / shifted.sum(axis=axis, keepdims=True)
+
+
+def nll(labels: np.ndarray, prob: np.ndarray) -> float:
+    return float(-np.mean(np.log(prob[np.arange(len(labels)), labels])))
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), summed term by term."""
+    return float(sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1)))
+
+
+def referral_threshold(uncertainty: np.ndarray, error: np.ndarray, risk: float, delta: float,
+                       step: float = 0.005, top: float = 0.5) -> float | None:
+    """Learn-then-Test as the calibrate stage documents it: thresholds step, 2 step, ... top;
+    fixed sequences up and down from the largest one <= risk, each at delta / 2, each stopping at its
+    first threshold whose binomial p-value exceeds delta / 2; the largest certified one."""
+    grid = [round(i * step, 10) for i in range(1, int(round(top / step)) + 1)]
+    start = max(i for i, lam in enumerate(grid) if lam <= risk + 1e-12)
+    certified = []
+    for sequence in (grid[start:], grid[:start][::-1]):
+        for lam in sequence:
+            accepted = uncertainty <= lam
+            n, k = int(accepted.sum()), int((accepted & error).sum())
+            if n == 0 or binomial_cdf(k, n, risk) > delta / 2:
+                break
+            certified.append(lam)
+    return max(certified) if certified else None
+
+
+def immerkaer_noise(gray: np.ndarray) -> float:
+    """Immerkær's noise estimate written out: the 3x3 difference of Laplacians at every interior pixel."""
+    height, width = gray.shape
+    total = 0.0
+    for y in range(1, height - 1):
+        for x in range(1, width - 1):
+            window = gray[y - 1:y + 2, x - 1:x + 2]
+            total += abs(window[0, 0] - 2 * window[0, 1] + window[0, 2] - 2 * window[1, 0] + 4 * window[1, 1]
+                         - 2 * window[1, 2] + window[2, 0] - 2 * window[2, 1] + window[2, 2])
+    return math.sqrt(math.pi / 2) * total / (6 * (width - 2) * (height - 2))
+
+
+def aurc(uncertainty: np.ndarray, error: np.ndarray) -> float:
+    """(1/n) sum over k of the error rate among the k least uncertain cases (no ties assumed)."""
+    order = np.argsort(uncertainty, kind="stable")
+    errors = np.cumsum(error[order])
+    return float(np.mean(errors / np.arange(1, len(error) + 1)))
 
 
 STRUCTURES = {"disc": lambda m: m >= 1, "cup": lambda m: m == 2}  # REFUGE: the disc is rim and cup

@@ -15,8 +15,13 @@ from tests.dag import reference as ref
 from tests.dag.miniature import MiniDag
 
 NOISES = ["gaussian_0.1", "salt_pepper_0.05"]  # evaluate.gaussian_sigmas / salt_pepper_amounts of TINY_DAG
-INTERVALS = ["cls/auc", "cls/acc", "cls/f1", "cls/sensitivity", "cls/ece", "seg/dice_disc", "seg/dice_cup",
-             "unc/error_auroc", "unc/pixel_error_auroc", "clinical/vcdr_auc", "reference/vcdr_auc"]
+INTERVALS = ["cls/auc", "cls/acc", "cls/f1", "cls/sensitivity", "cls/ece", "cls/nll", "cls/brier", "cls/ece_debiased",
+             "raw/cls/ece", "raw/cls/nll", "raw/cls/brier", "raw/cls/ece_debiased", "seg/dice_disc", "seg/dice_cup",
+             "unc/error_auroc", "raw/unc/error_auroc", "unc/pixel_error_auroc", "raw/unc/pixel_error_auroc",
+             "unc/pixel_error_auroc_band", "raw/unc/pixel_error_auroc_band", "sel/aurc_calibrated", "sel/augrc_calibrated",
+             "sel/aurc_raw_maxprob", "sel/augrc_raw_maxprob", "sel/aurc_raw_uncertainty", "sel/augrc_raw_uncertainty",
+             "refer/coverage", "refer/risk", "refer/combined_coverage", "refer/combined_risk",
+             "clinical/vcdr_auc", "clinical/vcdr_interval_coverage", "reference/vcdr_auc"]
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +47,24 @@ def matches(written_value: float | None, expected: float) -> bool:
 
 
 def expected_keys() -> list[str]:
-    keys = ["cls/acc", "cls/auc", "cls/kappa", "cls/sensitivity", "cls/specificity", "cls/f1", "cls/ece",
-            "cls/nll", "cls/brier", "cls/ece_debiased", "cls/ece_equal_mass",
-            "clinical/vcdr_mae", "clinical/vcdr_auc", "reference/vcdr_auc", "reference/positive_fraction",
-            "unc/error_auroc", "unc/referral_acc_10", "unc/referral_acc_20", "unc/referral_acc_30",
-            "unc/mean_class_uncertainty", "unc/pixel_error_auroc", "unc/mean_pixel_uncertainty"]
+    cls_names = ["acc", "auc", "kappa", "sensitivity", "specificity", "f1", "ece", "nll", "brier", "ece_debiased",
+                 "ece_equal_mass"]
+    keys = [f"cls/{k}" for k in cls_names] + [f"raw/cls/{k}" for k in cls_names]
+    keys += ["clinical/vcdr_mae", "clinical/vcdr_auc", "clinical/vcdr_interval_halfwidth", "clinical/vcdr_interval_coverage",
+             "clinical/vcdr_interval_coverage_non-glaucoma", "clinical/vcdr_interval_coverage_glaucoma",
+             "reference/vcdr_auc", "reference/positive_fraction",
+             "unc/error_auroc", "raw/unc/error_auroc", "unc/referral_acc_10", "unc/referral_acc_20", "unc/referral_acc_30",
+             "unc/mean_class_uncertainty", "raw/unc/mean_class_uncertainty", "unc/mean_pixel_uncertainty",
+             "raw/unc/mean_pixel_uncertainty", "unc/pixel_error_auroc", "raw/unc/pixel_error_auroc",
+             "unc/pixel_error_auroc_band", "raw/unc/pixel_error_auroc_band",
+             "refer/coverage", "refer/risk", "refer/combined_coverage", "refer/combined_risk", "unusual/flagged"]
+    for score in ("calibrated", "raw_maxprob", "raw_uncertainty"):
+        keys += [f"sel/{k}_{score}" for k in ("aurc", "eaurc", "augrc", "coverage_at_risk")]
     for s in ("disc", "cup"):
         keys += [f"seg/dice_{s}", f"seg/assd_{s}", f"seg/hd95_{s}", f"seg/dist_undefined_{s}"]
     for noise in NOISES:
-        keys += [f"unc/noise_auroc_{noise}", f"unc/pixel_noise_auroc_{noise}"]
+        keys += [f"{prefix}unc/{k}_{noise}" for prefix in ("", "raw/") for k in ("noise_auroc", "pixel_noise_auroc")]
+        keys += [f"unusual/noise_auroc_{noise}", f"unusual/flagged_{noise}"]
         keys += [f"robust/{noise}/{k}" for k in ("cls/acc", "cls/auc", "seg/dice_disc", "seg/dice_cup",
                                                  "unc/mean_class_uncertainty", "unc/mean_pixel_uncertainty")]
     keys += [f"{k}_ci95_{end}" for k in INTERVALS for end in ("low", "high")]

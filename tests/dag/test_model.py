@@ -19,7 +19,8 @@ from tests.dag.miniature import MiniDag
 from tests.dag.reference import STRUCTURES, dice, onnx_outputs, read_split
 from uml.models import UMLNet, load_model
 
-OUTPUTS = ["class_prob", "class_uncertainty", "seg_prob", "seg_uncertainty"]
+OUTPUTS = ["class_prob", "class_uncertainty", "class_prob_raw", "class_uncertainty_raw", "seg_prob", "seg_uncertainty",
+           "seg_uncertainty_raw"]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,17 @@ def _history(train_dir: Path, key: str) -> list[float]:
     return [float(line.split("\t")[1]) for line in lines[1:]]
 
 
-def _torch_outputs(model: UMLNet, images: np.ndarray) -> dict[str, np.ndarray]:
+def _torch_outputs(model: UMLNet, images: np.ndarray, temperatures: tuple[float, float] = (1.0, 1.0)) -> dict[str, np.ndarray]:
     with torch.no_grad():
-        out = model.infer(torch.from_numpy(images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)))
+        out = model.infer(torch.from_numpy(images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)),
+                          *temperatures)
     return {k: v.numpy() for k, v in out.items()}
+
+
+def _temperatures(models: Path) -> tuple[float, float]:
+    """The calibrate stage's temperatures, as the export baked them into the graph."""
+    fitted = json.loads((models / "calibration.json").read_text())
+    return fitted["class_temperature"]["temperature"], fitted["seg_temperature"]["temperature"]
 
 
 def test_the_stages_import_the_copy_of_the_code(miniature_dag):
@@ -106,7 +114,7 @@ def test_onnx_matches_torch_on_store_images_within_the_export_tolerance(models, 
     assert atol == 1e-4  # export.parity_atol of params.yaml
     test = read_split(store, "test")
     for images in (test.images, test.images[:1]):  # the batch dimension is dynamic
-        ours, theirs = onnx_outputs(models / "model.onnx", images), _torch_outputs(model, images)
+        ours, theirs = onnx_outputs(models / "model.onnx", images), _torch_outputs(model, images, _temperatures(models))
         assert list(ours) == OUTPUTS
         for name in OUTPUTS:
             assert ours[name].shape == theirs[name].shape
@@ -130,8 +138,9 @@ def test_metadata_describes_the_onnx_file_beside_it(miniature_dag, models, model
     assert (graph_input.name, graph_input.type) == ("image", "tensor(float)")
     assert graph_input.shape[1:] == [3, 64, 64] and isinstance(graph_input.shape[0], str)
     assert meta["input"] == {"name": "image", "dtype": "float32", "shape": ["batch", 3, 64, 64], "range": [0.0, 1.0]}
-    expected = {"class_prob": ["batch", 2], "class_uncertainty": ["batch", 1],
-                "seg_prob": ["batch", 3, 64, 64], "seg_uncertainty": ["batch", 1, 64, 64]}
+    expected = {"class_prob": ["batch", 2], "class_uncertainty": ["batch", 1], "class_prob_raw": ["batch", 2],
+                "class_uncertainty_raw": ["batch", 1], "seg_prob": ["batch", 3, 64, 64],
+                "seg_uncertainty": ["batch", 1, 64, 64], "seg_uncertainty_raw": ["batch", 1, 64, 64]}
     assert [o.name for o in session.get_outputs()] == list(meta["outputs"]) == OUTPUTS
     # The graph leaves some output dims symbolic; the shapes it returns are the contract.
     returned = dict(zip(OUTPUTS, session.run(OUTPUTS, {"image": np.zeros((2, 3, 64, 64), np.float32)})))
@@ -139,7 +148,8 @@ def test_metadata_describes_the_onnx_file_beside_it(miniature_dag, models, model
         assert out.type == "tensor(float)" and returned[out.name].dtype == np.float32, out.name
         assert list(returned[out.name].shape) == [2, *expected[out.name][1:]], out.name
         assert meta["outputs"][out.name]["shape"] == expected[out.name]
-        assert meta["outputs"][out.name]["dtype"] == "float32" and meta["outputs"][out.name]["range"] == [0.0, 1.0]
+        value_range = [0.0, 0.5] if out.name == "class_uncertainty" else [0.0, 1.0]  # 1 - max p of two classes
+        assert meta["outputs"][out.name]["dtype"] == "float32" and meta["outputs"][out.name]["range"] == value_range
 
     attrs = zarr.open_group(store, mode="r").attrs
     assert meta["class_names"] == attrs["class_names"] and meta["mask_classes"] == attrs["mask_classes"]
@@ -153,7 +163,8 @@ def test_metadata_describes_the_onnx_file_beside_it(miniature_dag, models, model
     # export.parity_images (4) validation images are among what it measured, so what this test
     # measures on them cannot be (much) larger.
     val = read_split(store, "val")
-    ours, theirs = onnx_outputs(path, val.images[:4]), _torch_outputs(model, val.images[:4])
+    ours, theirs = onnx_outputs(path, val.images[:4]), _torch_outputs(model, val.images[:4], _temperatures(models))
+    assert meta["calibration"] == json.loads((models / "calibration.json").read_text())
     for name in OUTPUTS:
         measured = float(np.abs(ours[name] - theirs[name]).max())
         assert measured <= 2 * meta["export"]["parity_max_abs_diff"][name] + 1e-6, (name, measured, meta["export"])
