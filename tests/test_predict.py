@@ -69,15 +69,68 @@ def test_predict_on_the_scikit_image_retina(model_path, tmp_path, capsys):
     assert abs(record["disc_area_pixels"] - int((mask >= 1).sum())) <= 4
     assert abs(record["cup_area_pixels"] - int((mask == 2).sum())) <= 4
     assert record["disc_area_fraction"] == record["disc_area_pixels"] / 64**2
+    # The vCDR of the optic disc the model found (its largest disc component), not of every blob.
     vcdr = vertical_cdr(mask)
     assert (record["vcdr"] is None) == np.isnan(vcdr) and (record["vcdr"] is None or abs(record["vcdr"] - vcdr) < 0.1)
     assert record["mean_pixel_uncertainty"] == pytest.approx(float(expected["seg_uncertainty"].mean()), abs=2e-3)
+    assert record["raw"]["class_uncertainty"] == pytest.approx(float(expected["class_uncertainty_raw"][0, 0]), abs=2e-3)
+    assert record["raw"]["probabilities"]["glaucoma"] == pytest.approx(float(expected["class_prob_raw"][0, 1]), abs=2e-3)
+    meta = json.loads(model_path.with_name("metadata.json").read_text())["calibration"]
+    if record["vcdr"] is not None and meta["vcdr_interval"]["halfwidth"] is not None:
+        half = meta["vcdr_interval"]["halfwidth"]
+        assert record["vcdr_interval"] == pytest.approx([max(0.0, record["vcdr"] - half), min(1.0, record["vcdr"] + half)])
+    assert record["refer"] == bool(record["refer_reasons"]) and record["unusual_threshold"] == meta["unusual"]["threshold"]
 
     overlay = tmp_path / "out" / "retina_overlay.png"
     with Image.open(overlay) as image:
         assert image.format == "PNG" and image.width > 300 and image.height > 300
         # Not a blank canvas: the photograph is drawn.
         assert np.asarray(image.convert("L")).std() > 10
+
+
+def test_a_grayscale_photograph_is_referred_as_unusual(model_path, tmp_path):
+    """The grayscale copy of the retina photograph: no colour at all, far below every calibration
+    image, so it is referred with the statistic named, whatever the class output says."""
+    from skimage import data
+
+    gray = np.repeat(data.retina()[:1408, :1408].mean(axis=2, keepdims=True), 3, axis=2).astype(np.uint8)
+    assert predict(model_path, tmp_path / "out", save(tmp_path / "gray.png", gray)) == 0
+    record = json.loads((tmp_path / "out" / "gray.json").read_text())
+    assert record["refer"] is True
+    assert any(reason.startswith("unusual image: colourfulness 0 lies") and "below" in reason
+               for reason in record["refer_reasons"]), record["refer_reasons"]
+    assert record["unusual_score"] > record["unusual_threshold"]
+
+
+def test_an_image_too_small_for_a_fundus_is_refused(model_path, tmp_path, capsys):
+    tiny = save(tmp_path / "dot.png", np.zeros((1, 1, 3), np.uint8))
+    fine = save(tmp_path / "eye.png", draw_fundus(96, 30, 0.5)[0])
+    assert predict(model_path, tmp_path / "out", tiny, fine) == 1
+    err = capsys.readouterr().err
+    assert f"{tiny}: 1x1 px is too small to hold a fundus photograph" in err and "min_image_side" in err
+    assert not (tmp_path / "out" / "dot.json").exists() and (tmp_path / "out" / "eye.json").exists()
+
+
+def test_the_referral_decision_and_its_reasons(toy_path, tmp_path):
+    # Controlled model (toy): a cup/disc ratio far from 0.5 gives a confident answer, one at 0.5 an
+    # uncertain one above the toy's threshold (tests/toy_onnx.py); noise makes the image unusual.
+    from tests.toy_onnx import REFERRAL_THRESHOLD
+
+    clear, _ = draw_fundus(256, 80, 0.75)
+    borderline, _ = draw_fundus(256, 80, 0.5)
+    small, _ = draw_fundus(64, 20, 0.75)  # at model resolution: resizing would average the noise away
+    noisy = np.clip(small + np.random.default_rng(0).normal(0, 50, small.shape), 0, 255).astype(np.uint8)
+    paths = [save(tmp_path / f"{name}.png", image) for name, image in (("clear", clear), ("borderline", borderline),
+                                                                     ("noisy", noisy))]
+    assert predict(toy_path, tmp_path / "out", *paths) == 0
+    records = {p.stem: json.loads((tmp_path / "out" / f"{p.stem}.json").read_text()) for p in paths}
+    assert records["clear"]["refer"] is False and records["clear"]["refer_reasons"] == []
+    assert records["clear"]["class_uncertainty"] <= REFERRAL_THRESHOLD
+    assert records["borderline"]["class_uncertainty"] > REFERRAL_THRESHOLD and records["borderline"]["refer"] is True
+    assert records["borderline"]["refer_reasons"][0].startswith("uncertain classification: estimated error probability")
+    assert any(r.startswith("unusual image: ") for r in records["noisy"]["refer_reasons"]), records["noisy"]
+    assert records["noisy"]["unusual_score"] > 5.0 > records["clear"]["unusual_score"]
+    assert records["clear"]["vcdr_interval"] == pytest.approx([records["clear"]["vcdr"] - 0.05, records["clear"]["vcdr"] + 0.05])
 
 
 @pytest.mark.parametrize(("ratio", "expected"), [(0.7, "glaucoma"), (0.3, "non-glaucoma")])

@@ -82,8 +82,12 @@ def output_names(tasks: tuple[str, ...]) -> list[str]:
 
 def calibration(tasks: tuple[str, ...], image_size: int) -> dict:
     """The toy's metadata ``calibration``: no temperatures (1), a referral threshold, an
-    unusual-image rule whose reference is the toy's own :func:`fundus_set` and a vCDR interval."""
-    from uml.calibration import ReferralRule, fit_unusual_rule
+    unusual-image rule centred on the toy's own :func:`fundus_set` and a vCDR interval.
+
+    The drawn images hardly vary, so the rule's scales are set by hand (0.05 for every statistic,
+    0.01 for the noise) rather than fitted: a drawn fundus of another size or ratio stays ordinary,
+    noise of standard deviation 0.1 or more lies beyond the threshold of 5."""
+    from uml.calibration import ReferralRule, UnusualRule
     from uml.quality import STATISTICS, image_statistics
 
     images = fundus_set(image_size)[0].astype(np.float32) / 255.0
@@ -93,8 +97,9 @@ def calibration(tasks: tuple[str, ...], image_size: int) -> dict:
             seg_uncertainty = ToyUML(tasks)(torch.from_numpy(images.transpose(0, 3, 1, 2)))[-2]
         features = np.concatenate([features, seg_uncertainty.mean(dim=(1, 2, 3)).double().numpy()[:, None]], axis=1)
         names.append("mean_pixel_uncertainty")
-    # Every toy image is its own reference: a 0.05 share over 20 images flags beyond the largest of them.
-    unusual = fit_unusual_rule(features, features, names, alpha=0.05)
+    scale = [0.01 if name == "noise" else 0.05 for name in names]
+    unusual = UnusualRule(statistics=names, center=np.median(features, axis=0).tolist(), scale=scale, threshold=5.0,
+                          alpha=0.05, calibration_images=20)
     referral = (ReferralRule(threshold=REFERRAL_THRESHOLD, risk=0.1, delta=0.1, calibration_images=20,
                              calibration_coverage=0.5, calibration_risk=0.0) if "cls" in tasks else None)
     return {"format": "uml-calibration/1", "split": "calib", "num_images": 20, "model_sha256": "toy",
