@@ -185,7 +185,7 @@ def fit_temperature(log_scores: np.ndarray, labels: np.ndarray) -> TemperatureFi
     low, high = TEMPERATURE_BOUNDS
     found = optimize.minimize_scalar(lambda log_beta: mean_nll(log_scores, labels, math.exp(log_beta)),
                                      bounds=(math.log(1.0 / high), math.log(1.0 / low)), method="bounded",
-                                     options={"xatol": 1e-6})
+                                     options={"xatol": 1e-5})
     beta = math.exp(found.x)
     return TemperatureFit(temperature=1.0 / beta, nll_before=mean_nll(log_scores, labels),
                           nll_after=mean_nll(log_scores, labels, beta), samples=len(labels))
