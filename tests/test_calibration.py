@@ -59,8 +59,8 @@ def test_a_head_without_information_stops_at_the_bound():
 
 def test_the_referral_threshold_by_hand():
     """100 cases at uncertainty 0.01 without errors, 100 at 0.2 with 50: from lambda = 0.1 up, every
-    threshold below 0.2 accepts the 100 clean cases (p = 0.9^100 = 2.7e-5 <= 0.05); 0.2 accepts all
-    200 with 50 errors (p ~ 1): the largest certified threshold is 0.195."""
+    threshold below 0.2 accepts the 100 clean cases (p = 0.9^100 = 2.7e-5 <= 0.1); 0.2 accepts all
+    200 with 50 errors (p ~ 1): the last certified threshold is 0.195."""
     uncertainty = np.array([0.01] * 100 + [0.2] * 100)
     error = np.array([False] * 100 + [True] * 50 + [False] * 50)
     rule = fit_referral_rule(uncertainty, error, num_classes=2, risk=0.1, delta=0.1)
@@ -69,7 +69,7 @@ def test_the_referral_threshold_by_hand():
     assert binomial_p_value(0, 100, 0.1) == pytest.approx(0.9**100)
     assert binomial_p_value(5, 0, 0.1) == 1.0
     assert list(rule.accept(np.array([0.195, 0.196]))) == [True, False]
-    # Too few clean cases to certify anything: 10 at 0.01 give p = 0.9^10 = 0.35 > 0.05.
+    # Too few clean cases to certify anything: 10 at 0.01 give p = 0.9^10 = 0.35 > 0.1.
     rule = fit_referral_rule(uncertainty[90:], error[90:], num_classes=2, risk=0.1, delta=0.1)
     assert rule.threshold is None and rule.calibration_coverage == 0.0 and not rule.accept(np.array([0.0]))[0]
     assert referral_grid(2)[[0, -1]].tolist() == [0.005, 0.5] and len(referral_grid(3)) == 133

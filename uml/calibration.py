@@ -17,13 +17,15 @@ guarantees below hold for new images drawn like that split (exchangeable with it
   Control"): for each ``lambda`` of a fixed grid, the null hypothesis "the error rate among
   accepted cases exceeds ``epsilon``" has the exact binomial p-value ``P(Binomial(n_lambda,
   epsilon) <= k_lambda)`` (``k_lambda`` errors among the ``n_lambda`` accepted calibration
-  cases); the hypotheses are tested in two fixed sequences that start at ``lambda = epsilon``
-  (where a calibrated score is most likely to have both data and a risk below ``epsilon``), one
-  upwards and one downwards, each at level ``delta / 2``, each stopping at its first
-  non-rejection. That controls the family-wise error at ``delta``, so with probability at least
-  ``1 - delta`` over the draw of the calibration split, the chosen threshold's error rate among
-  accepted cases is at most ``epsilon``. When no threshold can be certified, every case is
-  referred.
+  cases); the hypotheses are tested in one fixed sequence at level ``delta``, from ``lambda =
+  epsilon`` upwards, stopping at the first one not rejected. The order is fixed before the data
+  is seen, so the family-wise error is at most ``delta``: with probability at least ``1 - delta``
+  over the draw of the calibration split, the chosen threshold's error rate among accepted cases
+  is at most ``epsilon``. The sequence starts at ``epsilon`` because a calibrated score accepts
+  there the cases whose estimated error probability is at most ``epsilon``: their error rate is
+  well below it and they are numerous enough for the test to have power (a smaller threshold
+  accepts too few cases to certify anything). When even that first threshold cannot be certified,
+  every case is referred.
 - **Unusual images** (:func:`fit_unusual_rule`): the :mod:`uml.quality` statistics of an image
   (and, with a segmentation head, the mean uncertainty of its delivered mask), each standardised
   by the median and the scaled median absolute deviation of the validation split, give the
@@ -88,7 +90,7 @@ class ReferralRule(_Part):
     threshold: float | None
     risk: float = Field(gt=0.0, lt=1.0, description="epsilon: the promised largest error rate among accepted cases")
     delta: float = Field(gt=0.0, lt=1.0, description="the promise fails with probability at most delta")
-    method: str = "Learn-then-Test, exact binomial p-values, two fixed sequences from lambda = epsilon at delta / 2 each"
+    method: str = "Learn-then-Test: exact binomial p-values, one fixed sequence of thresholds from epsilon upwards at level delta"
     calibration_images: int
     calibration_coverage: float
     calibration_risk: float | None
@@ -218,17 +220,12 @@ def fit_referral_rule(uncertainty: np.ndarray, error: np.ndarray, num_classes: i
     start = int(np.searchsorted(grid, risk + 1e-12, side="right")) - 1  # the largest grid point <= risk
     start = min(max(start, 0), len(grid) - 1)
 
-    def certified(lam: float) -> bool:
+    threshold = None
+    for lam in grid[start:]:
         accepted = uncertainty <= lam
-        return binomial_p_value(int(error[accepted].sum()), int(accepted.sum()), risk) <= delta / 2.0
-
-    chosen: list[float] = []
-    for sequence in (grid[start:], grid[:start][::-1]):  # upwards from risk, then downwards below it
-        for lam in sequence:
-            if not certified(float(lam)):
-                break
-            chosen.append(float(lam))
-    threshold = max(chosen) if chosen else None
+        if binomial_p_value(int(error[accepted].sum()), int(accepted.sum()), risk) > delta:
+            break
+        threshold = float(lam)
     accepted = uncertainty <= threshold if threshold is not None else np.zeros(uncertainty.shape, dtype=bool)
     return ReferralRule(threshold=threshold, risk=risk, delta=delta, calibration_images=int(uncertainty.size),
                         calibration_coverage=float(accepted.mean()),

@@ -159,20 +159,19 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
 
 def referral_threshold(uncertainty: np.ndarray, error: np.ndarray, risk: float, delta: float,
                        step: float = 0.005, top: float = 0.5) -> float | None:
-    """Learn-then-Test as the calibrate stage documents it: thresholds step, 2 step, ... top;
-    fixed sequences up and down from the largest one <= risk, each at delta / 2, each stopping at its
-    first threshold whose binomial p-value exceeds delta / 2; the largest certified one."""
+    """Learn-then-Test as the calibrate stage documents it: thresholds step, 2 step, ... top; one
+    fixed sequence upwards from the largest one <= risk at level delta, stopping at the first
+    threshold whose binomial p-value exceeds delta; the last one certified."""
     grid = [round(i * step, 10) for i in range(1, int(round(top / step)) + 1)]
     start = max(i for i, lam in enumerate(grid) if lam <= risk + 1e-12)
-    certified = []
-    for sequence in (grid[start:], grid[:start][::-1]):
-        for lam in sequence:
-            accepted = uncertainty <= lam
-            n, k = int(accepted.sum()), int((accepted & error).sum())
-            if n == 0 or binomial_cdf(k, n, risk) > delta / 2:
-                break
-            certified.append(lam)
-    return max(certified) if certified else None
+    certified = None
+    for lam in grid[start:]:
+        accepted = uncertainty <= lam
+        n, k = int(accepted.sum()), int((accepted & error).sum())
+        if n == 0 or binomial_cdf(k, n, risk) > delta:
+            break
+        certified = lam
+    return certified
 
 
 def immerkaer_noise(gray: np.ndarray) -> float:
