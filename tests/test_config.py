@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.committed import NotACheckout, committed_text
 from uml.config import Params, is_loopback_host, load_params, parse_params
 from uml.errors import ConfigError
 
@@ -61,9 +62,15 @@ def _leaves(tree, prefix=""):
 
 
 def test_params_yaml_lists_every_key_with_exactly_the_schema_default():
-    # One source of defaults: params.yaml is the schema's defaults written out in full (DVC reads
-    # every tracked key from it). A default changed in one and not the other fails here by key.
-    shipped = _leaves(yaml.safe_load((REPO / "params.yaml").read_text()))
+    # One source of defaults: params.yaml as committed is the schema's defaults written out in
+    # full (DVC reads every tracked key from it). A default changed in one and not the other fails
+    # here by key. The working copy is the user's to change (dvc exp run -S, uml params --out):
+    # it is not what this checks.
+    try:
+        committed = committed_text("params.yaml")
+    except NotACheckout as exc:
+        pytest.fail(str(exc), pytrace=False)
+    shipped = _leaves(yaml.safe_load(committed))
     defaults = _leaves(Params().model_dump())
     assert sorted(shipped) == sorted(defaults)
     differing = {k: (shipped[k], defaults[k]) for k in defaults if shipped[k] != defaults[k]}

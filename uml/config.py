@@ -94,12 +94,22 @@ class AugmentParams(_Section):
 
 
 class SplitParams(_Section):
-    """Shares of all images in each held-out split (rounded to whole images); train is the rest.
+    """How the images are split into train, val, test and calib.
 
-    ``calib`` is the calibration split of the ``calibrate`` stage: the temperatures, the referral
-    threshold and the vCDR interval are fitted there, so it must stay out of training, model
-    selection and testing for their guarantees to hold."""
+    ``method``: ``given`` takes the split the data set defines itself: REFUGE's challenge
+    folders (Training -> train, Test -> test, and val and calib drawn from Validation, stratified
+    and seeded, in the ratio ``val : calib``), or the ``split`` column of a folder source's
+    ``labels.csv``; it is an error when the data set defines none. ``random`` draws a stratified,
+    seeded split with the shares below (a given split is ignored). ``auto`` is ``given`` when the
+    data set defines a split, else ``random``.
 
+    ``val``, ``test`` and ``calib`` are shares of all images in each held-out split of a random
+    split (rounded to whole images); train is the rest. ``calib`` is the calibration split of the
+    ``calibrate`` stage: the temperatures, the referral threshold and the vCDR interval are fitted
+    there, so it must stay out of training, model selection and testing for their guarantees to
+    hold."""
+
+    method: Literal["auto", "given", "random"] = "auto"
     val: float = Field(0.07, gt=0.0, lt=1.0)
     test: float = Field(0.25, gt=0.0, lt=1.0)
     calib: float = Field(0.25, gt=0.0, lt=1.0)
@@ -114,8 +124,11 @@ class SplitParams(_Section):
 
 class DataParams(_Section):
     source: Literal["synthetic", "refuge", "folder"] = "synthetic"
-    # Raw data set root for the refuge and folder importers.
-    path: str | None = None
+    # Raw data set root for the refuge and folder importers, relative to the repository (where
+    # DVC runs the stages) or absolute. dvc.yaml makes it a dependency of the prepare stage, so
+    # `dvc status` sees an added, removed or edited file under it; data/raw/ is the place for
+    # data brought in with `dvc add` or `dvc import` (data/raw/README.md).
+    path: str = "data/raw"
     # Where every stage reads and writes: a local or mounted folder. Relative paths resolve
     # against the working directory (refused inside `ray job submit`); on a multi-node cluster it
     # must be storage every node mounts at the same path.
