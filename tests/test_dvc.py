@@ -117,6 +117,8 @@ def test_train_and_tune_params_are_the_keys_that_name_their_runs():
     # The examples of issue 14: flipping use_tuned or the concurrency does not rerun the sweep.
     assert "train.use_tuned" not in DVC["tune"]["params"] and "train" not in DVC["tune"]["params"]
     assert "tune.max_concurrent_trials" not in DVC["tune"]["params"]
+    # The budget's unit is part of what a run and a sweep are: steps per epoch name both.
+    assert "train.steps_per_epoch" in train_identity_keys() and "train.steps_per_epoch" in sweep_identity_keys()
 
 
 def test_every_param_dep_is_a_params_key():

@@ -235,6 +235,12 @@ class LossParams(_Section):
 # -------------------------------------------------------------------------------------- train
 class TrainParams(_Section):
     epochs: int = Field(10, ge=1)
+    # Optimizer steps per epoch (the tune stage's trials too). An integer: that many global
+    # batches per epoch, drawn from a stream of seeded passes over the training split that
+    # reshuffles when a pass ends (nnU-Net style), so a small data set trains as long as a large
+    # one. null: one pass over the training split per epoch (the published meaning of an epoch).
+    # 75 is one pass over the default synthetic set's 602 training images at a batch of 8.
+    steps_per_epoch: int | None = Field(75, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-5, ge=0.0)
