@@ -20,6 +20,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -626,6 +627,93 @@ def dump_params(params: Params, header: str | None = None) -> str:
     # Python mode, not JSON mode: JSON would turn data.mask_values' integer keys into text.
     text = yaml.safe_dump(params.model_dump(), sort_keys=False, default_flow_style=None, width=100)
     return (f"# {header}\n" if header else "") + text
+
+
+def _leaves(model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every params key below a section; a mapping-valued key (e.g.
+    ``tune.search_space``, ``ray.resources_per_worker``) is one leaf, as is a list."""
+    leaves: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, _Section):
+            leaves.update(_leaves(value, f"{prefix}{name}."))
+        else:
+            leaves[f"{prefix}{name}"] = model.model_dump()[name]
+    return leaves
+
+
+_HYDRA_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+_HYDRA_PLAIN_STRING = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/]*")
+
+
+def _hydra_value(value: Any, key: str) -> str:
+    """``value`` in the override grammar of ``dvc exp run -S`` (Hydra's)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        if _HYDRA_PLAIN_STRING.fullmatch(value) and value.lower() not in ("true", "false", "null", "nan", "inf"):
+            return value  # e.g. fp32, kaiming_fan_out, data/raw/scans: no quotes to read
+        # Hydra reads a backslash literally except in a run before a quote or the closing quote.
+        escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
+        return f"'{escaped}'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_hydra_value(v, key) for v in value) + "]"
+    if isinstance(value, dict):
+        items = []
+        for k, v in value.items():
+            if not (isinstance(k, int) and not isinstance(k, bool)) and not _HYDRA_PLAIN_KEY.fullmatch(str(k)):
+                raise ConfigError(f"{key}: the mapping key {k!r} cannot be written as a `dvc exp run -S` override; "
+                                  "write the params file in full instead (uml params FILE --out params.yaml)")
+            items.append(f"{k}: {_hydra_value(v, key)}")
+        return "{" + ", ".join(items) + "}"
+    raise ConfigError(f"{key}: cannot write {value!r} as a `dvc exp run -S` override")
+
+
+def dvc_set_overrides(params: Params, base: Params | None = None) -> list[str]:
+    """The ``dvc exp run -S`` overrides that turn ``base`` (default: the schema's defaults, which
+    params.yaml holds as committed) into ``params``: ``key=value`` for each key whose value
+    differs, in the schema's order. A mapping-valued key is replaced as a whole (``~key`` then
+    ``+key=value``): DVC would merge a mapping into the one there, keeping entries ``params``
+    does not have (e.g. a search space's other keys). Each override is checked by applying them
+    all with DVC's own code to ``base`` written out, which must give ``params`` back; a value the
+    override grammar cannot carry is a :class:`ConfigError`."""
+    base = base if base is not None else Params()
+    old, new = _leaves(base), _leaves(params)
+    overrides: list[str] = []
+    for key, value in new.items():
+        if value == old[key]:
+            continue
+        if isinstance(value, dict) and isinstance(old[key], dict):
+            overrides += [f"~{key}", f"+{key}={_hydra_value(value, key)}"]
+        else:
+            overrides.append(f"{key}={_hydra_value(value, key)}")
+    _check_dvc_applies(overrides, base, params)
+    return overrides
+
+
+def _check_dvc_applies(overrides: list[str], base: Params, params: Params) -> None:
+    """Apply ``overrides`` to ``base`` written out, as ``dvc exp run -S`` does, and compare."""
+    import tempfile
+
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides
+
+    with tempfile.TemporaryDirectory(prefix="uml-params-") as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(dump_params(base))
+        try:
+            apply_overrides(path, overrides)
+        except InvalidArgumentError as exc:
+            raise ConfigError(f"dvc refuses the overrides {overrides}: {exc.__cause__ or exc}") from None
+        applied = load_params(path)
+    differing = [key for key, value in _leaves(params).items() if _leaves(applied)[key] != value]
+    if differing:
+        raise ConfigError(f"`dvc exp run -S` would not reproduce {differing}; write the params file in full "
+                          "instead (uml params FILE --out params.yaml)")
 
 
 def get_dotted(raw: dict[str, Any], dotted: str) -> Any:
