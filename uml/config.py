@@ -110,6 +110,10 @@ class SplitParams(_Section):
     there, so it must stay out of training, model selection and testing for their guarantees to
     hold."""
 
+    # given: the data set's own split (REFUGE's Training, Validation and Test folders, val and calib
+    # drawn from Validation; a split column in a folder source's labels.csv), an error when it has
+    # none; random: drawn with the shares below, stratified and seeded; auto: given when the data
+    # set defines a split, else random.
     method: Literal["auto", "given", "random"] = "auto"
     val: float = Field(0.07, gt=0.0, lt=1.0)
     test: float = Field(0.25, gt=0.0, lt=1.0)
@@ -259,7 +263,7 @@ class TrainParams(_Section):
     use_tuned: bool = True
     # DataLoader processes per training worker, for training and (a second set) for validation;
     # they persist across epochs. benchmarks/loader.py measures the samples/s each delivers
-    # (README "Benchmarks": how many a GPU needs).
+    # (docs/benchmarks.md: how many a GPU needs).
     loader_workers: int = Field(0, ge=0)
     # Validate every epoch on at most this many images (null: the whole validation split).
     max_val_images: int | None = Field(None, ge=1)

@@ -140,10 +140,11 @@ def build_metadata(model: UMLNet, extra: dict[str, Any], outputs: list[str], par
     meaning = {
         "class_prob": "expected class probability alpha/S of the image-level Dirichlet" if cfg.uncertainty else "softmax probability",
         "class_uncertainty": "image uncertainty K/S (1 = no evidence)" if cfg.uncertainty else "normalised entropy of the softmax",
-        "seg_prob": "per-pixel expected class probability alpha/S" if cfg.uncertainty else "per-pixel softmax probability",
+        "seg_prob": "per-pixel softmax probability of the final segmentation logits S_0",
         "seg_uncertainty": ("per-pixel uncertainty C/S of the mutual branch (the map that steers the navigator)"
                             if cfg.uncertainty and "cls" in cfg.tasks else
-                            "per-pixel uncertainty C/S" if cfg.uncertainty else "per-pixel normalised entropy"),
+                            "per-pixel normalised entropy of the mutual branch's softmax" if "cls" in cfg.tasks else
+                            "per-pixel normalised entropy of seg_prob"),
     }
     return ExportMetadata(
         format=METADATA_FORMAT,

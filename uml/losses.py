@@ -1,4 +1,4 @@
-"""The UML training objective (DESIGN §2, as the authors' 2023 code computes it).
+"""The UML training objective (docs/explanation/method.md; as the authors' 2023 code computes it).
 
 ``total = cls_weight * L_cls + seg_weight * L_seg + mut_weight * L_mut`` with
 

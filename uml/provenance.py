@@ -1,6 +1,6 @@
 """What a result was made from: the code a stage runs, and the inputs that name a run.
 
-A training run or sweep is identified by everything that determines its result (DESIGN §4):
+A training run or sweep is identified by everything that determines its result (docs/explanation/runs.md):
 the params that can change it, the prepared data's content hash, and a fingerprint of the code
 the stage runs. :class:`RunInputs` holds the three and derives the run name from them, so
 rerunning after an interruption finds the same name (Ray resumes it), and any change gives a new

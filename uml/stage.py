@@ -54,7 +54,7 @@ def check_job_paths(params: Params, environ: Mapping[str, str] = os.environ) -> 
             f"directory ({Path.cwd()}) is a temporary copy of the uploaded code that Ray deletes when the job ends: "
             "dvc.lock and the outputs DVC tracks would go with it. Run dvc repro from a checkout on storage the "
             "nodes share, with the stages joining the cluster: RAY_ADDRESS=<head>:6379 RAY_AUTH_MODE=token dvc repro "
-            "(README, \"Training on a Ray cluster\"). Single stages can still be submitted as jobs.")
+            "(docs/how-to/ray-cluster.md). Single stages can still be submitted as jobs.")
     paths = {"data.root": params.data.root, "ray.storage_path": params.ray.storage_path}
     relative = {key: value for key, value in paths.items()
                 if value and "://" not in value and not Path(value).expanduser().is_absolute()}

@@ -33,7 +33,7 @@ def read_split(store: Path, name: str | None) -> Split:
 
 def onnx_outputs(model_path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     """The ONNX model in a plain onnxruntime session on uint8 RGB images at model resolution,
-    preprocessed as DESIGN §3 states: divided by 255, NCHW."""
+    preprocessed as docs/reference/onnx.md states: divided by 255, NCHW."""
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     batch = np.ascontiguousarray(images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0))
     names = [o.name for o in session.get_outputs()]

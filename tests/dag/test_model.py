@@ -59,7 +59,7 @@ def test_model_pt_loads_and_holds_the_best_epoch_of_the_logged_run(miniature_dag
     import zarr
 
     assert isinstance(model, UMLNet) and not model.training  # load_model returns it in eval mode
-    raw = torch.load(miniature_dag.data / "models" / "model.pt", weights_only=True)  # DESIGN §3: weights_only loads it
+    raw = torch.load(miniature_dag.data / "models" / "model.pt", weights_only=True)  # docs/explanation/security.md: weights_only loads it
     assert raw["format"] == "uml-model/2"
     assert (model.cfg.image_size, model.cfg.num_classes, model.cfg.num_mask_classes) == (64, 2, 3)
     attrs = zarr.open_group(store, mode="r").attrs
@@ -124,7 +124,7 @@ def test_metadata_describes_the_onnx_file_beside_it(miniature_dag, models, model
     assert not list(models.glob("*.data"))  # one self-contained file
     assert graph.opset_import[0].version == 18  # export.opset
 
-    # Names, shapes and dtypes: what the graph declares, what metadata.json says, and DESIGN §3.
+    # Names, shapes and dtypes: what the graph declares, what metadata.json says, and docs/reference/onnx.md.
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (graph_input,) = session.get_inputs()
     assert (graph_input.name, graph_input.type) == ("image", "tensor(float)")

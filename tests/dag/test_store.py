@@ -1,5 +1,5 @@
 """The prepared store of the miniature DAG, read with zarr directly (not through uml's reader) and
-checked by value against DESIGN §3 and the tiny params (tests/dag/miniature.py)."""
+checked by value against docs/reference/data.md and the tiny params (tests/dag/miniature.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""A real two-node Ray cluster on this machine, set up with the README's commands ("Training on a
-Ray cluster"): a token made with ``ray get-auth-token --generate``, a head started with
+"""A real two-node Ray cluster on this machine, set up with the commands of
+docs/how-to/ray-cluster.md: a token made with ``ray get-auth-token --generate``, a head started with
 ``RAY_AUTH_MODE=token ray start --head``, a second node joining with ``ray start --address`` and
 the token in ``RAY_AUTH_TOKEN``, and ``ray job submit`` of the train stage.
 
@@ -76,7 +76,7 @@ class Cluster:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     def submit(self, params: Path, stage: str = "train") -> subprocess.CompletedProcess:
-        """The README's job submission, with this cluster's dashboard address (and this venv's python)."""
+        """The job submission of docs/how-to/ray-cluster.md, with this cluster's dashboard address (and this venv's python)."""
         return _run([RAY, "job", "submit", "--address", self.dashboard, "--working-dir", str(REPO), "--",
                      sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)], env=self.env, timeout=600)
 

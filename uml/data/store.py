@@ -1,4 +1,4 @@
-"""The prepared data set: ``data/prepared/dataset.zarr`` (DESIGN §3), its writer and its reader.
+"""The prepared data set: ``data/prepared/dataset.zarr`` (docs/reference/data.md), its writer and its reader.
 
 Layout (zarr v3 group):
 

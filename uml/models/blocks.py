@@ -1,4 +1,4 @@
-"""Building blocks of the UML network, as the authors' 2023 code wires them (DESIGN §2): the
+"""Building blocks of the UML network, as the authors' 2023 code wires them (docs/explanation/method.md): the
 decoder units, the feature mixer with polarized self-attention, the navigator's reliable-mask
 unit and the instructor's separable dilated convolutions."""
 

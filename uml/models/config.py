@@ -13,7 +13,7 @@ from uml.errors import ConfigError
 class ModelConfig:
     """Everything needed to rebuild a model; stored as plain types inside ``model.pt``.
 
-    Widths follow the authors' 2023 code (DESIGN §2): each encoder feature is projected to
+    Widths follow the authors' 2023 code (docs/explanation/method.md): each encoder feature is projected to
     ``mixer_width`` channels, the mixer's outputs ``f_m`` have ``mixer_widths`` channels (fine to
     coarse), the navigator's decoder ``decoder_widths``, the mutual decoder's 1x1 head
     ``mutual_head_width`` and the instructor's four separable convolutions ``instructor_widths``
@@ -101,11 +101,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # The same architecture for CPU runs: two lighter encoders with levels at strides 2..16 and a
     # narrower mixer, decoders and instructor. ResNet-18 replaces VGG as the segmentation encoder
-    # because VGG's full-resolution first block alone halves CPU training throughput (README).
+    # because VGG's full-resolution first block alone halves CPU training throughput (docs/benchmarks.md).
     # Encoders trained from scratch keep learnable BatchNorm: frozen statistics of a randomly
     # initialised encoder would be an identity, i.e. no normalisation at all. The navigator's
     # logit heads start at PyTorch's fan-in scale: with Kaiming fan-out (gain sqrt(2 / C) for a
-    # C-class 1x1 conv) S_0 starts saturated and its Dice-only loss leaves it stuck (README).
+    # C-class 1x1 conv) S_0 starts saturated and its Dice-only loss leaves it stuck (docs/explanation/method.md, Deviations).
     "small": dict(
         cls_encoder="resnet18",
         seg_encoder="resnet18",

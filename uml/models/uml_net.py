@@ -1,5 +1,5 @@
 """The UML network (Ren et al., MICCAI 2023), read top to bottom, wired as the authors' 2023 code
-wires it (DESIGN §2).
+wires it (docs/explanation/method.md).
 
 ::
 
