@@ -104,7 +104,10 @@ def test_dvc_renders_the_raw_data_dependency_from_params(tmp_path):
     for name in ("dvc.yaml", ".dvcignore"):
         (tmp_path / name).write_bytes((REPO / name).read_bytes())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"path": "data/raw/my-scans"}}))
-    Repo.init(str(tmp_path), no_scm=True)
+    # An empty DVC repository by hand: Repo.init would log through whatever stream DVC's logging
+    # was first set up with (a closed capture of an earlier test, in a full run).
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    no_scm = true\n    analytics = false\n")
     with Repo(str(tmp_path)) as repo:
         [prepare] = [s for s in repo.index.stages if s.name == "prepare"]
         files = [d.def_path for d in prepare.deps if not isinstance(d, ParamsDependency)]
