@@ -2,7 +2,7 @@
 change to ``uml.train.worker.train_one_epoch``), each in its own process, alternating.
 
     git worktree add /tmp/wt-before 9221619
-    python benchmarks/step_time.py --before /tmp/wt-before                 # ~3 min on 2 cores
+    python benchmarks/step_time.py --before /tmp/wt-before                 # ~5 min on 2 cores
     python benchmarks/step_time.py --before /tmp/wt-before --rounds 5 --steps 40
 
 Each measurement is a fresh process that imports ``uml`` from one tree, prepares a small
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", type=Path, help="checkout to compare with (e.g. a git worktree); required")
     parser.add_argument("--after", type=Path, default=HERE.parent, help="checkout measured against it (default: this one)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--progress-every-step", action="store_true",
