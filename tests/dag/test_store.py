@@ -13,7 +13,7 @@ import zarr
 
 from tests.dag.miniature import MiniDag
 
-N, SIZE = 48, 64  # data.synthetic.num_images, data.image_size of TINY_DAG
+N, SIZE = 60, 64  # data.synthetic.num_images, data.image_size of TINY_DAG
 SPLITS = ("train", "val", "test", "calib")
 
 
@@ -47,7 +47,7 @@ def test_splits_are_disjoint_cover_the_set_and_are_stratified(arrays):
     splits = {s: arrays[f"splits/{s}"] for s in SPLITS}
     assert all(dtype == np.dtype("int64") for dtype, _ in splits.values())
     index = {s: idx for s, (_, idx) in splits.items()}
-    assert {s: len(idx) for s, idx in index.items()} == {"train": 24, "val": 12, "test": 12}  # 0.25 / 0.25 of 48
+    assert {s: len(idx) for s, idx in index.items()} == {"train": 24, "val": 12, "test": 12, "calib": 12}  # 0.2 of 60 each
     joined = np.concatenate(list(index.values()))
     assert np.array_equal(np.sort(joined), np.arange(N))  # disjoint and covering: a permutation of 0..N-1
     assert all(np.array_equal(idx, np.sort(idx)) for idx in index.values())
