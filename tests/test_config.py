@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.committed import NotACheckout, committed_text
 from uml.config import Params, is_loopback_host, load_params, parse_params
 from uml.errors import ConfigError
 
@@ -61,9 +63,15 @@ def _leaves(tree, prefix=""):
 
 
 def test_params_yaml_lists_every_key_with_exactly_the_schema_default():
-    # One source of defaults: params.yaml is the schema's defaults written out in full (DVC reads
-    # every tracked key from it). A default changed in one and not the other fails here by key.
-    shipped = _leaves(yaml.safe_load((REPO / "params.yaml").read_text()))
+    # One source of defaults: params.yaml as committed is the schema's defaults written out in
+    # full (DVC reads every tracked key from it). A default changed in one and not the other fails
+    # here by key. The working copy is the user's to change (dvc exp run -S, uml params --out):
+    # it is not what this checks.
+    try:
+        committed = committed_text("params.yaml")
+    except NotACheckout as exc:
+        pytest.fail(str(exc), pytrace=False)
+    shipped = _leaves(yaml.safe_load(committed))
     defaults = _leaves(Params().model_dump())
     assert sorted(shipped) == sorted(defaults)
     differing = {k: (shipped[k], defaults[k]) for k in defaults if shipped[k] != defaults[k]}
@@ -103,6 +111,45 @@ def test_uml_params_writes_the_full_file_dvc_reads(tmp_path, capsys):
     assert main(["params", str(partial), "--out", str(out)]) == 1
     assert "train.epochs" in capsys.readouterr().err and out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_uml_params_dvc_set_prints_the_dvc_exp_run_arguments_of_a_recipe(tmp_path, capsys):
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` runs on params.yaml
+
+    from uml.cli import main
+
+    recipe = REPO / "configs" / "paper-gpu.yaml"
+    assert main(["params", str(recipe), "--dvc-set"]) == 0
+    args = shlex.split(capsys.readouterr().out)  # as the shell reads them (eval, or pasted)
+    assert args[0::2] == ["-S"] * (len(args) // 2) and "train.epochs=100" in args[1::2]
+    # Applied by DVC to the committed defaults, they give exactly the recipe.
+    target = tmp_path / "params.yaml"
+    target.write_text(committed_text("params.yaml"))
+    apply_overrides(target, args[1::2])
+    assert load_params(target).model_dump() == load_params(recipe).model_dump()
+
+
+def test_dvc_set_overrides_carry_any_value_or_refuse(tmp_path):
+    from dvc.utils.hydra import apply_overrides
+
+    from uml.config import dump_params, dvc_set_overrides
+
+    tricky = Params().with_overrides({
+        "data.path": "/mnt/my data/it's", "data.class_names": ["true", "1.5", "a b"], "data.mask_values": {0: 0, 255: 2},
+        "model.cls_weights": "C:\\weights\\res2net.pt\\", "model.seg_weights": "a\\'b", "train.lr": 2.5e-05,
+        "train.steps_per_epoch": None, "ray.resources_per_worker": {"GPU": 1},
+        "tune.search_space": {"model.dropout": {"choice": [0.0, 0.1]}},
+    })
+    overrides = dvc_set_overrides(tricky)
+    # A mapping is replaced, not merged: the default search space's keys do not survive.
+    assert overrides[overrides.index("~tune.search_space") + 1] == "+tune.search_space={model.dropout: {choice: [0.0, 0.1]}}"
+    target = tmp_path / "params.yaml"
+    target.write_text(dump_params(Params()))
+    apply_overrides(target, overrides)
+    assert load_params(target).model_dump() == tricky.model_dump()
+    assert dvc_set_overrides(Params()) == []
+    with pytest.raises(ConfigError, match=r"ray\.resources_per_worker: the mapping key 'node:10\.0\.0\.5' cannot be written"):
+        dvc_set_overrides(Params().with_overrides({"ray.resources_per_worker": {"CPU": 1, "node:10.0.0.5": 1}}))
 
 
 def test_a_params_file_that_is_not_utf8_names_the_file(tmp_path):

@@ -83,12 +83,45 @@ def test_code_deps_name_only_sources_the_stage_imports(stage):
         assert not extra, f"dvc.yaml stage '{stage}': dep {dep} includes {extra}, which the stage does not import"
 
 
+def test_prepare_depends_on_the_raw_data_it_reads_and_every_later_stage_on_the_store():
+    # dvc.yaml interpolates data.path from params.yaml: whatever folder the importers read
+    # (uml.data.importers resolves data.path) is what DVC hashes for `dvc status`.
+    raw_deps = [dep for dep in DVC["prepare"]["deps"] if dep.split("/")[0] not in CODE_ROOTS]
+    assert raw_deps == ["${data.path}"]
+    assert "data.path" in DVC["prepare"]["params"]
+    assert Params().data.path == "data/raw" and (REPO / "data" / "raw" / "README.md").is_file()
+    store = "data/prepared/dataset.zarr"
+    assert DVC["prepare"]["outs"] == [store]
+    for stage in STAGES[1:]:
+        assert store in DVC[stage]["deps"], f"dvc.yaml stage '{stage}' reads the prepared store but does not depend on it"
+
+
+def test_dvc_renders_the_raw_data_dependency_from_params(tmp_path):
+    """DVC's own parser, on this dvc.yaml and a params file that names another folder."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    for name in ("dvc.yaml", ".dvcignore"):
+        (tmp_path / name).write_bytes((REPO / name).read_bytes())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"path": "data/raw/my-scans"}}))
+    # An empty DVC repository by hand: Repo.init would log through whatever stream DVC's logging
+    # was first set up with (a closed capture of an earlier test, in a full run).
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    no_scm = true\n    analytics = false\n")
+    with Repo(str(tmp_path)) as repo:
+        [prepare] = [s for s in repo.index.stages if s.name == "prepare"]
+        files = [d.def_path for d in prepare.deps if not isinstance(d, ParamsDependency)]
+        assert [path for path in files if not path.startswith(CODE_ROOTS)] == ["data/raw/my-scans"]
+
+
 def test_train_and_tune_params_are_the_keys_that_name_their_runs():
     assert set(DVC["train"]["params"]) == set(train_identity_keys()) | {"train.use_tuned"}
     assert set(DVC["tune"]["params"]) == set(sweep_identity_keys())
     # The examples of issue 14: flipping use_tuned or the concurrency does not rerun the sweep.
     assert "train.use_tuned" not in DVC["tune"]["params"] and "train" not in DVC["tune"]["params"]
     assert "tune.max_concurrent_trials" not in DVC["tune"]["params"]
+    # The budget's unit is part of what a run and a sweep are: steps per epoch name both.
+    assert "train.steps_per_epoch" in train_identity_keys() and "train.steps_per_epoch" in sweep_identity_keys()
 
 
 def test_every_param_dep_is_a_params_key():

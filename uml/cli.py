@@ -8,7 +8,14 @@ failed (the others are still written), 2 for a command-line usage error.
 
 ``uml params FILE [--out PATH]`` prints (or writes) every params key resolved from FILE, keys it
 leaves out taking the schema's defaults: how an overrides file such as ``configs/paper-gpu.yaml``
-becomes the full ``params.yaml`` that ``dvc repro`` reads. Exit status 1 for an invalid FILE.
+becomes the full ``params.yaml`` that ``dvc repro`` reads. ``uml params FILE --dvc-set`` prints
+instead the ``dvc exp run`` arguments (``-S key=value ...``, shell-quoted) that turn the default
+params into FILE's, so that a recipe runs as a DVC experiment without overwriting the committed
+``params.yaml``::
+
+    eval "dvc exp run --name paper $(uml params configs/paper-gpu.yaml --dvc-set)"
+
+Exit status 1 for an invalid FILE.
 """
 
 from __future__ import annotations
@@ -41,20 +48,33 @@ def _parser() -> argparse.ArgumentParser:
         description="Print every params key: FILE's values, and the schema's defaults for the keys FILE leaves out.",
     )
     params.add_argument("file", metavar="FILE", help="a params file, complete or partial (e.g. configs/paper-gpu.yaml)")
-    params.add_argument("--out", default=None, help="write here (atomically) instead of printing, e.g. params.yaml")
+    output = params.add_mutually_exclusive_group()
+    output.add_argument("--out", default=None, help="write here (atomically) instead of printing, e.g. params.yaml")
+    output.add_argument("--dvc-set", action="store_true",
+                        help="print the `dvc exp run` arguments (-S key=value ...) that turn the defaults into FILE's "
+                             "values, e.g. eval \"dvc exp run $(uml params FILE --dvc-set)\"")
     return parser
 
 
 def _params(args: argparse.Namespace) -> int:
-    from uml.config import dump_params, load_params
+    from uml.config import dump_params, dvc_set_overrides, load_params
     from uml.errors import UMLError
 
     try:
-        text = dump_params(load_params(args.file), header=f"Resolved from {args.file} by `uml params`; "
-                           "keys it leaves out take the schema's defaults (uml/config.py).")
+        params = load_params(args.file)
+        if args.dvc_set:
+            overrides = dvc_set_overrides(params)
+        else:
+            text = dump_params(params, header=f"Resolved from {args.file} by `uml params`; "
+                               "keys it leaves out take the schema's defaults (uml/config.py).")
     except UMLError as exc:
         print(f"uml params: error: {exc}", file=sys.stderr)
         return 1
+    if args.dvc_set:
+        import shlex
+
+        print(" ".join(f"-S {shlex.quote(override)}" for override in overrides))
+        return 0
     if args.out is None:
         sys.stdout.write(text)
         return 0

@@ -20,6 +20,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -94,12 +95,26 @@ class AugmentParams(_Section):
 
 
 class SplitParams(_Section):
-    """Shares of all images in each held-out split (rounded to whole images); train is the rest.
+    """How the images are split into train, val, test and calib.
 
-    ``calib`` is the calibration split of the ``calibrate`` stage: the temperatures, the referral
-    threshold and the vCDR interval are fitted there, so it must stay out of training, model
-    selection and testing for their guarantees to hold."""
+    ``method``: ``given`` takes the split the data set defines itself: REFUGE's challenge
+    folders (Training -> train, Test -> test, and val and calib drawn from Validation, stratified
+    and seeded, in the ratio ``val : calib``), or the ``split`` column of a folder source's
+    ``labels.csv``; it is an error when the data set defines none. ``random`` draws a stratified,
+    seeded split with the shares below (a given split is ignored). ``auto`` is ``given`` when the
+    data set defines a split, else ``random``.
 
+    ``val``, ``test`` and ``calib`` are shares of all images in each held-out split of a random
+    split (rounded to whole images); train is the rest. ``calib`` is the calibration split of the
+    ``calibrate`` stage: the temperatures, the referral threshold and the vCDR interval are fitted
+    there, so it must stay out of training, model selection and testing for their guarantees to
+    hold."""
+
+    # given: the data set's own split (REFUGE's Training, Validation and Test folders, val and calib
+    # drawn from Validation; a split column in a folder source's labels.csv), an error when it has
+    # none; random: drawn with the shares below, stratified and seeded; auto: given when the data
+    # set defines a split, else random.
+    method: Literal["auto", "given", "random"] = "auto"
     val: float = Field(0.07, gt=0.0, lt=1.0)
     test: float = Field(0.25, gt=0.0, lt=1.0)
     calib: float = Field(0.25, gt=0.0, lt=1.0)
@@ -114,8 +129,11 @@ class SplitParams(_Section):
 
 class DataParams(_Section):
     source: Literal["synthetic", "refuge", "folder"] = "synthetic"
-    # Raw data set root for the refuge and folder importers.
-    path: str | None = None
+    # Raw data set root for the refuge and folder importers, relative to the repository (where
+    # DVC runs the stages) or absolute. dvc.yaml makes it a dependency of the prepare stage, so
+    # `dvc status` sees an added, removed or edited file under it; data/raw/ is the place for
+    # data brought in with `dvc add` or `dvc import` (data/raw/README.md).
+    path: str = "data/raw"
     # Where every stage reads and writes: a local or mounted folder. Relative paths resolve
     # against the working directory (refused inside `ray job submit`); on a multi-node cluster it
     # must be storage every node mounts at the same path.
@@ -222,6 +240,12 @@ class LossParams(_Section):
 # -------------------------------------------------------------------------------------- train
 class TrainParams(_Section):
     epochs: int = Field(10, ge=1)
+    # Optimizer steps per epoch (the tune stage's trials too). An integer: that many global
+    # batches per epoch, drawn from a stream of seeded passes over the training split that
+    # reshuffles when a pass ends (nnU-Net style), so a small data set trains as long as a large
+    # one. null: one pass over the training split per epoch (the published meaning of an epoch).
+    # 75 is one pass over the default synthetic set's 602 training images at a batch of 8.
+    steps_per_epoch: int | None = Field(75, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-5, ge=0.0)
@@ -630,6 +654,93 @@ def dump_params(params: Params, header: str | None = None) -> str:
     # Python mode, not JSON mode: JSON would turn data.mask_values' integer keys into text.
     text = yaml.safe_dump(params.model_dump(), sort_keys=False, default_flow_style=None, width=100)
     return (f"# {header}\n" if header else "") + text
+
+
+def _leaves(model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every params key below a section; a mapping-valued key (e.g.
+    ``tune.search_space``, ``ray.resources_per_worker``) is one leaf, as is a list."""
+    leaves: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, _Section):
+            leaves.update(_leaves(value, f"{prefix}{name}."))
+        else:
+            leaves[f"{prefix}{name}"] = model.model_dump()[name]
+    return leaves
+
+
+_HYDRA_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+_HYDRA_PLAIN_STRING = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/]*")
+
+
+def _hydra_value(value: Any, key: str) -> str:
+    """``value`` in the override grammar of ``dvc exp run -S`` (Hydra's)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        if _HYDRA_PLAIN_STRING.fullmatch(value) and value.lower() not in ("true", "false", "null", "nan", "inf"):
+            return value  # e.g. fp32, kaiming_fan_out, data/raw/scans: no quotes to read
+        # Hydra reads a backslash literally except in a run before a quote or the closing quote.
+        escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
+        return f"'{escaped}'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_hydra_value(v, key) for v in value) + "]"
+    if isinstance(value, dict):
+        items = []
+        for k, v in value.items():
+            if not (isinstance(k, int) and not isinstance(k, bool)) and not _HYDRA_PLAIN_KEY.fullmatch(str(k)):
+                raise ConfigError(f"{key}: the mapping key {k!r} cannot be written as a `dvc exp run -S` override; "
+                                  "write the params file in full instead (uml params FILE --out params.yaml)")
+            items.append(f"{k}: {_hydra_value(v, key)}")
+        return "{" + ", ".join(items) + "}"
+    raise ConfigError(f"{key}: cannot write {value!r} as a `dvc exp run -S` override")
+
+
+def dvc_set_overrides(params: Params, base: Params | None = None) -> list[str]:
+    """The ``dvc exp run -S`` overrides that turn ``base`` (default: the schema's defaults, which
+    params.yaml holds as committed) into ``params``: ``key=value`` for each key whose value
+    differs, in the schema's order. A mapping-valued key is replaced as a whole (``~key`` then
+    ``+key=value``): DVC would merge a mapping into the one there, keeping entries ``params``
+    does not have (e.g. a search space's other keys). Each override is checked by applying them
+    all with DVC's own code to ``base`` written out, which must give ``params`` back; a value the
+    override grammar cannot carry is a :class:`ConfigError`."""
+    base = base if base is not None else Params()
+    old, new = _leaves(base), _leaves(params)
+    overrides: list[str] = []
+    for key, value in new.items():
+        if value == old[key]:
+            continue
+        if isinstance(value, dict) and isinstance(old[key], dict):
+            overrides += [f"~{key}", f"+{key}={_hydra_value(value, key)}"]
+        else:
+            overrides.append(f"{key}={_hydra_value(value, key)}")
+    _check_dvc_applies(overrides, base, params)
+    return overrides
+
+
+def _check_dvc_applies(overrides: list[str], base: Params, params: Params) -> None:
+    """Apply ``overrides`` to ``base`` written out, as ``dvc exp run -S`` does, and compare."""
+    import tempfile
+
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides
+
+    with tempfile.TemporaryDirectory(prefix="uml-params-") as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(dump_params(base))
+        try:
+            apply_overrides(path, overrides)
+        except InvalidArgumentError as exc:
+            raise ConfigError(f"dvc refuses the overrides {overrides}: {exc.__cause__ or exc}") from None
+        applied = load_params(path)
+    differing = [key for key, value in _leaves(params).items() if _leaves(applied)[key] != value]
+    if differing:
+        raise ConfigError(f"`dvc exp run -S` would not reproduce {differing}; write the params file in full "
+                          "instead (uml params FILE --out params.yaml)")
 
 
 def get_dotted(raw: dict[str, Any], dotted: str) -> Any:

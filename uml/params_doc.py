@@ -37,8 +37,8 @@ COMMAND = "python -m uml.params_doc docs/reference/params.md"
 # that each names a key of the schema).
 NOTES: dict[str, str] = {
     "data.seed": "Seeds the synthetic images (each from `(seed, index)`) and the stratified split.",
-    "data.split.val": "Share of the images in the validation split (stratified by label).",
-    "data.split.test": "Share of the images in the test split (stratified by label); the rest trains.",
+    "data.split.val": "Share of all images in the validation split of a random split (stratified by label).",
+    "data.split.test": "Share of all images in the test split of a random split (stratified by label); the rest trains.",
     "data.mask_classes": "Mask class names in pixel-value order; the first is the background.",
     "data.synthetic.num_images": "Images the synthetic source renders.",
     "data.synthetic.vcdr_softness": "Width of the logistic boundary around `vcdr_threshold`.",
@@ -234,11 +234,13 @@ SECTION_INTRO = {
 }
 
 
-def render() -> str:
-    """The params reference page, as Markdown."""
+def render(params_yaml: str | None = None) -> str:
+    """The params reference page, as Markdown. ``params_yaml``: the text of the params file whose
+    comments describe keys the schema does not (default: ``params.yaml`` as it is on disk; the
+    tests pass the committed one, since a user may have rewritten the working copy)."""
     defaults = Params().model_dump()
     recipe = yaml.safe_load(RECIPE_FILE.read_text()) or {}
-    yaml_comments = params_yaml_comments(PARAMS_FILE.read_text())
+    yaml_comments = params_yaml_comments(PARAMS_FILE.read_text() if params_yaml is None else params_yaml)
     lines = [HEADER.format(command=COMMAND)]
     for section, field in Params.model_fields.items():
         lines.append(f"## {section}\n")

@@ -1,5 +1,6 @@
 """The miniature DAG: this repository's tracked files copied into a temporary git + DVC repository,
-``params.yaml`` replaced by tiny values, and ``dvc repro`` run there, once per test session.
+``params.yaml`` as committed there, then changed to tiny values in the working tree (as a user
+changes it), and ``dvc repro`` run there, once per test session.
 
 The tests under ``tests/dag/`` (and ``tests/test_ablation.py``, which reuses its DVC cache) check
 what the real pipeline wrote. Nothing is a stand-in: the stages are the repository's own
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.committed import NotACheckout, committed_text
+
 REPO = Path(__file__).resolve().parents[2]
 SKIP_ENV = "UML_TESTS_SKIP_DAG"
 DIR_ENV = "UML_TESTS_DAG_DIR"
@@ -36,17 +39,18 @@ DIR_ENV = "UML_TESTS_DAG_DIR"
 #
 # 60 images at 64 px (24 train, 12 val, 12 test, 12 calib). vcdr_softness=0.2: with the default the test
 # split holds almost no glaucoma images and every AUC would be undefined.
-# Training: 6 epochs at lr 3e-3 without decay, about 1-2 s each here. Two epochs (~3 s less) leave
-# the segmentation at its initial state (test pixel NLL ~1.1, the same as an untrained model, and
-# a disc Dice of a model that paints the whole image), so nothing could tell a trained model from a
-# broken train stage; six reach a disc Dice of ~0.8 on the test split.
+# Training: 6 epochs of 6 steps (one pass over the 24 training images at batch 4, drawn by the
+# default fixed-steps sampler) at lr 3e-3 without decay, about 1-2 s each here. Two epochs (~3 s
+# less) leave the segmentation at its initial state (test pixel NLL ~1.1, the same as an untrained
+# model, and a disc Dice of a model that paints the whole image), so nothing could tell a trained
+# model from a broken train stage; six reach a disc Dice of ~0.8 on the test split.
 # Sweep: 2 one-epoch trials (the baseline and one sampled), 1 worker each. Evaluate: one noise
 # level per kind and the smallest valid number of bootstrap resamples. Calibrate: a promised risk,
 # delta and unusual-image share that 12 calibration images can certify or reach.
 TINY_DAG: tuple[str, ...] = (
     "data.image_size=64", "data.synthetic.num_images=60", "data.synthetic.render_size=128",
     "data.synthetic.vcdr_softness=0.2", "data.split.val=0.2", "data.split.test=0.2", "data.split.calib=0.2",
-    "train.epochs=6", "train.lr=0.003", "train.constant_epochs=6", "train.batch_size=4",
+    "train.epochs=6", "train.steps_per_epoch=6", "train.lr=0.003", "train.constant_epochs=6", "train.batch_size=4",
     "tune.num_samples=2", "tune.epochs=1", "ray.num_workers=1",
     "export.parity_images=4", "evaluate.num_panels=1", "evaluate.gaussian_sigmas=[0.1]",
     "evaluate.salt_pepper_amounts=[0.05]", "evaluate.bootstrap_samples=100",
@@ -65,6 +69,7 @@ class MiniDag:
     dvc: str  # the DVC executable
     repro_log: str  # stdout + stderr of `dvc repro`
     status_after: str  # stdout of `dvc status` right after the run
+    params_text: str  # the working tree's params.yaml the run used (the committed one has the defaults)
     code_origin: str  # where `import uml` resolves inside the copy's environment
     seconds: float  # wall time of `dvc repro`
 
@@ -144,7 +149,9 @@ def copy_repository(dest: Path) -> None:
 
 
 def run_miniature_dag(dest: Path) -> MiniDag:
-    """Copy the repository to ``dest``, commit the tiny params there and run ``dvc repro``."""
+    """Copy the repository to ``dest`` with its committed ``params.yaml`` (the defaults, whatever
+    the working copy holds), commit that, change ``params.yaml`` to the tiny values in the working
+    tree only, and run ``dvc repro``."""
     if not (REPO / ".git").exists():
         raise DagUnavailable(f"miniature DAG: {REPO} has no .git; the DAG test needs a git checkout of the repository")
     reuse = (dest / ".git").is_dir()
@@ -155,14 +162,21 @@ def run_miniature_dag(dest: Path) -> MiniDag:
         raise DagUnavailable(f"miniature DAG: no `dvc` next to {sys.executable} or on PATH; install the project "
                              "(`pip install -e '.[test]'` brings DVC)")
     params = dest / "params.yaml"
-    params.write_text(yaml.safe_dump(apply_overrides(yaml.safe_load(params.read_text()), TINY_DAG), sort_keys=False))
+    try:
+        defaults = committed_text("params.yaml")
+    except NotACheckout as exc:
+        raise DagUnavailable(f"miniature DAG: {exc}") from None
+    params.write_text(defaults)
     if not reuse:
         _check(["git", "init", "-q"], dest, env, "git init")
     # dvc.lock (left by an earlier run in a kept copy) is the run's record, not part of the baseline.
     _check(["git", "add", "-A", "--", ".", ":(exclude)dvc.lock"], dest, env, "git add")
     staged = subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=dest, env=env, timeout=60).returncode != 0
     if not reuse or staged:
-        _check(["git", "commit", "-q", "-m", "miniature DAG baseline (tiny params)"], dest, env, "git commit")
+        _check(["git", "commit", "-q", "-m", "miniature DAG baseline (the committed defaults)"], dest, env, "git commit")
+    # The tiny values as a user's edit of the working copy: committed defaults, changed params.yaml.
+    tiny = yaml.safe_dump(apply_overrides(yaml.safe_load(defaults), TINY_DAG), sort_keys=False)
+    params.write_text(tiny)
     origin = _check([sys.executable, "-c", "import uml; print(uml.__file__)"], dest, env, "importing uml").strip()
 
     start = time.perf_counter()
@@ -178,5 +192,5 @@ def run_miniature_dag(dest: Path) -> MiniDag:
         raise DagUnavailable(f"miniature DAG: `dvc repro` failed in {dest} (exit {proc.returncode}) after {seconds:.0f} s:\n"
                              f"{proc.stdout[-6000:]}")
     status = _check([dvc, "status"], dest, env, "dvc status")
-    return MiniDag(root=dest, env=env, dvc=dvc, repro_log=proc.stdout, status_after=status, code_origin=origin,
-                   seconds=seconds)
+    return MiniDag(root=dest, env=env, dvc=dvc, repro_log=proc.stdout, status_after=status, params_text=tiny,
+                   code_origin=origin, seconds=seconds)

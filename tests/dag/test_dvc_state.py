@@ -5,6 +5,7 @@ written outside data/ besides dvc.lock."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import yaml
 
@@ -50,5 +51,38 @@ def _flatten(nested: dict, prefix: str) -> dict:
 def test_the_stages_write_only_under_data(miniature_dag: MiniDag):
     tracked = miniature_dag.run("git", "status", "--porcelain", "--untracked-files=all")
     assert tracked.returncode == 0, tracked.stderr
-    # data/ is git-ignored; the lock file is the one new file; no tracked file was changed.
-    assert tracked.stdout.splitlines() == ["?? dvc.lock"], tracked.stdout
+    # data/ is git-ignored; the lock file is the one new file; params.yaml is the fixture's edit of
+    # the committed defaults, as it wrote it; no other tracked file was changed.
+    assert tracked.stdout.splitlines() == [" M params.yaml", "?? dvc.lock"], tracked.stdout
+    assert (miniature_dag.root / "params.yaml").read_text() == miniature_dag.params_text
+
+
+def _status(miniature_dag: MiniDag) -> dict:
+    proc = miniature_dag.run(miniature_dag.dvc, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+def test_a_changed_raw_file_or_store_makes_dvc_rerun_what_depends_on_it(miniature_dag: MiniDag):
+    # The raw data folder (data.path) is a dependency of prepare, even for the synthetic source ...
+    raw = miniature_dag.root / "data" / "raw" / "README.md"
+    text = raw.read_text()
+    try:
+        raw.write_text(text + "edited\n")
+        assert _status(miniature_dag) == {"prepare": [{"changed deps": {"data/raw": "modified"}}]}
+    finally:
+        raw.write_text(text)
+    # ... and a rebuilt store makes every stage after prepare stale. One byte of the store's
+    # metadata stands in for a rebuild (tests/dag/test_raw_data.py rebuilds one from edited raw data).
+    metadata = miniature_dag.data / "prepared" / "dataset.zarr" / "labels" / "zarr.json"
+    original = metadata.read_bytes()
+    try:
+        metadata.write_bytes(original + b"\n")
+        status = _status(miniature_dag)
+    finally:
+        metadata.write_bytes(original)
+    assert status.pop("prepare") == [{"changed outs": {"data/prepared/dataset.zarr": "modified"}}]
+    assert set(status) == {"tune", "train", "export", "evaluate"}, status
+    for stage, changes in status.items():
+        assert {"changed deps": {"data/prepared/dataset.zarr": "modified"}} in changes, (stage, changes)
+    assert _status(miniature_dag) == {}

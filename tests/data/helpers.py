@@ -79,17 +79,29 @@ def make_refuge_training400(root: Path, ids: dict[str, int], size: tuple[int, in
 
 
 def make_refuge_flat(root: Path, ids: dict[str, str], size: tuple[int, int] = (32, 32),
-                     header: str = "ImgName,Glaucoma Label") -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """REFUGE-Validation400 style: images, <root>-GT/Disc_Cup_Masks/<id>.bmp, a label CSV."""
+                     header: str = "ImgName,Glaucoma Label", images: str = "REFUGE-Validation400",
+                     gt: str = "REFUGE-Validation400-GT", seed: int = 10) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """REFUGE-Validation400 style: <images>/<id>.png, <gt>/Disc_Cup_Masks/<id>.bmp, <gt>/Glaucoma_label.csv."""
     h, w = size
     written = {}
     for i, item_id in enumerate(sorted(ids)):
-        image, mask = rgb(h, w, 10 + i), disc_cup(h, w, 60 + i)
-        save(root / "REFUGE-Validation400" / f"{item_id}.png", image)
-        save(root / "REFUGE-Validation400-GT" / "Disc_Cup_Masks" / f"{item_id}.bmp", refuge_mask(mask))
+        image, mask = rgb(h, w, seed + i), disc_cup(h, w, seed + 50 + i)
+        save(root / images / f"{item_id}.png", image)
+        save(root / gt / "Disc_Cup_Masks" / f"{item_id}.bmp", refuge_mask(mask))
         written[item_id] = (image, mask)
     rows = [header] + [f"{k}.jpg,{v}" for k, v in ids.items()]
-    (root / "REFUGE-Validation400-GT" / "Glaucoma_label.csv").write_text("\n".join(rows) + "\n")
+    (root / gt / "Glaucoma_label.csv").write_text("\n".join(rows) + "\n")
+    return written
+
+
+def make_refuge_challenge(root: Path, train: dict[str, int], validation: dict[str, int],
+                          test: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The three parts of the challenge release as REFUGE ships them: Training400 in class folders,
+    Validation400 and Test400 flat with a label CSV each (``{id: 1 glaucoma / 0 not}``)."""
+    written = make_refuge_training400(root, train)
+    written |= make_refuge_flat(root, {k: str(v) for k, v in validation.items()})
+    written |= make_refuge_flat(root, {k: str(v) for k, v in test.items()}, images="REFUGE-Test400/Test400",
+                                gt="REFUGE-Test-GT", seed=500)
     return written
 
 

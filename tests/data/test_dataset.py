@@ -13,7 +13,8 @@ import zarr
 from torch.utils.data import DataLoader
 
 from uml.config import AffineParams, AugmentParams, ColorParams, SplitParams, SyntheticParams
-from uml.data.dataset import EpochSampler, SegClsDataset, build_augmentation, to_model_input, worker_init_fn
+from uml.data.dataset import (EpochSampler, SegClsDataset, StepSampler, build_augmentation, to_model_input,
+                              worker_init_fn)
 from uml.data.store import file_checksums, open_prepared, write_dataset
 from uml.data.synthetic import SyntheticSource
 from uml.errors import DataError
@@ -175,3 +176,60 @@ def test_persistent_workers_follow_the_epoch_through_the_sampler(store: Path) ->
         epochs.append(images)
     assert not torch.equal(epochs[0], epochs[1])
     assert next(iter(sampler)) == (1, 0, 0)  # (epoch, rank, position)
+
+
+def _global_stream(n: int, world: int, batch: int, steps: int, epochs: int, seed: int = 3) -> tuple[list, list]:
+    """Every rank's keys for ``epochs`` epochs, and the global stream they make: position
+    ``e * T + k * world + r`` is rank ``r``'s ``k``-th draw of epoch ``e`` (``T`` draws per epoch)."""
+    data = list(range(n))
+    samplers = [StepSampler(data, num_replicas=world, rank=r, seed=seed, batch_size=batch, steps=steps) for r in range(world)]
+    per_rank, stream = [], []
+    for epoch in range(epochs):
+        keys = []
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+            keys.append(list(sampler))
+        per_rank.append(keys)
+        stream += [keys[r][k] for k in range(steps * batch) for r in range(world)]
+    return per_rank, stream
+
+
+def test_step_sampler_draws_a_fixed_number_of_batches_from_reshuffled_passes() -> None:
+    n, world, batch, steps, epochs = 10, 2, 3, 4, 5  # 24 draws per epoch: 2.4 passes
+    per_rank, stream = _global_stream(n, world, batch, steps, epochs)
+    # Every rank draws steps * batch keys per epoch, whatever the data set's size.
+    assert all(len(keys) == steps * batch for epoch in per_rank for keys in epoch)
+    assert all(key[1] == r for epoch in per_rank for r, keys in enumerate(epoch) for key in keys)
+    # The epochs continue one stream: each aligned run of n draws is one pass, every image exactly
+    # once, keyed with its pass number; the ranks' shares of a pass are therefore disjoint.
+    passes = [stream[i:i + n] for i in range(0, len(stream) - n + 1, n)]
+    assert len(passes) == steps * batch * world * epochs // n == 12
+    for number, draws in enumerate(passes):
+        assert sorted(i for _, _, i in draws) == list(range(n)), number
+        assert {p for p, _, _ in draws} == {number}
+    # Reshuffled at every pass, and seeded: the same seed draws the same stream, another another.
+    assert len({tuple(i for _, _, i in draws) for draws in passes}) == len(passes)
+    assert _global_stream(n, world, batch, steps, epochs)[1] == stream
+    assert _global_stream(n, world, batch, steps, epochs, seed=4)[1] != stream
+    # An epoch does not depend on the ones before it (what a resume needs): epoch 3 alone.
+    late = StepSampler(list(range(n)), num_replicas=world, rank=1, seed=3, batch_size=batch, steps=steps)
+    late.set_epoch(3)
+    assert list(late) == per_rank[3][1]
+
+
+def test_step_sampler_keys_reach_persistent_workers(store: Path) -> None:
+    # The pass in each key seeds the augmentation: an image drawn in two passes is augmented twice
+    # differently, and persistent workers augment as the in-process reads of the same keys.
+    ds = SegClsDataset(store, range(4), augment=FULL, seed=5)
+    sampler = StepSampler(ds, num_replicas=1, rank=0, seed=0, batch_size=4, steps=2)  # 2 passes per epoch
+    loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, worker_init_fn=worker_init_fn,
+                        persistent_workers=True, multiprocessing_context="fork")
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        images = torch.cat([b["image"] for b in loader])
+        assert torch.equal(images, torch.stack([ds[key]["image"] for key in keys])), epoch
+        assert [p for p, _, _ in keys] == [2 * epoch] * 4 + [2 * epoch + 1] * 4
+        first = {i: images[j] for j, (p, _, i) in enumerate(keys) if p == 2 * epoch}
+        second = {i: images[j] for j, (p, _, i) in enumerate(keys) if p == 2 * epoch + 1}
+        assert not any(torch.equal(first[i], second[i]) for i in range(4))

@@ -196,7 +196,7 @@ def test_refuge_requires_masks_folder_and_path(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no Disc_Cup_Masks"):
         refuge_source(params_for(tmp_path, source="refuge", path=str(tmp_path / "empty")).data)
     with pytest.raises(ConfigError, match="data.path"):
-        refuge_source(params_for(tmp_path, source="refuge").data)
+        refuge_source(params_for(tmp_path, source="refuge", path="").data)
     with pytest.raises(DataError, match="not found"):
         refuge_source(params_for(tmp_path, source="refuge", path=str(tmp_path / "nope")).data)
 

@@ -171,3 +171,28 @@ def test_cli_bad_input_exits_nonzero_naming_the_file(tmp_path: Path) -> None:
     assert "prepare: error:" in proc.stderr and "masks/a.png" in proc.stderr and "does not match" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not store_path(tmp_path).exists() and leftovers(tmp_path) == []
+
+
+def test_prepare_says_when_dvc_does_not_version_the_raw_data(tmp_path: Path, monkeypatch, caplog) -> None:
+    from uml.data.prepare import dvc_tracking_note
+
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    raw = repo / "data" / "raw"
+    (raw / "scans").mkdir(parents=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    assert "lies outside the DVC repository" in dvc_tracking_note(outside, start=repo)
+    assert "`dvc add data/raw/scans`" in dvc_tracking_note(raw / "scans", start=repo / "data")
+    (raw / "scans.dvc").write_text("outs:\n- path: scans\n")  # what `dvc add data/raw/scans` writes
+    assert dvc_tracking_note(raw / "scans", start=repo) is None
+    assert dvc_tracking_note(raw / "scans" / "part", start=repo) is None  # inside a tracked folder
+    assert dvc_tracking_note(raw, start=repo) is None  # a folder holding tracked data
+    assert dvc_tracking_note(outside, start=tmp_path) is None  # not in a DVC repository: nothing to say
+    # The stage logs it (DVC runs it in the repository).
+    make_folder(raw / "new", LABELS)
+    monkeypatch.chdir(repo)
+    with caplog.at_level("WARNING", logger="uml.data.prepare"):
+        prepare(params_for(tmp_path, source="folder", path="data/raw/new", positive_class="b",
+                           split={"val": 0.2, "test": 0.2, "calib": 0.2}))
+    assert "data.path data/raw/new is not versioned by DVC" in caplog.text and "`dvc add data/raw/new`" in caplog.text

@@ -10,7 +10,9 @@ a flag from uml/cli.py or uml/stage.py, a file renamed), so the docs cannot sile
 from __future__ import annotations
 
 import ast
+import functools
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -180,12 +182,21 @@ def _dvc_outputs() -> set[str]:
     return outs
 
 
+@functools.cache
+def _tracked_data_files() -> tuple[str, ...]:
+    """The files under data/ that git tracks (data/README.md, data/raw/'s README and .gitignore)."""
+    proc = subprocess.run(["git", "ls-files", "--", "data"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    return tuple(proc.stdout.split()) if proc.returncode == 0 else ()
+
+
 def data_path_exists(path: str) -> bool:
     """A path under data/ names a stage output that dvc.yaml declares (or lies inside one),
-    Ray's default storage folder, or data/README.md."""
+    Ray's default storage folder, or a file git tracks there (or a folder holding one: data/raw)."""
     path = path.rstrip("/")
     ray_default = Paths(Params()).ray_storage.relative_to(Path.cwd()).as_posix()  # data/ray
     if path in ("data", "data/README.md") or path == ray_default or path.startswith(ray_default + "/"):
+        return True
+    if any(f == path or f.startswith(path + "/") for f in _tracked_data_files()):
         return True
     return any(path == out or path.startswith(out + "/") or out.startswith(path + "/") for out in _dvc_outputs())
 

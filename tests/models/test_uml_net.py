@@ -315,6 +315,7 @@ def test_published_recipe_file_matches_the_paper():
     assert (loss.cls_weight, loss.seg_weight, loss.mut_weight, loss.kl_annealing_epochs) == (0.5, 0.4, 0.1, 50)
     assert (train.epochs, train.lr, train.weight_decay, train.batch_size, train.constant_epochs) == (100, 1e-4, 1e-5, 8, 30)
     assert (train.poly_power, train.min_lr, train.precision) == (0.9, 1e-5, "fp32")
+    assert train.steps_per_epoch is None  # an epoch is one pass over the training split
 
 
 def test_frozen_encoder_batchnorm_keeps_statistics_and_affine():

@@ -5,6 +5,8 @@ exactly as the uninterrupted run; a training step reads nothing back from the de
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -44,9 +46,11 @@ class HostReads(TorchDispatchMode):
 
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
+    # 20 images: 8 train, 4 each in val, test and calib; 2 steps per epoch at batch 4, one pass.
     root = tmp_path_factory.mktemp("worker")
-    params = load_params(write_tiny_params(root, data={"synthetic": {"num_images": 16, "render_size": 64}},
-                                           train={"epochs": 2, "constant_epochs": 1, "batch_size": 4}))
+    params = load_params(write_tiny_params(root, data={"synthetic": {"num_images": 20, "render_size": 64}},
+                                           train={"epochs": 2, "steps_per_epoch": None, "constant_epochs": 1,
+                                                  "batch_size": 4}))
     prepare(params)
     data = open_prepared(Paths(params).dataset)
     return params, model_config(params, data.class_names, data.mask_classes, data.image_size).to_dict()
@@ -58,12 +62,15 @@ def one_worker(monkeypatch):
     monkeypatch.setattr(ray.train.torch, "prepare_data_loader", lambda loader: loader)
 
 
-@pytest.mark.parametrize("loader_workers", [0, 2])
-def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(tiny_store, one_worker, tmp_path, loader_workers):
+@pytest.mark.parametrize(("loader_workers", "steps_per_epoch"), [(0, None), (2, None), (0, 3), (2, 3)])
+def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(tiny_store, one_worker, tmp_path, loader_workers,
+                                                                  steps_per_epoch):
     # With loader workers, the uninterrupted run's second epoch reuses its persistent workers while
-    # the restarted one starts new ones: neither may shift the random numbers the epoch draws.
+    # the restarted one starts new ones: neither may shift the random numbers the epoch draws. With
+    # a fixed number of steps (3 of the 8 images' 2 per pass), epoch 1 continues the stream where
+    # epoch 0 left it, mid-pass: a restarted run must find the same place.
     params, model_cfg = tiny_store
-    params = params.with_overrides({"train.loader_workers": loader_workers})
+    params = params.with_overrides({"train.loader_workers": loader_workers, "train.steps_per_epoch": steps_per_epoch})
     store = str(Paths(params).dataset)
     data = worker.open_worker_data(params, store, rank=0, world=1, device=CPU)
 
@@ -81,7 +88,7 @@ def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(tiny_store, on
     assert all(s["step"].device == CPU for s in resumed.optimizer.state.values())
     losses, lr, steps = worker.train_one_epoch(resumed, data, params, 1, 0, CPU, None)
 
-    assert steps == 2 and losses == expected_losses and lr == expected_lr
+    assert steps == (steps_per_epoch or 2) and losses == expected_losses and lr == expected_lr
     assert resumed.scheduler.state_dict()["last_epoch"] == uninterrupted.scheduler.state_dict()["last_epoch"] == 2
     for (name, a), (_, b) in zip(uninterrupted.net.state_dict().items(), resumed.net.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
@@ -97,21 +104,56 @@ def test_a_split_smaller_than_one_global_batch_is_refused(tiny_store, one_worker
         worker.open_worker_data(big, str(Paths(params).dataset), rank=0, world=1, device=CPU)
 
 
-def test_a_training_step_reads_nothing_back_but_adams_cpu_step_counters(tiny_store, one_worker):
-    params, model_cfg = tiny_store
+def _reads_in_one_epoch(params, model_cfg, rank: int = 0) -> tuple[dict, int, list, list]:
+    """Train epoch 0 under :class:`HostReads`: (losses, steps, Adam's counter reads per parameter
+    tensor, other reads)."""
     data = worker.open_worker_data(params, str(Paths(params).dataset), rank=0, world=1, device=CPU)
     state = worker.build_state(params, model_cfg, epochs=2, device=CPU)
     with HostReads() as reads:
-        losses, _, steps = worker.train_one_epoch(state, data, params, 0, 0, CPU, None)
+        losses, _, steps = worker.train_one_epoch(state, data, params, 0, rank, CPU, None, epochs=2)
     counters = {s["step"].data_ptr() for s in state.optimizer.state.values()}
-    adam = [t for t in reads.tensors if t.data_ptr() in counters]
-    others = [t for t in reads.tensors if t.data_ptr() not in counters]
-    # Adam (capturable=False) reads its step counter per parameter; those live on the CPU, not a sync.
-    assert steps == 2 and len(adam) == steps * len(state.optimizer.state)
     assert all(s["step"].device == CPU for s in state.optimizer.state.values())
+    adam = [t for t in reads.tensors if t.data_ptr() in counters]
+    return losses, steps, len(adam) / len(counters), [t for t in reads.tensors if t.data_ptr() not in counters]
+
+
+@pytest.mark.parametrize("steps_per_epoch", [None, 3])
+def test_a_training_step_reads_nothing_back_but_adams_cpu_step_counters(tiny_store, one_worker, steps_per_epoch):
+    params, model_cfg = tiny_store
+    params = params.with_overrides({"train.steps_per_epoch": steps_per_epoch})
+    losses, steps, adam_per_tensor, others = _reads_in_one_epoch(params, model_cfg)
+    # Adam (capturable=False) reads its step counter per parameter; those live on the CPU, not a sync.
+    assert steps == (steps_per_epoch or 2) and adam_per_tensor == steps
     # Once per epoch, not per step: the mean of each logged loss, and the DataLoader's base seed
-    # (a CPU tensor). A label check in the loss would add reads at every step (16 before).
+    # (a CPU tensor). A label check in the loss would add reads at every step (16 before); a
+    # progress line reads the running loss, and the default interval (30 s) logs none here.
     assert len(others) == len(losses) + 1, [tuple(t.shape) for t in others]
+
+
+def test_rank_0_logs_progress_within_the_epoch_reading_the_loss_only_for_a_line(tiny_store, one_worker, monkeypatch,
+                                                                                 caplog):
+    params, model_cfg = tiny_store
+    monkeypatch.setattr(worker, "PROGRESS_SECONDS", 0.0)  # a line after every step but the last
+    with caplog.at_level(logging.INFO, logger="uml.train"):
+        losses, steps, _, others = _reads_in_one_epoch(params.with_overrides({"train.steps_per_epoch": 3}), model_cfg)
+    lines = [r.getMessage() for r in caplog.records if " step " in r.getMessage()]
+    assert steps == 3 and len(lines) == 2, lines
+    assert len(others) == len(losses) + 1 + len(lines)  # one read per line, none per step
+    found = [re.fullmatch(r"epoch   1/2  step (\d)/3  ([\d.]+) img/s  loss ([\d.]+) \(running mean, rank 0\)", line)
+             for line in lines]
+    assert all(found), lines
+    assert [int(m.group(1)) for m in found] == [1, 2] and all(float(m.group(2)) > 0 for m in found)
+    # The running mean after k steps is the mean loss of an epoch of k steps: the same first draws
+    # (the stream does not depend on the epoch's length) from the same initial state.
+    for m in found:
+        k = int(m.group(1))
+        short, _, _, _ = _reads_in_one_epoch(params.with_overrides({"train.steps_per_epoch": k}), model_cfg)
+        assert float(m.group(3)) == pytest.approx(short["train/loss"], abs=5e-4), (k, m.group(0))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="uml.train"):
+        _, _, _, others = _reads_in_one_epoch(params.with_overrides({"train.steps_per_epoch": 3}), model_cfg, rank=1)
+    assert not [r for r in caplog.records if " step " in r.getMessage()]  # only rank 0 logs
+    assert len(others) == len(losses) + 1
 
 
 def test_a_resume_keeps_adams_step_counters_on_the_cpu_and_the_rest_on_the_model_device(tiny_store, one_worker,

@@ -10,8 +10,9 @@ augmentation of an image therefore depends only on those four numbers: not on th
 DataLoader workers, which worker loads it, or the batch order. A DataLoader's workers hold a
 copy of the dataset made when they start, and persistent workers keep it across epochs, so the
 epoch reaches them with each sample's key: :class:`EpochSampler` yields ``(epoch, rank, index)``
-keys. Reading items directly (``dataset[i]``) uses :meth:`SegClsDataset.set_epoch`'s values.
-:func:`worker_init_fn` seeds the global ``random``/``numpy`` generators of each worker from
+keys (:class:`StepSampler`, which draws a fixed number of batches per epoch, yields
+``(pass, rank, index)``). Reading items directly (``dataset[i]``) uses
+:meth:`SegClsDataset.set_epoch`'s values. :func:`worker_init_fn` seeds the global ``random``/``numpy`` generators of each worker from
 torch's per-worker seed (which mixes in the worker id) for any other code that uses them.
 
 Transport: items stay uint8 as stored (an image is a quarter of its float32 size, a mask an
@@ -88,7 +89,8 @@ class SegClsDataset(Dataset):
     Items are ``{"image": uint8 (H, W, 3) RGB, "mask": uint8 (H, W) class indices, "label": int64 (),
     "index": int64 ()}`` where ``index`` is the position in the store (a batch's images become the
     model's input through :func:`to_model_input`). An item's key is its position ``i`` in
-    ``indices``, or ``(epoch, rank, i)`` from :class:`EpochSampler`. ``augment`` (the
+    ``indices``, or ``(epoch, rank, i)`` from :class:`EpochSampler` (``(pass, rank, i)`` from
+    :class:`StepSampler`: the first number keys the augmentation stream). ``augment`` (the
     ``data.augment`` params) enables training augmentation; None or ``enabled: false`` reads the
     images as stored.
 
@@ -192,6 +194,53 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self):
         return ((self.epoch, self.rank, i) for i in super().__iter__())
+
+
+class StepSampler(EpochSampler):
+    """A fixed number of draws per epoch, whatever the data set's size: ``steps`` batches of
+    ``batch_size`` on each of ``num_replicas`` ranks, taken from an endless stream of passes over
+    the data set. Each pass is a permutation seeded by ``(seed, pass)``, so the stream reshuffles
+    when a pass ends, and epoch ``e`` takes the stream's positions ``[e * T, (e + 1) * T)`` with
+    ``T = steps * batch_size * num_replicas``: which images an epoch draws depends only on the
+    epoch (a resumed run draws what an uninterrupted one would have), and epochs follow each other
+    through the stream without gaps or repeats. Rank ``r`` takes every ``num_replicas``-th
+    position from ``r``: each global batch is ``batch_size * num_replicas`` consecutive positions,
+    the ranks' shares are equal in length, and within a pass they are disjoint.
+
+    Keys are ``(pass, rank, i)``: each image is drawn once per pass, so its augmentation (seeded
+    by the key, see :class:`SegClsDataset`) differs at every draw. Still a
+    ``DistributedSampler``, so Ray Train's ``prepare_data_loader`` keeps it."""
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int, batch_size: int, steps: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        if len(dataset) == 0:
+            raise DataError("cannot draw training batches from an empty training split")
+        self.steps, self.batch_size = int(steps), int(batch_size)
+        self.num_samples = self.steps * self.batch_size
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def pass_order(self, index: int) -> np.ndarray:
+        """Pass ``index``'s order of the data set's items."""
+        return np.random.default_rng(np.random.SeedSequence([self.seed, index])).permutation(len(self.dataset))
+
+    def epoch_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's draws of the current epoch: ``(passes, items)``, the pass each draw belongs
+        to and the item it draws (a position in the data set)."""
+        n = len(self.dataset)
+        start = self.epoch * self.total_size
+        first, last = start // n, (start + self.total_size - 1) // n
+        items = np.concatenate([self.pass_order(p) for p in range(first, last + 1)])
+        passes = np.repeat(np.arange(first, last + 1), n)
+        window = slice(start - first * n, start - first * n + self.total_size)
+        mine = slice(self.rank, None, self.num_replicas)
+        return passes[window][mine], items[window][mine]
+
+    def __iter__(self):
+        passes, items = self.epoch_positions()
+        return ((int(p), self.rank, int(i)) for p, i in zip(passes, items, strict=True))
 
 
 def to_model_input(images: torch.Tensor, device: torch.device | None = None,

@@ -6,7 +6,8 @@ are listed, paired and labelled when the source is built (so a missing mask or l
 written. Every problem raises :class:`~uml.errors.DataError` naming the file and what is wrong.
 
 ``refuge`` (``data.source: refuge``, ``data.path``: the folder that holds the release)
-    Two layouts are recognised anywhere below ``data.path``:
+    Two layouts are recognised anywhere below ``data.path``, alone or together (the full
+    release has both):
 
     * Training400: images in class folders ``Glaucoma/`` and ``Non-Glaucoma/``, masks in
       ``Disc_Cup_Masks/Glaucoma/<id>.bmp`` and ``Disc_Cup_Masks/Non-Glaucoma/<id>.bmp`` (as in
@@ -18,8 +19,17 @@ written. Every problem raises :class:`~uml.errors.DataError` naming the file and
       (values may carry the file extension); label: ``label``, ``glaucoma``,
       ``Glaucoma Label``, ``glaucoma_label``, ``class``. Label values: ``1``/``0`` (also ``1.0``),
       ``true``/``false``, ``yes``/``no``, ``glaucoma``/``non-glaucoma`` (also ``g``/``n``).
-      When several CSV files are present the one whose name contains "label" or "glaucoma" is
-      used. (REFUGE ships labels as ``.xlsx``: save the sheet as CSV.)
+      When several CSV files are present, those whose name contains "label" or "glaucoma" are
+      used, together (e.g. one for Validation400 and one for Test400; an id in two of them is an
+      error). (REFUGE ships labels as ``.xlsx``: save each sheet as CSV.)
+
+    The official split: when every image lies below a folder whose name says Training,
+    Validation or Test (``REFUGE-Training400``, ``REFUGE-Validation400``, ``REFUGE-Test400``,
+    ...) and each of the three has images, the source defines the challenge's split
+    (:class:`~uml.data.records.GivenSplit`): Training is train, Test is test, and val and calib
+    are drawn from Validation, stratified and seeded, in the ratio ``data.split.val :
+    data.split.calib``. ``data.split.method`` decides whether it is used. An image id found in two
+    parts is an error.
 
     Mask encoding: grey level 0 = cup, 128 = disc rim, 255 = background, mapped by thresholds so
     that resampled or re-encoded masks still work: < 10 cup, 10..245 rim, > 245 background.
@@ -28,7 +38,10 @@ written. Every problem raises :class:`~uml.errors.DataError` naming the file and
 
 ``folder`` (``data.source: folder``)
     ``images/<id>.<png|jpg|jpeg|tif|tiff|bmp>``, ``masks/<id>.<png|bmp|tif|tiff>`` (lossless
-    formats only) and ``labels.csv`` with header ``id,label``. Mask pixel values are class
+    formats only) and ``labels.csv`` with header ``id,label`` and, optionally, a ``split`` column
+    whose values are ``train``, ``val``, ``test`` or ``calib``: the data set's own split, used as
+    ``data.split.method`` says (an unknown name, a missing value, an image listed in two splits or
+    a split left empty is an error naming the file and line). Mask pixel values are class
     indices, or are mapped through ``data.mask_values`` ``{pixel value: class index}``; any other
     value is an error. Labels are class names or integer indices; the class names come from
     ``data.class_names`` or, when it is null, the sorted unique CSV labels (numerically when they
@@ -54,7 +67,8 @@ from pathlib import Path
 import numpy as np
 
 from uml.config import DataParams
-from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, FUNDUS_POSITIVE_CLASS, Record
+from uml.data.records import (FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, FUNDUS_POSITIVE_CLASS, SPLIT_NAMES, GivenSplit,
+                              Record)
 from uml.errors import ConfigError, DataError
 from uml.image_io import read_image, read_mask_values, resize_mask
 
@@ -63,6 +77,9 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # JPEG would blur class boundaries into values that belong to no class.
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
+
+# The optional column of a folder source's labels.csv that gives each image its split.
+SPLIT_COLUMN = "split"
 
 REFUGE_ID_COLUMNS = ("id", "imgname", "image", "imagename", "filename", "file", "name")
 REFUGE_LABEL_COLUMNS = ("label", "glaucoma", "glaucomalabel", "class")
@@ -130,6 +147,9 @@ class _FileSource(ABC):
         self.image_size = image_size
         self.class_names = class_names
         self.mask_classes = mask_classes
+        # The split the data set defines itself, if any, and a sentence on it (see RecordSource).
+        self.given_split: GivenSplit | None = None
+        self.split_note = "the data set defines no split"
 
     def __len__(self) -> int:
         return len(self.items)
@@ -224,8 +244,47 @@ def _refuge_labels_csv(csv_path: Path) -> dict[str, int]:
     return labels
 
 
+# The challenge's three parts, recognised by a folder name below data.path that contains the word
+# (REFUGE-Training400, Annotation-Training400, REFUGE-Validation400, REFUGE-Test400, ...).
+REFUGE_PARTS = {"train": "Training", "validation": "Validation", "test": "Test"}
+_REFUGE_PART_WORDS = {"train": "train", "validation": "valid", "test": "test"}
+# The official split: Training trains, Test tests, and the Validation set is divided into the
+# validation split (model selection) and the calibration split, in the ratio of their shares.
+REFUGE_OFFICIAL = {"train": "train", "test": "test"}
+REFUGE_VALIDATION_POOL = ("val", "calib")
+
+
+def refuge_part(path: Path, root: Path) -> str | None:
+    """The challenge part (a key of :data:`REFUGE_PARTS`) that ``path`` lies in: the first folder
+    below ``root`` whose name contains exactly one of the words training, validation or test."""
+    for folder in path.relative_to(root).parts[:-1]:
+        name = _norm(folder)
+        found = [part for part, word in _REFUGE_PART_WORDS.items() if word in name]
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def _refuge_given_split(parts: dict[str, str | None], paths: dict[str, Path]) -> tuple[GivenSplit | None, str]:
+    """The official split when every image lies in one of the three parts and each part has
+    images; else None and why."""
+    present = {part for part in parts.values() if part is not None}
+    if present != set(REFUGE_PARTS):
+        found = ", ".join(REFUGE_PARTS[p] for p in REFUGE_PARTS if p in present) or "none of them"
+        return None, f"the challenge's Training, Validation and Test folders are not all present (found: {found})"
+    outside = sorted(item_id for item_id, part in parts.items() if part is None)
+    if outside:
+        return None, (f"{len(outside)} image(s) lie outside the Training, Validation and Test folders "
+                      f"(e.g. {paths[outside[0]]})")
+    assignment = {item_id: REFUGE_OFFICIAL.get(part, part) for item_id, part in parts.items()}  # type: ignore[arg-type]
+    description = ("REFUGE official split: the challenge's Training set is train and its Test set is test; val and "
+                   "calib are drawn from its Validation set, stratified by label and seeded (data.seed), in the ratio "
+                   "data.split.val : data.split.calib")
+    return GivenSplit(assignment, description, pools={"validation": REFUGE_VALIDATION_POOL}), "the challenge's split"
+
+
 def refuge_source(data: DataParams) -> RefugeSource:
-    """List and pair a REFUGE release under ``data.path`` (either layout)."""
+    """List and pair a REFUGE release under ``data.path`` (either layout, or both)."""
     if list(data.mask_classes) != list(FUNDUS_MASK_CLASSES):
         raise ConfigError(f"data.mask_classes: the refuge source has mask classes {list(FUNDUS_MASK_CLASSES)}, "
                           f"got {data.mask_classes}")
@@ -243,44 +302,65 @@ def refuge_source(data: DataParams) -> RefugeSource:
     masks = _index_by_stem((m for d in mask_dirs for m in _files(d, MASK_EXTENSIONS, recursive=True)), "mask")
     class_dirs = [d for d in all_dirs if _norm(d.name) in ("glaucoma", "nonglaucoma") and not excluded(d)]
 
-    labelled: list[tuple[Path, int, str]] = []  # (image, label, where the label came from)
+    labelled: list[tuple[Path, int]] = []
+    layouts = []
     if class_dirs:
-        layout = "Training400 (class folders)"
+        layouts.append("Training400 (class folders)")
         for d in class_dirs:
             label = 1 if _norm(d.name) == "glaucoma" else 0
-            labelled += [(p, label, str(d)) for p in _files(d, IMAGE_EXTENSIONS)]
-    else:
-        layout = "flat (label CSV)"
+            labelled += [(p, label) for p in _files(d, IMAGE_EXTENSIONS)]
+    # Images outside class folders (Validation400 / Test400 style) are labelled by a CSV.
+    flat = [p for p in _files(root, IMAGE_EXTENSIONS, recursive=True)
+            if not excluded(p) and not any(p.is_relative_to(d) for d in class_dirs)]
+    if flat or not class_dirs:
+        layouts.append("flat (label CSV)")
         csvs = [p for p in _files(root, (".csv",), recursive=True) if not excluded(p)]
         if len(csvs) > 1:
             csvs = [p for p in csvs if "label" in p.name.lower() or "glaucoma" in p.name.lower()] or csvs
         if not csvs:
-            raise DataError(f"{root}: no Glaucoma/Non-Glaucoma folders and no label CSV found (REFUGE layout expected)")
-        if len(csvs) > 1:
-            raise DataError(f"{root}: several label CSV files, cannot tell which to use: {[str(p) for p in csvs]}")
-        labels = _refuge_labels_csv(csvs[0])
-        for p in _files(root, IMAGE_EXTENSIONS, recursive=True):
-            if excluded(p):
-                continue
+            raise DataError(f"{root}: no Glaucoma/Non-Glaucoma folders and no label CSV found (REFUGE layout expected)"
+                            if not class_dirs else
+                            f"{root}: {len(flat)} image(s) outside the Glaucoma/Non-Glaucoma folders (e.g. {flat[0]}) "
+                            "and no label CSV for them")
+        labels: dict[str, int] = {}
+        label_files: dict[str, Path] = {}
+        for csv_path in csvs:  # e.g. one for Validation400 and one for Test400
+            for item_id, label in _refuge_labels_csv(csv_path).items():
+                if item_id in labels:
+                    raise DataError(f"{csv_path}: duplicate id {item_id!r} (also in {label_files[item_id]})")
+                labels[item_id], label_files[item_id] = label, csv_path
+        for p in flat:
             if p.stem not in labels:
-                raise DataError(f"{p}: missing label (no row for {p.stem!r} in {csvs[0]})")
-            labelled.append((p, labels[p.stem], str(csvs[0])))
+                raise DataError(f"{p}: missing label (no row for {p.stem!r} in {', '.join(str(c) for c in csvs)})")
+            labelled.append((p, labels[p.stem]))
 
     if not labelled:
         raise DataError(f"{root}: no images found (extensions {list(IMAGE_EXTENSIONS)})")
     seen: dict[str, Path] = {}
+    parts: dict[str, str | None] = {}
     items: list[tuple[str, Path, Path, int]] = []
-    for image_path, label, _ in labelled:
+    for image_path, label in labelled:
+        part = refuge_part(image_path, root)
         if image_path.stem in seen:
-            raise DataError(f"{image_path}: duplicate image id {image_path.stem!r} (also {seen[image_path.stem]})")
-        seen[image_path.stem] = image_path
+            other = seen[image_path.stem]
+            if parts[image_path.stem] != part:
+                raise DataError(f"{image_path}: image {image_path.stem!r} is in two splits: "
+                                f"{REFUGE_PARTS.get(parts[image_path.stem] or '', 'no part')} ({other}) and "
+                                f"{REFUGE_PARTS.get(part or '', 'no part')} ({image_path})")
+            raise DataError(f"{image_path}: duplicate image id {image_path.stem!r} (also {other})")
+        seen[image_path.stem], parts[image_path.stem] = image_path, part
         mask_path = masks.get(image_path.stem)
         if mask_path is None:
             raise DataError(f"{image_path}: no mask (expected Disc_Cup_Masks/.../{image_path.stem}.bmp)")
         items.append((image_path.stem, image_path, mask_path, label))
     items.sort(key=lambda t: t[0])
-    log.info("refuge: %s layout, %d images under %s", layout, len(items), root)
-    return RefugeSource(items, data.image_size, list(FUNDUS_CLASS_NAMES), list(FUNDUS_MASK_CLASSES))
+    given, note = _refuge_given_split(parts, seen)
+    counts = {REFUGE_PARTS[p]: sum(v == p for v in parts.values()) for p in REFUGE_PARTS}
+    log.info("refuge: %s layout, %d images under %s (%s)%s", " + ".join(layouts), len(items), root,
+             ", ".join(f"{k} {v}" for k, v in counts.items()), "" if given else f"; no official split: {note}")
+    source = RefugeSource(items, data.image_size, list(FUNDUS_CLASS_NAMES), list(FUNDUS_MASK_CLASSES))
+    source.given_split, source.split_note = given, note
+    return source
 
 
 class FolderSource(_FileSource):
@@ -379,14 +459,22 @@ def folder_source(data: DataParams) -> FolderSource:
     header, rows = _read_csv(csv_path)
     if [h.lower() for h in header[:2]] != ["id", "label"]:
         raise DataError(f"{csv_path}: header must start with id,label, got {','.join(header)}")
+    split_column = next((h for h in header[2:] if _norm(h) == SPLIT_COLUMN), None)
     raw_labels: dict[str, str] = {}
+    raw_splits: dict[str, tuple[str, int]] = {}  # id -> (split as written, line)
     for line, row in enumerate(rows, start=2):
         item_id = _strip_image_ext(row.get(header[0], ""))
         if not item_id:
             continue
+        split = row.get(split_column, "") if split_column else ""
         if item_id in raw_labels:
+            first, first_line = raw_splits[item_id]
+            if split_column and first.lower() != split.lower():
+                raise DataError(f"{csv_path}:{line}: image {item_id!r} is in two splits: {first!r} (line {first_line}) "
+                                f"and {split!r} (line {line})")
             raise DataError(f"{csv_path}:{line}: duplicate id {item_id!r}")
         raw_labels[item_id] = row.get(header[1], "")
+        raw_splits[item_id] = (split, line)
 
     images = _index_by_stem(_files(images_dir, IMAGE_EXTENSIONS), "image")
     skipped = [p.name for p in images_dir.iterdir()
@@ -418,4 +506,36 @@ def folder_source(data: DataParams) -> FolderSource:
         log.warning("folder: %d label rows have no image in %s (e.g. %s)", len(orphans), images_dir, orphans[:3])
     positive_class = _folder_positive_class(class_names, data, csv_path)
     log.info("folder: %d images under %s, classes %s", len(items), root, class_names)
-    return FolderSource(items, data.image_size, class_names, list(data.mask_classes), data.mask_values, positive_class)
+    source = FolderSource(items, data.image_size, class_names, list(data.mask_classes), data.mask_values, positive_class)
+    if split_column is None:
+        source.split_note = f"{csv_path} has no split column"
+    elif data.split.method == "random":
+        log.info("folder: data.split.method is random: the split column of %s is not used", csv_path)
+        source.split_note = f"the split column of {csv_path} (not used: data.split.method is random)"
+    else:
+        source.given_split = _folder_given_split(csv_path, [item[0] for item in items], raw_splits)
+        source.split_note = f"the split column of {csv_path}"
+    return source
+
+
+def _folder_given_split(csv_path: Path, ids: list[str], raw_splits: dict[str, tuple[str, int]]) -> GivenSplit:
+    """The split column's assignment of the images ``ids``; every value must be a split name and
+    every split must receive an image."""
+    assignment: dict[str, str] = {}
+    for item_id in ids:
+        value, line = raw_splits[item_id]
+        name = value.strip().lower()
+        if not name:
+            raise DataError(f"{csv_path}:{line}: no split for {item_id!r}; the split column needs one of "
+                            f"{', '.join(SPLIT_NAMES)} in every row (or set data.split.method: random)")
+        if name not in SPLIT_NAMES:
+            raise DataError(f"{csv_path}:{line}: unknown split {value!r} for {item_id!r}; use one of "
+                            f"{', '.join(SPLIT_NAMES)}")
+        assignment[item_id] = name
+    counts = {name: sum(v == name for v in assignment.values()) for name in SPLIT_NAMES}
+    empty = [name for name, count in counts.items() if count == 0]
+    if empty:
+        raise DataError(f"{csv_path}: the split column leaves split(s) {empty} empty "
+                        f"({', '.join(f'{k} {v}' for k, v in counts.items())}); every split needs at least one image "
+                        "(calib is the calibrate stage's), or set data.split.method: random")
+    return GivenSplit(assignment, f"the split column of {csv_path}")

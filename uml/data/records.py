@@ -7,8 +7,8 @@ sources and the writer depend on it without depending on each other.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -36,6 +36,29 @@ class Record:
     origin: str
 
 
+# The prepared data set's splits, in the order the content hash takes them. calib is the
+# calibration split of the post-hoc calibrate stage.
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test", "calib")
+
+
+@dataclass(frozen=True)
+class GivenSplit:
+    """A split that a data set defines itself (``data.split.method: given``).
+
+    Attributes:
+        assignment: record id -> the split it belongs to (``train``, ``val``, ``test``, ``calib``)
+            or the name of a pool in ``pools``.
+        pools: pool name -> the splits drawn from it, stratified and seeded, in the ratio of their
+            ``data.split`` shares (REFUGE: its Validation set -> ``("val", "calib")``); the first
+            splits are drawn in turn, the last keeps the rest.
+        description: how the split was made, in words (recorded in the prepared store).
+    """
+
+    assignment: Mapping[str, str]
+    description: str
+    pools: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
 @runtime_checkable
 class RecordSource(Protocol):
     """A sized, re-iterable stream of records plus the names that give its indices meaning.
@@ -43,6 +66,10 @@ class RecordSource(Protocol):
     ``positive_class`` is the index of the class that the binary metrics score (sensitivity, F1,
     AUC); the source declares it, the prepared store records it, and training, export and
     evaluation read it from there.
+
+    A source may also define its own split: a ``given_split`` attribute holding a
+    :class:`GivenSplit` (or None), and ``split_note``, a sentence saying which split the data set
+    defines or why it defines none. Sources without them define no split.
     """
 
     name: str

@@ -5,13 +5,16 @@ Layout (zarr v3 group):
 * ``images`` uint8 (N, H, W, 3), ``masks`` uint8 (N, H, W): sharded, one image per inner chunk
   (fast random access), many images per shard file (few files for DVC).
 * ``labels`` int64 (N,); ``splits/train``, ``splits/val``, ``splits/test``, ``splits/calib``
-  int64 sorted indices into N, disjoint and covering N (stratified by label, seeded). ``calib`` is
-  the calibration split of the post-hoc ``calibrate`` stage, used by nothing else.
+  int64 sorted indices into N, disjoint and covering N: drawn at random (stratified by label,
+  seeded) or the data set's own (see :func:`given_split_indices`). ``calib`` is the calibration
+  split of the post-hoc ``calibrate`` stage, used by nothing else.
 * attrs: ``class_names``, ``mask_classes``, ``positive_class`` (the index of the class that the
   binary metrics score, as the data source declares it), ``source``, ``image_size``, ``fingerprint``
   (``channel_mean``/``channel_std`` per RGB channel on the [0, 1] scale, ``class_counts``,
   ``mask_class_frequencies``), ``content_hash``, plus ``format``, ``num_images``, ``ids``,
-  ``split_sizes``, ``split_fractions``, ``seed`` and source-specific ``source_info``.
+  ``split_method`` (``random``, or ``given``: the data set's own split), ``split_description``
+  (how the split was made, in words), ``split_sizes``, ``split_fractions``, ``seed`` and
+  source-specific ``source_info``.
 
 ``content_hash`` identifies the data content (downstream stages name training runs with it). It
 is the sha256 of: a canonical JSON header (format, class names, mask classes, image size,
@@ -53,13 +56,12 @@ from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore
 
 from uml.config import SplitParams
-from uml.data.records import Record
+from uml.data.records import SPLIT_NAMES, GivenSplit, Record
 from uml.errors import DataError
 
 log = logging.getLogger(__name__)
 
 FORMAT = "uml-prepared/2"
-SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test", "calib")
 REQUIRED_ATTRS: tuple[str, ...] = ("class_names", "mask_classes", "positive_class", "source", "image_size", "fingerprint",
                                    "content_hash")
 # The group's own metadata file holds the attrs (checksums included), so it is the one file not checksummed.
@@ -85,6 +87,21 @@ def split_sizes(n: int, *, val: float, test: float, calib: float) -> dict[str, i
     return sizes
 
 
+def _draw(idx: np.ndarray, count: int, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` of ``idx`` drawn stratified by ``labels`` and seeded: ``(rest, drawn)``. When a
+    class is too small to stratify on, the draw falls back to an unstratified one with a warning."""
+    # Imported here: scikit-learn (with scipy) takes about a second to import, and readers of
+    # the store never split.
+    from sklearn.model_selection import train_test_split
+
+    # Integer sizes: train_test_split takes them as they are (no rounding of a fraction).
+    try:
+        return train_test_split(idx, test_size=count, random_state=seed, stratify=labels[idx])
+    except ValueError as exc:  # a class with a single member, or fewer held-out images than classes
+        log.warning("stratified split not possible (%s); splitting without stratification", exc)
+        return train_test_split(idx, test_size=count, random_state=seed, shuffle=True)
+
+
 def split_indices(labels: np.ndarray, *, val: float, test: float, calib: float, seed: int) -> dict[str, np.ndarray]:
     """Stratified, seeded train/val/test/calib split of ``range(len(labels))`` (sorted index arrays).
 
@@ -95,22 +112,81 @@ def split_indices(labels: np.ndarray, *, val: float, test: float, calib: float, 
     labels = np.asarray(labels)
     n = labels.shape[0]
     sizes = split_sizes(n, val=val, test=test, calib=calib)
-    # Imported here: scikit-learn (with scipy) takes about a second to import, and readers of
-    # the store never split.
-    from sklearn.model_selection import train_test_split
-
-    def draw(idx: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-        # Integer sizes: train_test_split takes them as they are (no rounding of a fraction).
-        try:
-            return train_test_split(idx, test_size=count, random_state=seed, stratify=labels[idx])
-        except ValueError as exc:  # a class with a single member, or fewer held-out images than classes
-            log.warning("stratified split not possible (%s); splitting without stratification", exc)
-            return train_test_split(idx, test_size=count, random_state=seed, shuffle=True)
-
-    rest, test_idx = draw(np.arange(n), sizes["test"])
-    rest, calib_idx = draw(rest, sizes["calib"])
-    train_idx, val_idx = draw(rest, sizes["val"])
+    rest, test_idx = _draw(np.arange(n), sizes["test"], labels, seed)
+    rest, calib_idx = _draw(rest, sizes["calib"], labels, seed)
+    train_idx, val_idx = _draw(rest, sizes["val"], labels, seed)
     found = {"train": train_idx, "val": val_idx, "test": test_idx, "calib": calib_idx}
+    return {name: np.sort(found[name]).astype(np.int64) for name in SPLIT_NAMES}
+
+
+def _pool_sizes(n: int, splits: tuple[str, ...], split: SplitParams) -> dict[str, int]:
+    """How many of a pool's ``n`` images each of ``splits`` gets: ``n`` in the ratio of their
+    ``data.split`` shares (train's: what the others leave), rounded half up, the last split
+    keeping the rest."""
+    shares = {"val": split.val, "test": split.test, "calib": split.calib,
+              "train": 1.0 - split.val - split.test - split.calib}
+    total = sum(shares[name] for name in splits)
+    sizes = {name: math.floor(n * shares[name] / total + 0.5) for name in splits[:-1]}
+    sizes[splits[-1]] = n - sum(sizes.values())
+    return sizes
+
+
+def given_split_sizes(given: GivenSplit, split: SplitParams, source: str = "data set") -> dict[str, int]:
+    """The size of each split that ``given`` makes (pools divided as :func:`given_split_indices`
+    divides them). Raises :class:`DataError` naming ``source`` for a split name that is neither a
+    split nor a pool, a pool that names an unknown split, or an empty split: bad split input
+    stops ``prepare`` before any image is decoded."""
+    for pool, targets in given.pools.items():
+        unknown = [name for name in targets if name not in SPLIT_NAMES]
+        if unknown or not targets:
+            raise DataError(f"{source}: pool {pool!r} divides into {list(targets)}; the splits are {list(SPLIT_NAMES)}")
+    counts: dict[str, int] = {}
+    for item_id, name in given.assignment.items():
+        if name not in SPLIT_NAMES and name not in given.pools:
+            raise DataError(f"{source}: image {item_id!r} is assigned to the unknown split {name!r}; the splits are "
+                            f"{list(SPLIT_NAMES)}")
+        counts[name] = counts.get(name, 0) + 1
+    sizes = {name: counts.get(name, 0) for name in SPLIT_NAMES}
+    for pool, targets in given.pools.items():
+        for name, size in _pool_sizes(counts.get(pool, 0), targets, split).items():
+            sizes[name] += size
+    empty = [name for name in SPLIT_NAMES if sizes[name] == 0]
+    if empty:
+        raise DataError(f"{source}: the given split ({given.description}) leaves split(s) {empty} empty "
+                        f"({', '.join(f'{k} {v}' for k, v in sizes.items())}); every split needs at least one image "
+                        "(calib is the calibrate stage's), or set data.split.method: random")
+    return sizes
+
+
+def given_split_indices(ids: list[str], labels: np.ndarray, given: GivenSplit, split: SplitParams, seed: int,
+                        source: str = "data set") -> dict[str, np.ndarray]:
+    """The split ``given`` defines, as sorted index arrays into ``ids``: every record goes to its
+    assigned split, and each pool is divided among its splits, stratified by label and seeded
+    (the first splits drawn in turn, the last keeping the rest). Raises :class:`DataError` for
+    a record without an assignment, an assignment without a record, or an empty split."""
+    labels = np.asarray(labels)
+    given_split_sizes(given, split, source)
+    missing = [item_id for item_id in ids if item_id not in given.assignment]
+    if missing:
+        raise DataError(f"{source}: {len(missing)} image(s) have no split in the given split (e.g. {missing[:3]})")
+    unknown = sorted(set(given.assignment) - set(ids))
+    if unknown:
+        raise DataError(f"{source}: the given split names {len(unknown)} image(s) the data set does not have "
+                        f"(e.g. {unknown[:3]})")
+    by_name: dict[str, list[int]] = {}
+    for i, item_id in enumerate(ids):
+        by_name.setdefault(given.assignment[item_id], []).append(i)
+    found = {name: np.asarray(by_name.get(name, []), np.int64) for name in SPLIT_NAMES}
+    for pool, targets in given.pools.items():
+        rest = np.asarray(by_name.get(pool, []), np.int64)
+        sizes = _pool_sizes(rest.shape[0], targets, split)
+        for name in targets[:-1]:
+            if 0 < sizes[name] < rest.shape[0]:
+                rest, drawn = _draw(rest, sizes[name], labels, seed)
+            else:  # all or nothing: no draw to make (train_test_split refuses both)
+                rest, drawn = (rest[:0], rest) if sizes[name] else (rest, rest[:0])
+            found[name] = np.concatenate([found[name], drawn])
+        found[targets[-1]] = np.concatenate([found[targets[-1]], rest])
     return {name: np.sort(found[name]).astype(np.int64) for name in SPLIT_NAMES}
 
 
@@ -182,14 +258,17 @@ def write_dataset(
     split: SplitParams | Mapping[str, float],
     seed: int,
     source_info: Mapping[str, Any] | None = None,
+    given: GivenSplit | None = None,
 ) -> dict[str, Any]:
     """Validate ``records`` and write them as the prepared store at ``out_path``; returns its attrs.
 
     ``positive_class`` indexes ``class_names`` (the source's :attr:`~uml.data.records.RecordSource.positive_class`).
-    ``split`` gives the ``val`` and ``test`` fractions. Every record is checked (shape, dtype,
-    mask values, label); the first bad one raises :class:`DataError` naming its origin, and
-    nothing is left at ``out_path`` (an existing store there is kept). The same records, split
-    and seed always give the same ``content_hash``.
+    The split is ``given`` (a split the data set defines, see :func:`given_split_indices`) or,
+    when that is None, a random one with ``split``'s ``val``, ``test`` and ``calib`` shares
+    (:func:`split_indices`); ``split_method`` and ``split_description`` record which. Every record
+    is checked (shape, dtype, mask values, label); the first bad one raises :class:`DataError`
+    naming its origin, and nothing is left at ``out_path`` (an existing store there is kept). The
+    same records, split and seed always give the same ``content_hash``.
     """
     split = split if isinstance(split, SplitParams) else SplitParams.model_validate(dict(split))
     class_names, mask_classes = [str(c) for c in class_names], [str(c) for c in mask_classes]
@@ -201,6 +280,8 @@ def write_dataset(
         raise DataError(f"{source}: no images to prepare (the source is empty)")
     if not 0 <= positive_class < len(class_names):
         raise DataError(f"{source}: positive class {positive_class} is not an index of the classes {class_names}")
+    if given is not None:
+        given_split_sizes(given, split, source)  # bad split input fails before any image is decoded
 
     if out.exists() and not (out / "zarr.json").is_file():
         # Never delete something that is not a store (e.g. a mistyped data.root).
@@ -213,7 +294,8 @@ def write_dataset(
     try:
         attrs = _write(records, n, tmp, class_names=class_names, mask_classes=mask_classes,
                        positive_class=int(positive_class), source=source,
-                       image_size=image_size, split=split, seed=seed, source_info=dict(source_info or {}))
+                       image_size=image_size, split=split, seed=seed, source_info=dict(source_info or {}),
+                       given=given)
     except BaseException:
         _remove(tmp)
         raise
@@ -229,7 +311,8 @@ def write_dataset(
 
 
 def _write(records: Iterable[Record], n: int, path: Path, *, class_names: list[str], mask_classes: list[str],
-           positive_class: int, source: str, image_size: int, split: SplitParams, seed: int, source_info: dict[str, Any]) -> dict[str, Any]:
+           positive_class: int, source: str, image_size: int, split: SplitParams, seed: int, source_info: dict[str, Any],
+           given: GivenSplit | None) -> dict[str, Any]:
     s = image_size
     shard = _shard_length(s, n)
     group = zarr.create_group(store=LocalStore(path), zarr_format=3)
@@ -278,7 +361,14 @@ def _write(records: Iterable[Record], n: int, path: Path, *, class_names: list[s
         raise DataError(f"{source}: yielded {i} records, expected {n}")
 
     group.create_array("labels", data=labels, chunks=(n,), compressors=None, dimension_names=["n"])
-    splits = split_indices(labels, val=split.val, test=split.test, calib=split.calib, seed=seed)
+    if given is None:
+        splits = split_indices(labels, val=split.val, test=split.test, calib=split.calib, seed=seed)
+        split_method = "random"
+        split_description = (f"random: stratified by label, seed {seed}; test {split.test:g}, calib {split.calib:g} "
+                             f"and val {split.val:g} of all images drawn in turn, train the rest")
+    else:
+        splits = given_split_indices(ids, labels, given, split, seed, source)
+        split_method, split_description = "given", given.description
     for name in SPLIT_NAMES:
         group.create_array(f"splits/{name}", data=splits[name], chunks=(max(1, splits[name].shape[0]),),
                            compressors=None, dimension_names=["i"])
@@ -302,6 +392,8 @@ def _write(records: Iterable[Record], n: int, path: Path, *, class_names: list[s
         "image_size": int(s),
         "num_images": int(n),
         "seed": int(seed),
+        "split_method": split_method,
+        "split_description": split_description,
         "split_fractions": {"val": float(split.val), "test": float(split.test), "calib": float(split.calib)},
         "split_sizes": {name: int(splits[name].shape[0]) for name in SPLIT_NAMES},
         "fingerprint": fingerprint,

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from uml import metrics
 from uml.config import Params, parse_params
-from uml.data.dataset import EpochSampler, SegClsDataset, to_model_input, worker_init_fn
+from uml.data.dataset import EpochSampler, SegClsDataset, StepSampler, to_model_input, worker_init_fn
 from uml.data.store import open_prepared
 from uml.losses import kl_annealing, uml_loss
 from uml.models import ModelConfig, UMLNet
@@ -330,15 +330,22 @@ def open_worker_data(params: Params, store: str, rank: int, world: int, device: 
     mask_classes = list(data.mask_classes)
     del data  # workers re-open lazily; no handle crosses a fork
     train_set = SegClsDataset(store, train_idx, augment=params.data.augment, seed=tp.seed)
-    # Our own DistributedSampler (Ray keeps a sampler that is already distributed) so that the
-    # shuffle follows train.seed; it pads the shards to equal length, as DDP needs. Its keys carry
-    # the epoch to the persistent workers' copies of the dataset.
-    sampler = EpochSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=tp.seed, drop_last=False)
     # train.batch_size is the global batch; the driver checked that the workers divide it.
     batch_size = tp.batch_size // world
+    # Our own DistributedSampler (Ray keeps a sampler that is already distributed) so that the
+    # shuffle follows train.seed; its keys carry the epoch (or pass) to the persistent workers'
+    # copies of the dataset. train.steps_per_epoch: a fixed number of batches per epoch from a
+    # stream of passes; null: one pass per epoch, the shards padded to equal length as DDP needs.
+    sampler: EpochSampler
+    if tp.steps_per_epoch is None:
+        sampler = EpochSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=tp.seed, drop_last=False)
+    else:
+        sampler = StepSampler(train_set, num_replicas=world, rank=rank, seed=tp.seed, batch_size=batch_size,
+                              steps=tp.steps_per_epoch)
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
                         **loader_options(tp.loader_workers, device, epoch_seed(tp.seed, 0, rank)))
-    if len(loader) == 0:
+    # A fixed number of steps always has batches to draw: still refuse a split that cannot fill one.
+    if len(loader) == 0 or (tp.steps_per_epoch is not None and len(train_idx) < tp.batch_size):
         raise ValueError(
             f"the training split ({len(train_idx)} images over {world} workers) is smaller than one global batch of "
             f"train.batch_size={tp.batch_size}: lower the batch size"
@@ -348,13 +355,32 @@ def open_worker_data(params: Params, store: str, rank: int, world: int, device: 
                       mask_classes)
 
 
+# Rank 0 logs a progress line within an epoch at most this often (seconds).
+PROGRESS_SECONDS = 30.0
+
+
+def format_progress(epoch: int, epochs: int | None, steps: int, total: int, images_per_second: float,
+                    loss: float) -> str:
+    """One progress line within an epoch (``epoch`` counted from 0)."""
+    of = f"/{epochs}" if epochs else ""
+    return (f"epoch {epoch + 1:>3}{of}  step {steps}/{total}  {images_per_second:.1f} img/s  "
+            f"loss {loss:.3f} (running mean, rank 0)")
+
+
 def train_one_epoch(state: TrainingState, data: WorkerData, params: Params, epoch: int, rank: int,
-                    device: torch.device, dtype: torch.dtype | None) -> tuple[dict[str, float], float, int]:
-    """One pass over this rank's shard, then one LR scheduler step.
+                    device: torch.device, dtype: torch.dtype | None,
+                    epochs: int | None = None) -> tuple[dict[str, float], float, int]:
+    """One epoch on this rank's shard (one pass over it, or ``train.steps_per_epoch`` batches
+    from its sampler), then one LR scheduler step.
 
     Dropout, shuffling and augmentation are reseeded from ``(train.seed, epoch, rank)`` first, so a
     resumed run draws what an uninterrupted one would have. Returns this rank's mean losses
     (``train/loss``, ``train/loss_<part>``), the learning rate the epoch ran at and the steps taken.
+
+    Rank 0 logs a progress line (steps done of the epoch's, images/s over all ranks, its running
+    mean loss) every :data:`PROGRESS_SECONDS`. The losses are summed on the device and read back
+    only when a line is logged: a step costs no host sync and nothing crosses the ranks for it.
+    ``epochs`` (the run's length) is only shown.
     """
     channels_last = params.train.channels_last
     torch.manual_seed(epoch_seed(params.train.seed, epoch, rank))
@@ -364,6 +390,9 @@ def train_one_epoch(state: TrainingState, data: WorkerData, params: Params, epoc
     model.train()
     sums: dict[str, torch.Tensor] = {}
     steps = 0
+    total = len(data.loader)
+    images_per_step = data.batch_size * data.sampler.num_replicas
+    started = last_line = time.perf_counter()
     for batch in data.loader:
         # uint8 in the batch (Ray Train's loader has already copied it to a GPU); float on the device.
         images = to_model_input(batch["image"], device, channels_last)
@@ -379,6 +408,12 @@ def train_one_epoch(state: TrainingState, data: WorkerData, params: Params, epoc
         for key, value in {"total": loss.detach(), **parts}.items():
             sums[key] = sums.get(key, 0.0) + value.float()
         steps += 1
+        if rank == 0 and steps < total and time.perf_counter() - last_line >= PROGRESS_SECONDS:
+            # The line's one read-back: it waits for the device, so the rate below is what it did.
+            running = float(sums["total"]) / steps
+            last_line = time.perf_counter()
+            log.info(format_progress(epoch, epochs, steps, total, steps * images_per_step / (last_line - started),
+                                     running))
     lr = state.optimizer.param_groups[0]["lr"]
     state.scheduler.step()
     losses = {f"train/loss_{k}" if k != "total" else "train/loss": float(v) / max(steps, 1) for k, v in sums.items()}
@@ -455,7 +490,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
-        losses, lr, steps = train_one_epoch(state, data, params, epoch, rank, device, dtype)
+        losses, lr, steps = train_one_epoch(state, data, params, epoch, rank, device, dtype, epochs=epochs)
         # The gradients are already averaged over the ranks; the logged losses are averaged here.
         losses = mean_over_ranks(losses, world, device)
         drift = replica_drift(state.model)
