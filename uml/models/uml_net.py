@@ -31,6 +31,8 @@ Ablations switch wiring off rather than adding loss tricks:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -286,7 +288,11 @@ def deployment_outputs(scores: dict[str, torch.Tensor], class_temperature: float
         result["class_prob_raw"] = torch.softmax(log_score, dim=1)
         result["class_uncertainty_raw"] = scores["class_uncertainty_raw"]
     if "seg_logits" in scores:
-        result["seg_prob"] = torch.softmax(scores["seg_logits"] / seg_temperature, dim=1)
-        result["seg_uncertainty"] = normalized_entropy(result["seg_prob"], dim=1)
+        # From log-probabilities: p * log(p) of a pixel's unlikely classes stays exact where the
+        # log of a rounded probability would not (onnxruntime and torch then agree to ~1e-6).
+        log_prob = torch.log_softmax(scores["seg_logits"] / seg_temperature, dim=1)
+        result["seg_prob"] = log_prob.exp()
+        num_classes = log_prob.shape[1]
+        result["seg_uncertainty"] = -(result["seg_prob"] * log_prob).sum(dim=1, keepdim=True) / math.log(num_classes)
         result["seg_uncertainty_raw"] = scores["seg_uncertainty_raw"]
     return result
