@@ -46,7 +46,7 @@ def test_a_failure_keeps_the_previous_metrics_and_plots_together(evaluated_root,
         evaluate(evaluated_root)
     assert paths.metrics.read_bytes() == metrics_before
     assert _snapshot(paths.plots) == plots_before
-    assert sorted(p.name for p in paths.reports.iterdir()) == ["metrics.json", "plots"]  # no staging left
+    assert sorted(p.name for p in paths.reports.iterdir()) == ["metrics.json", "model_card.md", "plots"]  # no staging left
 
 
 def test_a_rerun_replaces_both_and_drops_plots_of_the_earlier_model(evaluated_root):
@@ -54,7 +54,7 @@ def test_a_rerun_replaces_both_and_drops_plots_of_the_earlier_model(evaluated_ro
     (paths.plots / "stale.png").write_bytes(b"from an earlier model")
     evaluate(evaluated_root)
     assert not (paths.plots / "stale.png").exists() and (paths.plots / "roc.png").is_file()
-    assert sorted(p.name for p in paths.reports.iterdir()) == ["metrics.json", "plots"]
+    assert sorted(p.name for p in paths.reports.iterdir()) == ["metrics.json", "model_card.md", "plots"]
 
 
 def test_a_model_from_another_export_is_refused(evaluated_root):

@@ -82,7 +82,7 @@ def test_a_changed_raw_file_or_store_makes_dvc_rerun_what_depends_on_it(miniatur
     finally:
         metadata.write_bytes(original)
     assert status.pop("prepare") == [{"changed outs": {"data/prepared/dataset.zarr": "modified"}}]
-    assert set(status) == {"tune", "train", "export", "evaluate"}, status
+    assert set(status) == {"tune", "train", "calibrate", "export", "evaluate"}, status
     for stage, changes in status.items():
         assert {"changed deps": {"data/prepared/dataset.zarr": "modified"}} in changes, (stage, changes)
     assert _status(miniature_dag) == {}
