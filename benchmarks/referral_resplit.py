@@ -50,12 +50,13 @@ def model_outputs(model, images: np.ndarray, masks: np.ndarray, labels: np.ndarr
     features, and the predicted and true vCDR."""
     from uml import metrics
 
-    parts: dict[str, list[np.ndarray]] = {"uncertainty": [], "error": [], "features": [], "vcdr": []}
+    parts: dict[str, list[np.ndarray]] = {"uncertainty": [], "error": [], "features": [], "vcdr": [], "predicted": []}
     for start in range(0, len(images), 32):
         scaled = model.scale_images(images[start:start + 32])
         out = model.run(model.to_input(scaled))
         parts["uncertainty"].append(out["class_uncertainty"][:, 0].astype(np.float64))
         parts["error"].append(out["class_prob"].argmax(axis=1) != labels[start:start + 32])
+        parts["predicted"].append(np.array(model.class_names)[out["class_prob"].argmax(axis=1)])
         parts["features"].append(model.unusual_features(scaled, out.get("seg_uncertainty")))
         parts["vcdr"].append(np.array([metrics.vertical_cdr(m) for m in out["seg_prob"].argmax(axis=1)]))
     result = {key: np.concatenate(values) for key, values in parts.items()}
@@ -104,10 +105,13 @@ def resplit(outputs: dict[str, np.ndarray], calibration, n_calib: int, resplits:
         threshold = conformal_quantile(scores[calib], 1.0 - unusual.alpha)
         if threshold is not None:
             flagged.append(float((scores[rest] > threshold).mean()))
-        half = fit_vcdr_interval(outputs["vcdr"][calib], outputs["vcdr_true"][calib], interval.coverage).halfwidth
-        defined = np.isfinite(outputs["vcdr"][rest])
-        if half is not None and defined.any():
-            vcdr_coverage.append(float((np.abs(outputs["vcdr"][rest] - outputs["vcdr_true"][rest])[defined] <= half).mean()))
+        fitted_interval = fit_vcdr_interval(outputs["vcdr"][calib], outputs["vcdr_true"][calib], interval.coverage,
+                                            outputs["predicted"][calib])
+        half = np.array([np.nan if (h := fitted_interval.halfwidth_for(c)) is None else h for c in outputs["predicted"][rest]])
+        defined = np.isfinite(outputs["vcdr"][rest]) & np.isfinite(half)
+        if defined.any():
+            error = np.abs(outputs["vcdr"][rest] - outputs["vcdr_true"][rest])
+            vcdr_coverage.append(float((error[defined] <= half[defined]).mean()))
     certified = resplits - uncertified
     return {
         "resplits": resplits, "calibration_images": n_calib, "checked_images": int(n - n_calib if pool else n_calib),

@@ -126,3 +126,30 @@ def test_the_vcdr_interval_is_the_conformal_quantile_of_the_errors():
     interval = fit_vcdr_interval(predicted, truth, coverage=0.5)  # errors 0.05, 0.1, 0, 0.3: rank ceil(2.5) = 3
     assert interval.halfwidth == pytest.approx(0.1) and interval.calibration_images == 4
     assert interval.interval(0.95) == (pytest.approx(0.85), 1.0) and interval.interval(float("nan")) is None
+    # Per predicted class: "a" has errors 0.05 and 0 (rank ceil(1.5) = 2: 0.05), "b" has 0.1 and 0.3
+    # (0.3); the image without a predicted vCDR counts for neither. An unknown class gets the overall one.
+    interval = fit_vcdr_interval(predicted, truth, coverage=0.5, predicted_class=np.array(["a", "b", "a", "b", "b"]))
+    assert interval.by_class == {"a": pytest.approx(0.05), "b": pytest.approx(0.3)}
+    assert interval.halfwidth_for("b") == pytest.approx(0.3) and interval.halfwidth_for("c") == pytest.approx(0.1)
+    assert interval.interval(0.5, "a") == (pytest.approx(0.45), pytest.approx(0.55))
+
+
+def test_per_class_intervals_cover_each_class_where_one_interval_would_not():
+    """Class b's errors are four times class a's: one quantile for both covers b less often than
+    promised; one per class covers each at the promised rate (simulation, 200 calibration draws)."""
+    rng = np.random.default_rng(2)
+
+    def draw(n):
+        classes = rng.choice(np.array(["a", "b"]), n)
+        errors = np.abs(rng.normal(0.0, np.where(classes == "a", 0.02, 0.08)))
+        return classes, errors
+
+    pooled, per_class = [], []
+    for _ in range(200):
+        classes, errors = draw(350)
+        interval = fit_vcdr_interval(errors, np.zeros(350), 0.9, classes)
+        test_classes, test_errors = draw(2000)
+        b = test_classes == "b"
+        pooled.append((test_errors[b] <= interval.halfwidth).mean())
+        per_class.append((test_errors[b] <= interval.halfwidth_for("b")).mean())
+    assert np.mean(pooled) < 0.85 and np.mean(per_class) >= 0.9

@@ -76,8 +76,8 @@ def test_predict_on_the_scikit_image_retina(model_path, tmp_path, capsys):
     assert record["raw"]["class_uncertainty"] == pytest.approx(float(expected["class_uncertainty_raw"][0, 0]), abs=2e-3)
     assert record["raw"]["probabilities"]["glaucoma"] == pytest.approx(float(expected["class_prob_raw"][0, 1]), abs=2e-3)
     meta = json.loads(model_path.with_name("metadata.json").read_text())["calibration"]
-    if record["vcdr"] is not None and meta["vcdr_interval"]["halfwidth"] is not None:
-        half = meta["vcdr_interval"]["halfwidth"]
+    half = meta["vcdr_interval"]["by_class"].get(record["class"], meta["vcdr_interval"]["halfwidth"])
+    if record["vcdr"] is not None and half is not None:
         assert record["vcdr_interval"] == pytest.approx([max(0.0, record["vcdr"] - half), min(1.0, record["vcdr"] + half)])
     assert record["refer"] == bool(record["refer_reasons"]) and record["unusual_threshold"] == meta["unusual"]["threshold"]
 

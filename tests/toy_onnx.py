@@ -104,7 +104,7 @@ def calibration(tasks: tuple[str, ...], image_size: int) -> dict:
                              calibration_coverage=0.5, calibration_risk=0.0) if "cls" in tasks else None)
     return {"format": "uml-calibration/1", "split": "calib", "num_images": 20, "model_sha256": "toy",
             "referral": referral.model_dump() if referral else None, "unusual": unusual.model_dump(),
-            "vcdr_interval": ({"coverage": 0.9, "halfwidth": VCDR_HALFWIDTH, "calibration_images": 20}
+            "vcdr_interval": ({"coverage": 0.9, "halfwidth": VCDR_HALFWIDTH, "by_class": {}, "calibration_images": 20}
                               if "seg" in tasks else None),
             "min_image_side": 16}
 

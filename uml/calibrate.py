@@ -150,11 +150,14 @@ def calibrate(params: Params) -> Path:
 
     if "seg_prob" in outputs["calib"] and tuple(prepared.mask_classes) == FUNDUS_MASK_CLASSES:
         predicted = outputs["calib"]["seg_prob"].argmax(dim=1).numpy().astype(np.uint8)
+        classes = None
+        if "class_prob" in outputs["calib"]:
+            classes = np.array(prepared.class_names)[outputs["calib"]["class_prob"].argmax(dim=1).numpy()]
         vcdr = fit_vcdr_interval(np.array([metrics.vertical_cdr(m) for m in predicted]),
-                                 np.array([metrics.vertical_cdr(m) for m in calib.masks]), cp.vcdr_coverage)
-        log.info("vCDR interval: +- %s at %g %% coverage (%d calibration images)",
-                 f"{vcdr.halfwidth:.3f}" if vcdr.halfwidth is not None else "undefined", 100 * cp.vcdr_coverage,
-                 vcdr.calibration_images)
+                                 np.array([metrics.vertical_cdr(m) for m in calib.masks]), cp.vcdr_coverage, classes)
+        log.info("vCDR interval at %g %% coverage: +- %s over %d calibration images; per predicted class %s",
+                 100 * cp.vcdr_coverage, f"{vcdr.halfwidth:.3f}" if vcdr.halfwidth is not None else "undefined",
+                 vcdr.calibration_images, {k: None if v is None else round(v, 3) for k, v in vcdr.by_class.items()})
 
     result = Calibration(num_images=len(calib.labels), model_sha256=file_sha256(paths.model_pt),
                          class_temperature=class_fit, seg_temperature=seg_fit, referral=referral, unusual=unusual,

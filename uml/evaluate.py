@@ -277,7 +277,7 @@ def evaluate_arrays(
         pred_vcdr = np.array([metrics.vertical_cdr(m) for m in clean.pred_masks])
         result["clinical/vcdr_mae"] = metrics.vcdr_mae(pred_vcdr, gt_vcdr)
         result["clinical/vcdr_auc"] = metrics.vcdr_auc(labels, pred_vcdr, model.positive_class)
-        result.update(_vcdr_interval_metrics(model, pred_vcdr, gt_vcdr, labels))
+        result.update(_vcdr_interval_metrics(model, pred_vcdr, gt_vcdr, labels, vcdr_halfwidths(model, clean)))
     if gt_vcdr is not None:
         result["reference/vcdr_auc"] = metrics.vcdr_auc(labels, gt_vcdr, model.positive_class)
     result["reference/positive_fraction"] = float(np.mean(labels == model.positive_class))
@@ -331,16 +331,28 @@ def evaluate_arrays(
     return result
 
 
-def _vcdr_interval_metrics(model: OnnxModel, pred_vcdr: np.ndarray, gt_vcdr: np.ndarray,
-                           labels: np.ndarray) -> dict[str, float]:
-    """How often the calibrated vCDR interval holds the true vCDR on the test split, overall and
-    per class (the conformal promise is marginal: per class it can differ)."""
+def vcdr_halfwidths(model: OnnxModel, outputs: PassOutputs) -> np.ndarray | None:
+    """Each image's vCDR interval half-width (that of its predicted class; ``nan`` where the
+    calibration split had too few images), or None without a fitted interval."""
     interval = model.calibration.vcdr_interval
-    if interval is None or interval.halfwidth is None:
+    if interval is None or outputs.pred_masks is None:
+        return None
+    if outputs.class_prob is None:
+        return np.full(len(outputs.pred_masks), np.nan if interval.halfwidth is None else interval.halfwidth)
+    names = [model.class_names[k] for k in metrics.predicted_class(outputs.class_prob)]
+    return np.array([np.nan if (h := interval.halfwidth_for(name)) is None else h for name in names])
+
+
+def _vcdr_interval_metrics(model: OnnxModel, pred_vcdr: np.ndarray, gt_vcdr: np.ndarray, labels: np.ndarray,
+                           halfwidths: np.ndarray | None) -> dict[str, float]:
+    """How often the calibrated vCDR interval holds the true vCDR on the test split, overall and
+    per true class (the promise holds per predicted class; per true class it can differ), and the
+    mean half-width, overall and per predicted class."""
+    if halfwidths is None:
         return {}
-    defined = np.isfinite(pred_vcdr) & np.isfinite(gt_vcdr)
-    covered = np.abs(pred_vcdr - gt_vcdr) <= interval.halfwidth
-    result = {"clinical/vcdr_interval_halfwidth": interval.halfwidth,
+    defined = np.isfinite(pred_vcdr) & np.isfinite(gt_vcdr) & np.isfinite(halfwidths)
+    covered = np.abs(pred_vcdr - gt_vcdr) <= halfwidths
+    result = {"clinical/vcdr_interval_halfwidth": float(halfwidths[defined].mean()) if defined.any() else math.nan,
               "clinical/vcdr_interval_coverage": float(covered[defined].mean()) if defined.any() else math.nan}
     for k, name in enumerate(model.class_names):
         chosen = defined & (labels == k)
@@ -422,10 +434,10 @@ def _bootstrap_intervals(
                     sample[key], sample["error"], group=sample["image"], n_groups=n)
     if pred_vcdr is not None:
         statistics["clinical/vcdr_auc"] = metrics.resampled_auc(pred_vcdr, positive)
-        interval = model.calibration.vcdr_interval
-        if interval is not None and interval.halfwidth is not None:
-            defined = np.isfinite(pred_vcdr) & np.isfinite(gt_vcdr)
-            covered = defined & (np.abs(pred_vcdr - gt_vcdr) <= interval.halfwidth)
+        halfwidths = vcdr_halfwidths(model, clean)
+        if halfwidths is not None:
+            defined = np.isfinite(pred_vcdr) & np.isfinite(gt_vcdr) & np.isfinite(halfwidths)
+            covered = defined & (np.abs(pred_vcdr - gt_vcdr) <= halfwidths)
             statistics["clinical/vcdr_interval_coverage"] = metrics.resampled_ratio(covered, defined)
     if gt_vcdr is not None:
         statistics["reference/vcdr_auc"] = metrics.resampled_auc(gt_vcdr, positive)
@@ -518,8 +530,7 @@ def write_plots(
     if pred_vcdr is not None and gt_vcdr is not None:
         interval = model.calibration.vcdr_interval
         written.append(plots.vcdr_figure(plots_dir / "vcdr.png", pred_vcdr, gt_vcdr, labels, model.class_names,
-                                         interval.halfwidth if interval is not None else None,
-                                         interval.coverage if interval is not None else None))
+                                         vcdr_halfwidths(model, clean), interval.coverage if interval is not None else None))
     for kind, table in robust_tables.items():
         written.append(plots.write_csv(plots_dir / f"robustness_{kind}.csv", table))
     written.append(plots.robustness_figure(plots_dir / "robustness.png", robust_tables,

@@ -129,14 +129,16 @@ def model_card(values: Mapping[str, Any], meta: ExportMetadata, data: Mapping[st
               f"{cal.unusual.alpha:g} of images like the calibration split are flagged. Images with a side below "
               f"{cal.min_image_side} px are refused."]
     if cal.vcdr_interval is not None and cal.vcdr_interval.halfwidth is not None:
-        lines.append(f"- vCDR interval: +- {cal.vcdr_interval.halfwidth:.4f} at {100 * cal.vcdr_interval.coverage:g} % coverage "
-                     "(split conformal; marginal over images).")
+        per_class = ", ".join(f"{name} +- {half:.4f}" if half is not None else f"{name} n/a"
+                              for name, half in cal.vcdr_interval.by_class.items())
+        lines.append(f"- vCDR interval at {100 * cal.vcdr_interval.coverage:g} % coverage (split conformal per predicted "
+                     f"class): {per_class or f'+- {cal.vcdr_interval.halfwidth:.4f}'}.")
     lines += ["", *_table(values, REFERRAL), "", "## Known limitations", "",
               "- The promises assume new images are drawn like the calibration split; they say nothing about "
               "another population or device.",
               "- The referral promise bounds the error rate among accepted cases on average over images, not for "
-              "any single image or subgroup; the vCDR interval's coverage can differ by class (see "
-              "`clinical/vcdr_interval_coverage_<class>` in `metrics.json`).",
+              "any single image or subgroup; the vCDR interval's coverage holds per predicted class, per true "
+              "class it can differ (see `clinical/vcdr_interval_coverage_<class>` in `metrics.json`).",
               "- Unusual-image detection uses simple image statistics and the model's own uncertainty: it catches "
               "noise, blank or grayscale pictures, not every kind of shift.",
               ""]

@@ -120,19 +120,19 @@ def risk_coverage_figure(path: str | Path, curves: Mapping[str, Mapping[str, np.
 
 
 def vcdr_figure(path: str | Path, predicted: np.ndarray, truth: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                halfwidth: float | None, coverage: float | None) -> Path:
-    """Predicted against true vertical cup-to-disc ratio per image, coloured by label, with the
-    conformal interval as error bars."""
+                halfwidths: np.ndarray | None, coverage: float | None) -> Path:
+    """Predicted against true vertical cup-to-disc ratio per image, coloured by label, with each
+    image's conformal interval (``halfwidths``) as an error bar."""
     fig = Figure(figsize=(4.5, 4.5), layout="constrained")
     ax = fig.subplots()
     for k, name in enumerate(class_names):
         chosen = (labels == k) & np.isfinite(predicted) & np.isfinite(truth)
         if not chosen.any():
             continue
-        ax.errorbar(truth[chosen], predicted[chosen], yerr=halfwidth if halfwidth is not None else None, fmt="o", markersize=3,
-                    alpha=0.6, elinewidth=0.5, label=name)
+        bars = np.nan_to_num(halfwidths[chosen]) if halfwidths is not None else None
+        ax.errorbar(truth[chosen], predicted[chosen], yerr=bars, fmt="o", markersize=3, alpha=0.6, elinewidth=0.5, label=name)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    interval = f", intervals +-{halfwidth:.3f} at {100 * coverage:g} %" if halfwidth is not None and coverage else ""
+    interval = f", intervals at {100 * coverage:g} %" if halfwidths is not None and coverage else ""
     ax.set(xlabel="true vCDR", ylabel="predicted vCDR", xlim=(0, 1), ylim=(0, 1), title=f"vertical cup-to-disc ratio{interval}")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)

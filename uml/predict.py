@@ -150,7 +150,7 @@ def summarize(model: OnnxModel, prediction: Prediction, source: str | Path) -> d
             vcdr = _finite_or_none(metrics.vertical_cdr(mask))
             record["vcdr"] = vcdr
             interval = model.calibration.vcdr_interval
-            bounds = interval.interval(vcdr) if interval is not None and vcdr is not None else None
+            bounds = interval.interval(vcdr, record.get("class")) if interval is not None and vcdr is not None else None
             record["vcdr_interval"] = list(bounds) if bounds is not None else None
             record["vcdr_interval_coverage"] = interval.coverage if interval is not None else None
         for name, select in metrics.structures(model.mask_classes).items():

@@ -114,11 +114,19 @@ def test_the_unusual_image_rule_and_the_vcdr_interval(miniature_dag, models, cal
 
     predicted = np.array([ref.vertical_cdr(m) for m in calib_out["seg_prob"].argmax(1)])
     truth = np.array([ref.vertical_cdr(m) for m in calib.masks])
-    residual = np.sort(np.abs(predicted - truth)[np.isfinite(predicted)])
+    classes = np.array(["non-glaucoma", "glaucoma"])[calib_out["class_prob"].argmax(1)]
     interval = calibration["vcdr_interval"]
-    rank = math.ceil((residual.size + 1) * interval["coverage"])
-    expected = residual[rank - 1] if rank <= residual.size else None
-    assert interval["halfwidth"] == (pytest.approx(expected) if expected is not None else None)
+
+    def quantile(chosen: np.ndarray) -> float | None:
+        residual = np.sort(np.abs(predicted - truth)[chosen & np.isfinite(predicted)])
+        rank = math.ceil((residual.size + 1) * interval["coverage"])
+        return float(residual[rank - 1]) if rank <= residual.size else None
+
+    assert interval["halfwidth"] == (pytest.approx(quantile(np.ones(12, bool))) if quantile(np.ones(12, bool)) else None)
+    assert set(interval["by_class"]) == set(classes)  # one per class the classifier predicted
+    for name in set(classes):
+        expected = quantile(classes == name)
+        assert interval["by_class"][name] == (pytest.approx(expected) if expected is not None else None), name
 
 
 def test_what_evaluate_reports_of_the_calibration(miniature_dag, models, calibration, written):
@@ -147,12 +155,15 @@ def test_what_evaluate_reports_of_the_calibration(miniature_dag, models, calibra
         # 12 small images: every band pixel is in the sample.
         assert written[key] == pytest.approx(roc_auc_score(pixel_error[band], out[name][:, 0][band]), abs=1e-6), key
 
-    halfwidth = calibration["vcdr_interval"]["halfwidth"]
+    interval = calibration["vcdr_interval"]
+    names = np.array(["non-glaucoma", "glaucoma"])[prob.argmax(1)]
+    halfwidth = np.array([np.nan if (h := interval["by_class"].get(n, interval["halfwidth"])) is None else h for n in names])
     predicted = np.array([ref.vertical_cdr(m) for m in pred])
     truth = np.array([ref.vertical_cdr(m) for m in test.masks])
-    defined = np.isfinite(predicted)
-    if halfwidth is not None:
+    defined = np.isfinite(predicted) & np.isfinite(halfwidth)
+    if defined.any():
         covered = np.abs(predicted - truth) <= halfwidth
+        assert written["clinical/vcdr_interval_halfwidth"] == pytest.approx(halfwidth[defined].mean())
         assert written["clinical/vcdr_interval_coverage"] == pytest.approx(covered[defined].mean())
         for k, name in enumerate(["non-glaucoma", "glaucoma"]):
             chosen = defined & (labels == k)
