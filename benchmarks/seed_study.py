@@ -5,14 +5,16 @@ ensemble; one table with the raw and calibrated outputs side by side.
     python benchmarks/seed_study.py --out benchmarks/results/seeds                 # 2 variants x 5 seeds
     python benchmarks/seed_study.py --out /tmp/s --seeds 2 --set train.epochs=4    # a quicker look
     python benchmarks/seed_study.py --out benchmarks/results/seeds --collect-only  # the tables again
+    python benchmarks/seed_study.py --out benchmarks/results/seeds --reevaluate    # post-training stages again
 
 Every run is the repository's own stages (``python -m pipeline.<stage> --params <run>/params.yaml``:
 train, calibrate, export, evaluate) with ``params.yaml`` as it is, ``train.use_tuned: false`` (the
 published loss weights: without it, each seed would train with the weights its own sweep chose,
 and the seed spread would mix the two), ``train.seed`` and, for ``softmax``,
 ``model.uncertainty: false``. The data set is prepared once and shared. Each run lives in
-``<work>/<variant>-s<seed>/`` and is skipped when its ``metrics.json`` is there for the same
-params (an interrupted study resumes).
+``<work>/<variant>-s<seed>/`` and is skipped when its record is there for the same params (an
+interrupted study resumes); ``--reevaluate`` runs calibrate, export and evaluate of the finished
+runs again (after a change to those stages: the trained models stay).
 
 Writes ``<out>/runs/<variant>-s<seed>.json`` (metrics, params overrides, wall time per stage),
 ``<out>/ensemble-<variant>.json``, and ``<out>/seeds.md`` / ``seeds.csv``: per metric the mean
@@ -117,16 +119,20 @@ def prepare_shared(base: dict[str, Any], extra: list[str], work: Path) -> Path:
     return store
 
 
-def run_one(base: dict[str, Any], variant: str, seed: int, extra: list[str], work: Path, store: Path, out: Path) -> dict:
+def run_one(base: dict[str, Any], variant: str, seed: int, extra: list[str], work: Path, store: Path, out: Path,
+            reevaluate: bool = False) -> dict:
     name = f"{variant}-s{seed}"
     root = work / name
     raw = run_params(base, variant, seed, extra, root)
     record_path = out / "runs" / f"{name}.json"
+    stages = STAGES
     if record_path.exists():
         record = json.loads(record_path.read_text())
-        if record.get("params") == raw:
+        if record.get("params") == raw and not reevaluate:
             log(f"{name}: done already ({record_path})")
             return record
+        if record.get("params") == raw and (root / "data" / "models" / "model.pt").exists():
+            stages = STAGES[1:]  # the trained model stays; the stages after training run again
     params_file = root / "params.yaml"
     params_file.parent.mkdir(parents=True, exist_ok=True)
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -134,8 +140,8 @@ def run_one(base: dict[str, Any], variant: str, seed: int, extra: list[str], wor
     prepared.mkdir(parents=True, exist_ok=True)
     if not (prepared / "dataset.zarr").exists():
         (prepared / "dataset.zarr").symlink_to(store)
-    seconds = {}
-    for name_ in STAGES:
+    seconds = dict(record["seconds"]) if stages != STAGES else {}
+    for name_ in stages:
         log(f"{name}: {name_}")
         seconds[name_] = stage(name_, params_file, root / "stages.log")
     metrics = json.loads((root / "data" / "reports" / "metrics.json").read_text())
@@ -260,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params overrides for every run")
     parser.add_argument("--collect-only", action="store_true", help="rebuild the tables from finished runs")
+    parser.add_argument("--reevaluate", action="store_true", help="run calibrate, export and evaluate of finished runs again")
     args = parser.parse_args(argv)
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     args.out.mkdir(parents=True, exist_ok=True)
@@ -274,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                 if path.exists():
                     runs.setdefault(variant, []).append(json.loads(path.read_text()))
                 continue
-            runs.setdefault(variant, []).append(run_one(base, variant, seed, args.set, args.work, store, args.out))
+            runs.setdefault(variant, []).append(run_one(base, variant, seed, args.set, args.work, store, args.out,
+                                                        args.reevaluate))
     ensembles = {}
     for variant, records in runs.items():
         path = args.out / f"ensemble-{variant}.json"
