@@ -109,7 +109,11 @@ def test_the_unusual_rule_standardises_by_the_reference_and_flags_at_most_alpha(
     # Median 3, MAD 1 -> scale 1.4826; the second statistic does not vary: the smallest scale.
     assert rule.center == [3.0, 10.0] and rule.scale == pytest.approx([1.4826, 1e-6])
     assert rule.score(np.array([[3.0 + 2 * 1.4826, 10.0]]))[0] == pytest.approx(2.0)
-    assert "b" in rule.reason(np.array([3.0, 10.1])) and "above" in rule.reason(np.array([3.0, 10.1]))
+    assert rule.reason(np.array([3.0, 10.1])).startswith("unusual image: b 10.1 lies 100000.0 robust standard deviations above")
+    # Every statistic beyond the threshold is named, furthest first.
+    assert rule.reason(np.array([-2.0, 9.9])) == (
+        "unusual image: b 9.9 lies 100000.0 robust standard deviations below the calibration images'; "
+        f"a -2 lies {5 / 1.4826:.1f} robust standard deviations below the calibration images' (threshold 0.7)")
     # |z| of the five: 2/1.48, 1/1.48, 0, 1/1.48, 2/1.48; rank ceil(6 * 0.5) = 3: 1/1.4826.
     assert rule.threshold == pytest.approx(1 / 1.4826)
     rng = np.random.default_rng(5)

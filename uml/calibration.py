@@ -136,12 +136,13 @@ class UnusualRule(_Part):
         return self.score(features) > self.threshold
 
     def reason(self, features: np.ndarray) -> str:
-        """Which statistic makes one image (features (F,)) unusual, in words."""
+        """Which statistics make one flagged image (features (F,)) unusual, in words: every one
+        beyond the threshold, furthest first."""
         z = self.z_scores(np.asarray(features, dtype=np.float64)[None])[0]
-        j = int(np.abs(z).argmax())
-        direction = "above" if z[j] > 0 else "below"
-        return (f"unusual image: {self.statistics[j]} {features[j]:.3g} lies {abs(z[j]):.1f} robust standard deviations "
-                f"{direction} the calibration images' (score {abs(z[j]):.1f} > threshold {self.threshold:.1f})")
+        beyond = [j for j in np.argsort(-np.abs(z)) if abs(z[j]) > self.threshold] or [int(np.abs(z).argmax())]
+        parts = [f"{self.statistics[j]} {features[j]:.3g} lies {abs(z[j]):.1f} robust standard deviations "
+                 f"{'above' if z[j] > 0 else 'below'} the calibration images'" for j in beyond]
+        return f"unusual image: {'; '.join(parts)} (threshold {self.threshold:.1f})"
 
 
 class VcdrInterval(_Part):
