@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from uml.quality import STATISTICS, image_statistics, noise_sigma
+from uml.quality import STATISTICS, image_statistics, noise_sigma, unusual_features
 
 
 def test_a_flat_gray_image():
@@ -51,3 +51,12 @@ def test_shapes_are_checked():
         image_statistics(np.zeros((8, 8, 3)))
     with pytest.raises(ValueError, match="2-D gray image"):
         noise_sigma(np.zeros((2, 8, 8)))
+
+
+def test_the_unusual_image_features_add_the_mean_of_the_error_map():
+    images = np.full((2, 4, 4, 3), 0.5)
+    maps = np.stack([np.zeros((1, 4, 4)), np.full((1, 4, 4), 0.25)])
+    features, names = unusual_features(images, maps)
+    assert names == [*STATISTICS, "mean_pixel_uncertainty"] and features[:, -1].tolist() == [0.0, 0.25]
+    features, names = unusual_features(images, None)
+    assert names == list(STATISTICS) and features.shape == (2, 4)

@@ -88,15 +88,14 @@ def calibration(tasks: tuple[str, ...], image_size: int) -> dict:
     0.01 for the noise) rather than fitted: a drawn fundus of another size or ratio stays ordinary,
     noise of standard deviation 0.1 or more lies beyond the threshold of 5."""
     from uml.calibration import ReferralRule, UnusualRule
-    from uml.quality import STATISTICS, image_statistics
+    from uml.quality import unusual_features
 
     images = fundus_set(image_size)[0].astype(np.float32) / 255.0
-    features, names = image_statistics(images), list(STATISTICS)
+    seg_uncertainty = None
     if "seg" in tasks:
         with torch.no_grad():
-            seg_uncertainty = ToyUML(tasks)(torch.from_numpy(images.transpose(0, 3, 1, 2)))[-2]
-        features = np.concatenate([features, seg_uncertainty.mean(dim=(1, 2, 3)).double().numpy()[:, None]], axis=1)
-        names.append("mean_pixel_uncertainty")
+            seg_uncertainty = ToyUML(tasks)(torch.from_numpy(images.transpose(0, 3, 1, 2)))[-2].numpy()
+    features, names = unusual_features(images, seg_uncertainty)
     scale = [0.01 if name == "noise" else 0.05 for name in names]
     unusual = UnusualRule(statistics=names, center=np.median(features, axis=0).tolist(), scale=scale, threshold=5.0,
                           alpha=0.05, calibration_images=20)

@@ -39,11 +39,10 @@ from uml.image_io import PIXEL_MAX
 from uml.models import UMLNet, load_model
 from uml.models.uml_net import deployment_outputs
 from uml.onnx_model import file_sha256
-from uml.quality import STATISTICS, image_statistics
+from uml.quality import unusual_features
 
 log = logging.getLogger(__name__)
 
-MEAN_PIXEL_UNCERTAINTY = "mean_pixel_uncertainty"
 # The segmentation temperature is fitted on at most this many calibration pixels, drawn uniformly
 # with a fixed seed: one temperature needs far fewer than the 5.7M pixels of 350 images at 128 px,
 # and each NLL evaluation of the search costs time in proportion.
@@ -71,17 +70,6 @@ def score_split(model: UMLNet, images: np.ndarray, batch_size: int, desc: str) -
                 parts.setdefault(key, []).append(value.float())
             bar.update(len(batch))
     return {key: torch.cat(values) for key, values in parts.items()}
-
-
-def unusual_features(images: np.ndarray, seg_uncertainty: torch.Tensor | None) -> tuple[np.ndarray, list[str]]:
-    """The unusual-image features of uint8 images: the :mod:`uml.quality` statistics, and with a
-    segmentation head the mean uncertainty of the delivered mask; returns (features, names)."""
-    features = image_statistics(images.astype(np.float32) / PIXEL_MAX)
-    names = list(STATISTICS)
-    if seg_uncertainty is not None:
-        features = np.concatenate([features, seg_uncertainty.mean(dim=(1, 2, 3)).double().numpy()[:, None]], axis=1)
-        names.append(MEAN_PIXEL_UNCERTAINTY)
-    return features, names
 
 
 def calibrate(params: Params) -> Path:
@@ -137,9 +125,12 @@ def calibrate(params: Params) -> Path:
                      referral.calibration_risk, cp.risk, 1 - cp.delta)
         write_reliability(paths, calib, outputs["calib"], params)
 
-    seg_unc = {name: out.get("seg_uncertainty") for name, out in outputs.items()}
-    reference, names = unusual_features(val.images, seg_unc["val"])
-    held_out, _ = unusual_features(calib.images, seg_unc["calib"])
+    features = {}
+    for name, split in splits.items():
+        seg_uncertainty = outputs[name].get("seg_uncertainty")
+        features[name], names = unusual_features(split.images.astype(np.float32) / PIXEL_MAX,
+                                                 seg_uncertainty.numpy() if seg_uncertainty is not None else None)
+    reference, held_out = features["val"], features["calib"]
     unusual = fit_unusual_rule(reference, held_out, names, cp.unusual_alpha)
     if unusual.threshold is None:
         log.warning("%d calibration images are too few to flag unusual images at unusual_alpha %g: nothing will be "

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from uml.calibration import Calibration
 from uml.errors import ModelFileError
 from uml.image_io import PIXEL_MAX, ResizeMethod
-from uml.quality import image_statistics
+from uml.quality import unusual_features
 
 METADATA_FORMAT = "uml-onnx/2"
 INPUT_NAME = "image"
@@ -285,15 +285,11 @@ class OnnxModel:
         return dict(zip(self.outputs, values))
 
     def unusual_features(self, images: np.ndarray, seg_uncertainty: np.ndarray | None) -> np.ndarray:
-        """The features of the unusual-image rule (``calibration.unusual.statistics``) of float NHWC
-        images in [0, 1] at model resolution (possibly corrupted) and their ``seg_uncertainty``
-        maps (B, 1, S, S), as the calibrate stage computed them."""
-        features = image_statistics(images)
-        names = self.calibration.unusual.statistics
-        if len(names) > features.shape[1]:
-            if seg_uncertainty is None:
-                raise ValueError(f"the unusual-image rule needs {names[features.shape[1]:]}, which needs seg_uncertainty")
-            features = np.concatenate([features, seg_uncertainty.reshape(len(images), -1).mean(axis=1, dtype=np.float64)[:, None]],
-                                      axis=1)
+        """The features of the unusual-image rule (:func:`uml.quality.unusual_features`, in
+        ``calibration.unusual.statistics`` order) of float NHWC images in [0, 1] at model
+        resolution (possibly corrupted) and their ``seg_uncertainty`` maps (B, 1, S, S)."""
+        features, names = unusual_features(images, seg_uncertainty)
+        if names != self.calibration.unusual.statistics:
+            raise ModelFileError(f"{self.metadata_path}: the unusual-image rule was fitted on {self.calibration.unusual.statistics}, "
+                                 f"this model gives {names}; re-run the calibrate and export stages")
         return features
-

@@ -29,6 +29,8 @@ import numpy as np
 from scipy import ndimage
 
 STATISTICS: tuple[str, ...] = ("brightness", "contrast", "colourfulness", "noise")
+# The unusual-image rule's extra feature for a model with a segmentation head.
+MEAN_PIXEL_UNCERTAINTY = "mean_pixel_uncertainty"
 
 _IMMERKAER_KERNEL = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
 
@@ -58,3 +60,16 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     colourfulness = (images.max(axis=-1) - images.min(axis=-1)).mean(axis=(1, 2))
     noise = np.array([noise_sigma(g) for g in gray])
     return np.stack([brightness, contrast, colourfulness, noise], axis=1)
+
+
+def unusual_features(images: np.ndarray, seg_uncertainty: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
+    """The features of the unusual-image rule, the one definition the calibrate stage fits on and
+    the deployment applies: :func:`image_statistics` of float images (N, H, W, 3) in [0, 1] at model
+    resolution and, with ``seg_uncertainty`` (N, 1, H, W: the delivered mask's error map), the mean of
+    each image's map. Returns (N, F) features and their names."""
+    features, names = image_statistics(images), list(STATISTICS)
+    if seg_uncertainty is not None:
+        mean = np.asarray(seg_uncertainty).reshape(len(features), -1).mean(axis=1, dtype=np.float64)
+        features = np.concatenate([features, mean[:, None]], axis=1)
+        names.append(MEAN_PIXEL_UNCERTAINTY)
+    return features, names
