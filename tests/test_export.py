@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import onnx
+from scipy import ndimage
 import onnxruntime as ort
 import pytest
 import torch
@@ -23,7 +24,7 @@ from tests.train.tiny import write_tiny_params
 
 CLASS_OUTPUTS = ["class_prob", "class_uncertainty", "class_prob_raw", "class_uncertainty_raw"]
 SEG_OUTPUTS = ["seg_prob", "seg_uncertainty", "seg_uncertainty_raw"]
-TEMPERATURES = (0.5, 2.0)  # class, segmentation: both away from 1, so that a dropped one shows
+TEMPERATURES = (0.5, 2.0, 1.5)  # class and segmentation temperatures, error-map width: none a no-op
 
 
 @pytest.mark.parametrize("overrides, outputs", [
@@ -79,7 +80,9 @@ def test_the_graph_applies_the_temperatures_to_the_raw_scores(tmp_path):
     seg = np.exp(logits - logits.max(1, keepdims=True))
     seg /= seg.sum(1, keepdims=True)
     np.testing.assert_allclose(out["seg_prob"], seg, atol=1e-5)
-    np.testing.assert_allclose(out["seg_uncertainty"][:, 0], -(seg * np.log(seg)).sum(1) / np.log(3.0), atol=1e-4)
+    entropy = -(seg * np.log(seg)).sum(1) / np.log(3.0)
+    smoothed = np.stack([ndimage.gaussian_filter(e, TEMPERATURES[2], mode="mirror", truncate=3.0) for e in entropy])
+    np.testing.assert_allclose(out["seg_uncertainty"][:, 0], smoothed, atol=1e-4)
     mutual = torch.nn.functional.softplus(heads["mutual_logits"]).double().numpy() + 1.0
     np.testing.assert_allclose(out["seg_uncertainty_raw"][:, 0], 3.0 / mutual.sum(1), atol=1e-5)
     # Calibration leaves every decision as it was: the same class and the same mask.
@@ -87,7 +90,7 @@ def test_the_graph_applies_the_temperatures_to_the_raw_scores(tmp_path):
     assert np.array_equal(out["seg_prob"].argmax(1), heads["seg_logits"].numpy().argmax(1))
 
 
-def _max_abs_diff(model, path, images: np.ndarray, temperatures: tuple[float, float] = (1.0, 1.0)) -> dict[str, float]:
+def _max_abs_diff(model, path, images: np.ndarray, temperatures: tuple[float, ...] = (1.0, 1.0, 0.0)) -> dict[str, float]:
     """Max |onnxruntime - torch| per output, measured in a plain session (not uml.export.parity)."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
@@ -112,9 +115,10 @@ def exported(tmp_path_factory):
     return params, model
 
 
-def _temperatures(paths: Paths) -> tuple[float, float]:
+def _temperatures(paths: Paths) -> tuple[float, float, float]:
     fitted = json.loads(paths.calibration.read_text())
-    return fitted["class_temperature"]["temperature"], fitted["seg_temperature"]["temperature"]
+    return (fitted["class_temperature"]["temperature"], fitted["seg_temperature"]["temperature"],
+            fitted["seg_error_map"]["sigma"])
 
 
 def test_stage_refuses_a_missing_calibration_or_one_of_another_model(exported, tmp_path):

@@ -26,6 +26,7 @@ from uml.atomic import write_text_replacing
 from uml.calibration import (
     TEMPERATURE_BOUNDS,
     Calibration,
+    ErrorMapFit,
     fit_referral_rule,
     fit_temperature,
     fit_unusual_rule,
@@ -37,16 +38,18 @@ from uml.errors import ModelFileError
 from uml.fundus import FUNDUS_MASK_CLASSES
 from uml.image_io import PIXEL_MAX
 from uml.models import UMLNet, load_model
-from uml.models.uml_net import deployment_outputs
+from uml.models.uml_net import deployment_outputs, gaussian_blur
 from uml.onnx_model import file_sha256
 from uml.quality import unusual_features
 
 log = logging.getLogger(__name__)
 
-# The segmentation temperature is fitted on at most this many calibration pixels, drawn uniformly
-# with a fixed seed: one temperature needs far fewer than the 5.7M pixels of 350 images at 128 px,
-# and each NLL evaluation of the search costs time in proportion.
+# The segmentation temperature (and the error map's width) are fitted on at most this many
+# calibration pixels, drawn uniformly with a fixed seed: one number needs far fewer than the 5.7M
+# pixels of 350 images at 128 px, and each evaluation of the search costs time in proportion.
 SEG_TEMPERATURE_PIXELS = 1_000_000
+# The error map's Gaussian widths tried, in pixels (0: the entropy as it is).
+ERROR_MAP_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
 @dataclass
@@ -97,10 +100,10 @@ def calibrate(params: Params) -> Path:
         logits = calib.scores["seg_logits"]
         pixels = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
         truth = calib.masks.reshape(-1)
+        keep = np.arange(len(truth))
         if len(truth) > SEG_TEMPERATURE_PIXELS:
             keep = np.sort(np.random.default_rng(0).choice(len(truth), SEG_TEMPERATURE_PIXELS, replace=False))
-            pixels, truth = pixels[torch.from_numpy(keep)], truth[keep]
-        seg_fit = fit_temperature(pixels.double().numpy(), truth)
+        seg_fit = fit_temperature(pixels[torch.from_numpy(keep)].double().numpy(), truth[keep])
         log.info("segmentation temperature %.3f: calibration pixel NLL %.4f -> %.4f", seg_fit.temperature,
                  seg_fit.nll_before, seg_fit.nll_after)
     for name, fit in (("class", class_fit), ("segmentation", seg_fit)):
@@ -109,7 +112,9 @@ def calibrate(params: Params) -> Path:
                         "information on the calibration split (a high bound) or is wildly overconfident (a low one)",
                         name, fit.temperature, TEMPERATURE_BOUNDS)
     temperatures = (class_fit.temperature if class_fit else 1.0, seg_fit.temperature if seg_fit else 1.0)
-    outputs = {name: deployment_outputs(split.scores, *temperatures) for name, split in splits.items()}
+    error_map = fit_error_map(calib, temperatures[1], keep) if seg_fit is not None else None
+    settings = (*temperatures, error_map.sigma if error_map is not None else 0.0)
+    outputs = {name: deployment_outputs(split.scores, *settings) for name, split in splits.items()}
 
     if class_fit is not None:
         prob = outputs["calib"]["class_prob"].double().numpy()
@@ -151,11 +156,31 @@ def calibrate(params: Params) -> Path:
                  vcdr.calibration_images, {k: None if v is None else round(v, 3) for k, v in vcdr.by_class.items()})
 
     result = Calibration(num_images=len(calib.labels), model_sha256=file_sha256(paths.model_pt),
-                         class_temperature=class_fit, seg_temperature=seg_fit, referral=referral, unusual=unusual,
+                         class_temperature=class_fit, seg_temperature=seg_fit, seg_error_map=error_map,
+                         referral=referral, unusual=unusual,
                          vcdr_interval=vcdr, min_image_side=cp.min_image_side)
     write_text_replacing(paths.calibration, result.model_dump_json(indent=2) + "\n")
     log.info("wrote %s", paths.calibration)
     return paths.calibration
+
+
+def fit_error_map(calib: SplitScores, seg_temperature: float, pixels: np.ndarray) -> ErrorMapFit:
+    """The Gaussian width (:data:`ERROR_MAP_SIGMAS`) whose smoothed entropy map ranks the
+    delivered mask's wrong calibration pixels best (the pixel-error AUROC at the ``pixels``
+    positions of the flattened maps); the smallest width among equals."""
+    logits = calib.scores["seg_logits"]
+    with torch.no_grad():
+        entropy = deployment_outputs({"seg_logits": logits, "seg_uncertainty_raw": logits[:, :1]},
+                                     seg_temperature=seg_temperature)["seg_uncertainty"]
+    error = (logits.argmax(dim=1).numpy() != calib.masks).reshape(-1)[pixels]
+    auroc = {}
+    for sigma in ERROR_MAP_SIGMAS:
+        smoothed = gaussian_blur(entropy, sigma).numpy().reshape(-1)[pixels]
+        auroc[f"{sigma:g}"] = metrics.error_auroc(smoothed, error)
+    best = max(ERROR_MAP_SIGMAS, key=lambda s: (auroc[f"{s:g}"], -s))
+    log.info("error map: Gaussian width %g px (pixel-error AUROC on the calibration split by width: %s)", best,
+             ", ".join(f"{k} {v:.4f}" for k, v in auroc.items()))
+    return ErrorMapFit(sigma=best, auroc_by_sigma=auroc, pixels=int(len(pixels)))
 
 
 def write_reliability(paths: Paths, calib: SplitScores, calibrated: dict[str, torch.Tensor], params: Params) -> Path:

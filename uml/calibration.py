@@ -10,6 +10,9 @@ guarantees below hold for new images drawn like that split (exchangeable with it
   log-likelihood on the calibration split (Guo et al. 2017, "On Calibration of Modern Neural
   Networks"). Dividing by ``T > 0`` keeps every argmax and, for two classes, the order of the
   positive-class probability, so accuracy, F1, Dice and AUC are unchanged.
+- **Error map** (:class:`ErrorMapFit`): the delivered mask's error map is the entropy of its
+  calibrated probability, smoothed by a Gaussian; the calibrate stage picks the width from a fixed
+  grid by the pixel-error AUROC on the calibration split (0: no smoothing).
 - **Referral** (:func:`fit_referral_rule`): accept a case when its calibrated class uncertainty
   (``1 - max p``, the estimated probability of an error) is at most a threshold ``lambda``; refer
   it to a human otherwise. ``lambda`` is chosen by Learn-then-Test (Angelopoulos, Bates, Candès,
@@ -84,6 +87,15 @@ class TemperatureFit(_Part):
     nll_before: float
     nll_after: float
     samples: int = Field(ge=1, description="images (class) or pixels (segmentation) it was fitted on")
+
+
+class ErrorMapFit(_Part):
+    """The smoothing of the delivered mask's error map: the Gaussian width, in pixels, that ranked
+    the calibration split's wrong pixels best, and each width's pixel-error AUROC there."""
+
+    sigma: float = Field(ge=0.0)
+    auroc_by_sigma: dict[str, float]
+    pixels: int = Field(ge=1, description="calibration pixels the AUROCs were measured on")
 
 
 class ReferralRule(_Part):
@@ -175,6 +187,7 @@ class Calibration(_Part):
     model_sha256: str = Field(description="the model.pt these values were fitted for")
     class_temperature: TemperatureFit | None = None
     seg_temperature: TemperatureFit | None = None
+    seg_error_map: ErrorMapFit | None = None
     referral: ReferralRule | None = None
     unusual: UnusualRule
     vcdr_interval: VcdrInterval | None = None

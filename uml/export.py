@@ -62,29 +62,30 @@ PROTOBUF_LIMIT = 2 * 1024**3
 
 
 class DeploymentGraph(nn.Module):
-    """``UMLNet.infer`` with fixed temperatures as a tuple in a fixed order, which is what ONNX
+    """``UMLNet.infer`` with fixed post-hoc settings (temperatures, error-map width) as a tuple in a fixed order, which is what ONNX
     export traces."""
 
-    def __init__(self, model: UMLNet, class_temperature: float = 1.0, seg_temperature: float = 1.0):
+    def __init__(self, model: UMLNet, class_temperature: float = 1.0, seg_temperature: float = 1.0,
+                 error_map_sigma: float = 0.0):
         super().__init__()
         self.model = model
-        self.temperatures = (float(class_temperature), float(seg_temperature))
+        self.settings = (float(class_temperature), float(seg_temperature), float(error_map_sigma))
         with torch.no_grad():
             probe = model.infer(torch.zeros(1, 3, model.cfg.image_size, model.cfg.image_size))
         self.output_names = [name for name in OUTPUT_ORDER if name in probe]
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model.infer(image, *self.temperatures)
+        out = self.model.infer(image, *self.settings)
         return tuple(out[name] for name in self.output_names)
 
 
 def export_onnx(model: UMLNet, path: str | Path, opset: int = 18, class_temperature: float = 1.0,
-                seg_temperature: float = 1.0) -> list[str]:
-    """Write ``model`` (eval mode) with these temperatures as a single ONNX file; returns the output names."""
+                seg_temperature: float = 1.0, error_map_sigma: float = 0.0) -> list[str]:
+    """Write ``model`` (eval mode) with these post-hoc settings as a single ONNX file; returns the output names."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    graph = DeploymentGraph(model, class_temperature, seg_temperature).eval()
+    graph = DeploymentGraph(model, class_temperature, seg_temperature, error_map_sigma).eval()
     size = model.cfg.image_size
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = param_bytes > PROTOBUF_LIMIT * 0.9
@@ -119,14 +120,15 @@ def session(path: str | Path, threads: int | None = None) -> ort.InferenceSessio
 
 
 def parity(model: UMLNet, onnx_path: str | Path, images: np.ndarray, class_temperature: float = 1.0,
-           seg_temperature: float = 1.0) -> dict[str, float]:
+           seg_temperature: float = 1.0, error_map_sigma: float = 0.0) -> dict[str, float]:
     """Max absolute difference per output between onnxruntime and eager torch on ``images``
     (float32, (N, 3, H, W) in [0, 1]), run with the batch size of the input."""
     sess = session(onnx_path)
     names = [o.name for o in sess.get_outputs()]
     ort_out = dict(zip(names, sess.run(names, {INPUT_NAME: images.astype(np.float32)})))
     with torch.no_grad():
-        torch_out = model.eval().infer(torch.from_numpy(images.astype(np.float32)), class_temperature, seg_temperature)
+        torch_out = model.eval().infer(torch.from_numpy(images.astype(np.float32)), class_temperature, seg_temperature,
+                                       error_map_sigma)
     return {name: float(np.abs(ort_out[name] - torch_out[name].numpy()).max()) for name in names}
 
 
@@ -143,6 +145,7 @@ def output_meanings(cfg: Any, calibration: Calibration) -> dict[str, str]:
     mutual = evidential and "cls" in cfg.tasks
     t_cls = calibration.class_temperature.temperature if calibration.class_temperature else 1.0
     t_seg = calibration.seg_temperature.temperature if calibration.seg_temperature else 1.0
+    sigma = calibration.seg_error_map.sigma if calibration.seg_error_map else 0.0
     return {
         "class_prob": (f"calibrated class probability: softmax(log alpha / {t_cls:.4g}), the mean of the tempered "
                        f"Dirichlet alpha^(1/T)" if evidential else f"calibrated class probability: softmax(logits / {t_cls:.4g})"),
@@ -151,7 +154,8 @@ def output_meanings(cfg: Any, calibration: Calibration) -> dict[str, str]:
         "class_uncertainty_raw": "the paper's image uncertainty K/S (1 = no evidence)" if evidential
         else "normalised entropy of the uncalibrated softmax",
         "seg_prob": f"calibrated per-pixel class probability softmax(S_0 / {t_seg:.4g}); its argmax is the delivered mask",
-        "seg_uncertainty": "normalised entropy of seg_prob: the uncertainty of the delivered mask (its error map)",
+        "seg_uncertainty": (f"normalised entropy of seg_prob smoothed by a Gaussian of {sigma:g} px: the uncertainty of the "
+                            "delivered mask (its error map)"),
         "seg_uncertainty_raw": ("the paper's pixel uncertainty U = C/S of the mutual branch (the map that steers the navigator)"
                                 if mutual else "normalised entropy of the mutual branch's softmax" if "cls" in cfg.tasks
                                 else "normalised entropy of the uncalibrated softmax(S_0)"),
@@ -231,15 +235,16 @@ def export(params: Params) -> Path:
     extra = read_model_file(paths.model_pt).get("extra", {})
     model = load_model(paths.model_pt)
     calibration = read_calibration(paths.calibration, paths.model_pt)
-    temperatures = (calibration.class_temperature.temperature if calibration.class_temperature else 1.0,
-                    calibration.seg_temperature.temperature if calibration.seg_temperature else 1.0)
+    settings = (calibration.class_temperature.temperature if calibration.class_temperature else 1.0,
+                calibration.seg_temperature.temperature if calibration.seg_temperature else 1.0,
+                calibration.seg_error_map.sigma if calibration.seg_error_map else 0.0)
     prepared = open_prepared(paths.dataset)
     positive_class = _positive_class(prepared, extra, paths.model_pt)
     opset = params.export.opset
     log.info("exporting %s (%s, %d px) to ONNX opset %d", paths.model_pt, "+".join(model.cfg.tasks), model.cfg.image_size, opset)
     # Export under a staging name: model.onnx appears only once it has passed the parity check.
     staging = paths.model_onnx.with_name(paths.model_onnx.name + ".partial")
-    outputs = export_onnx(model, staging, opset, *temperatures)
+    outputs = export_onnx(model, staging, opset, *settings)
     images, _, _, _ = load_split(prepared, "val", limit=params.export.parity_images)
     if images.shape[1] != model.cfg.image_size:
         staging.unlink(missing_ok=True)
@@ -248,7 +253,7 @@ def export(params: Params) -> Path:
     data = images.transpose(0, 3, 1, 2).astype(np.float32) / PIXEL_MAX
     rng = np.random.default_rng(0)
     random_inputs = rng.random((3, 3, model.cfg.image_size, model.cfg.image_size), dtype=np.float32)
-    diffs = [parity(model, staging, batch, *temperatures) for batch in (data, data[:1], random_inputs)]
+    diffs = [parity(model, staging, batch, *settings) for batch in (data, data[:1], random_inputs)]
     worst = {name: max(d[name] for d in diffs) for name in outputs}
     log.info("onnxruntime vs torch, max |diff| over %d validation + 3 random images: %s", len(data),
              ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))

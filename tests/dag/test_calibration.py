@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from sklearn.metrics import log_loss, roc_auc_score
 
 from tests.dag import reference as ref
@@ -40,14 +41,18 @@ def _split(miniature_dag: MiniDag, models: Path, name: str) -> tuple[ref.Split, 
 
 def test_the_graph_returns_the_tempered_raw_outputs(miniature_dag, models, calibration):
     """class_prob = softmax(log(alpha/S) / T) (a per-image constant does not change a softmax),
-    class_uncertainty = 1 - max class_prob, seg_uncertainty = the normalised entropy of seg_prob."""
+    class_uncertainty = 1 - max class_prob, seg_uncertainty = the normalised entropy of seg_prob
+    smoothed by a Gaussian of the fitted width (scipy's filter, mirrored borders)."""
     _, out = _split(miniature_dag, models, "test")
     t_class = calibration["class_temperature"]["temperature"]
     expected = ref.softmax(np.log(out["class_prob_raw"].astype(np.float64)) / t_class)
     np.testing.assert_allclose(out["class_prob"], expected, atol=1e-5)
     np.testing.assert_allclose(out["class_uncertainty"][:, 0], 1.0 - out["class_prob"].max(1), atol=1e-6)
     seg = out["seg_prob"].astype(np.float64)
-    np.testing.assert_allclose(out["seg_uncertainty"][:, 0], -(seg * np.log(seg)).sum(1) / math.log(3), atol=1e-4)
+    entropy = -(seg * np.log(seg)).sum(1) / math.log(3)
+    sigma = calibration["seg_error_map"]["sigma"]
+    smoothed = np.stack([ndimage.gaussian_filter(e, sigma, mode="mirror", truncate=3.0) for e in entropy]) if sigma else entropy
+    np.testing.assert_allclose(out["seg_uncertainty"][:, 0], smoothed, atol=1e-4)
     assert t_class != 1.0 and calibration["seg_temperature"]["temperature"] != 1.0  # something was fitted
 
 
@@ -78,6 +83,18 @@ def test_the_temperatures_minimise_the_calibration_split_nll(miniature_dag, mode
 
     assert seg_nll(t_seg) == pytest.approx(calibration["seg_temperature"]["nll_after"], abs=1e-4)
     assert seg_nll(t_seg) <= min(seg_nll(t_seg * 1.05), seg_nll(t_seg / 1.05), seg_nll(1.0)) + 1e-6
+
+    # The error map's width: the one of the grid whose smoothed entropy ranks the calibration
+    # split's wrong pixels best (all 12 x 64 x 64 pixels: fewer than the stage's sample).
+    fit = calibration["seg_error_map"]
+    prob = out["seg_prob"].astype(np.float64)
+    entropy = -(prob * np.log(prob)).sum(1) / math.log(3)
+    wrong = (prob.argmax(1) != masks).ravel()
+    for key, measured in fit["auroc_by_sigma"].items():
+        sigma = float(key)
+        smoothed = np.stack([ndimage.gaussian_filter(e, sigma, mode="mirror", truncate=3.0) for e in entropy]) if sigma else entropy
+        assert measured == pytest.approx(roc_auc_score(wrong, smoothed.ravel()), abs=2e-3), key
+    assert fit["auroc_by_sigma"][f"{fit['sigma']:g}"] == max(fit["auroc_by_sigma"].values())
 
 
 def test_the_referral_threshold_is_learn_then_test_on_the_calibration_split(miniature_dag, models, calibration):

@@ -44,17 +44,18 @@ def _history(train_dir: Path, key: str) -> list[float]:
     return [float(line.split("\t")[1]) for line in lines[1:]]
 
 
-def _torch_outputs(model: UMLNet, images: np.ndarray, temperatures: tuple[float, float] = (1.0, 1.0)) -> dict[str, np.ndarray]:
+def _torch_outputs(model: UMLNet, images: np.ndarray, temperatures: tuple[float, ...] = (1.0, 1.0, 0.0)) -> dict[str, np.ndarray]:
     with torch.no_grad():
         out = model.infer(torch.from_numpy(images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)),
                           *temperatures)
     return {k: v.numpy() for k, v in out.items()}
 
 
-def _temperatures(models: Path) -> tuple[float, float]:
-    """The calibrate stage's temperatures, as the export baked them into the graph."""
+def _temperatures(models: Path) -> tuple[float, float, float]:
+    """The calibrate stage's temperatures and error-map width, as the export baked them into the graph."""
     fitted = json.loads((models / "calibration.json").read_text())
-    return fitted["class_temperature"]["temperature"], fitted["seg_temperature"]["temperature"]
+    return (fitted["class_temperature"]["temperature"], fitted["seg_temperature"]["temperature"],
+            fitted["seg_error_map"]["sigma"])
 
 
 def test_the_stages_import_the_copy_of_the_code(miniature_dag):

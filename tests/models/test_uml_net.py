@@ -510,3 +510,15 @@ def test_small_preset_overfits_eight_images():
     assert losses[-1]["seg"] <= 0.6 * losses[0]["seg"]
     assert min(dices) >= 0.85, f"Dice per class {dices}"
     assert float((pred["class_prob"].argmax(1) == labels).float().mean()) == 1.0
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.5, 3.0])
+def test_gaussian_blur_is_scipys_gaussian_filter(sigma):
+    from scipy import ndimage
+
+    from uml.models.uml_net import gaussian_blur
+
+    maps = torch.rand(2, 1, 24, 31, dtype=torch.float64)
+    expected = np.stack([ndimage.gaussian_filter(m[0].numpy(), sigma, mode="mirror", truncate=3.0) for m in maps])
+    np.testing.assert_allclose(gaussian_blur(maps, sigma)[:, 0].numpy(), expected, atol=1e-12)
+    assert gaussian_blur(maps, 0.0) is maps

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from uml.evidential import dirichlet, evidence_from_logits, normalized_entropy
@@ -255,15 +256,33 @@ class UMLNet(nn.Module):
                 result["seg_uncertainty_raw"] = normalized_entropy(torch.softmax(out["seg_logits"], dim=1), dim=1)
         return result
 
-    def infer(self, image: torch.Tensor, class_temperature: float = 1.0, seg_temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    def infer(self, image: torch.Tensor, class_temperature: float = 1.0, seg_temperature: float = 1.0,
+              error_map_sigma: float = 0.0) -> dict[str, torch.Tensor]:
         """The deployment outputs (what the ONNX model exposes): :func:`deployment_outputs` of
-        :meth:`scores` with the given temperatures (1: uncalibrated, as during training)."""
-        return deployment_outputs(self.scores(image), class_temperature, seg_temperature)
+        :meth:`scores` with the given post-hoc settings (the defaults: uncalibrated, as during
+        training)."""
+        return deployment_outputs(self.scores(image), class_temperature, seg_temperature, error_map_sigma)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, 1, H, W) maps smoothed by a Gaussian of standard deviation ``sigma`` pixels, truncated at
+    ``int(3 sigma + 0.5)`` pixels and mirrored at the border (``scipy.ndimage.gaussian_filter`` with
+    ``mode="mirror"``, ``truncate=3``); two 1-D convolutions. ``sigma <= 0``: the maps as they are."""
+    if sigma <= 0:
+        return maps
+    radius = int(3.0 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1))
 
 
 def deployment_outputs(scores: dict[str, torch.Tensor], class_temperature: float = 1.0,
-                       seg_temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """The outputs a user acts on, from :meth:`UMLNet.scores`, with post-hoc temperatures:
+                       seg_temperature: float = 1.0, error_map_sigma: float = 0.0) -> dict[str, torch.Tensor]:
+    """The outputs a user acts on, from :meth:`UMLNet.scores`, with post-hoc temperatures and the
+    error map's smoothing:
 
     - ``class_prob`` = ``softmax(class_log_score / class_temperature)``. For an evidential head
       this is the mean of the tempered Dirichlet ``alpha_k ** (1 / T)``; with K = 2 it is a
@@ -276,7 +295,11 @@ def deployment_outputs(scores: dict[str, torch.Tensor], class_temperature: float
     - ``seg_prob`` = ``softmax(S_0 / seg_temperature)``: the same argmax (the delivered mask) as
       ``softmax(S_0)``.
     - ``seg_uncertainty``: the normalised entropy of ``seg_prob``, the uncertainty of the mask
-      actually delivered (its error map).
+      actually delivered (its error map), smoothed by a Gaussian of ``error_map_sigma`` pixels
+      (:func:`gaussian_blur`). ``S_0`` is trained with a Dice loss alone, which makes its
+      probabilities nearly 0 or 1 everywhere but on the predicted boundary itself, while the wrong
+      pixels lie in a band a few pixels wide around it: smoothing spreads the boundary's
+      uncertainty over that band (the calibrate stage picks the width on the calibration split).
     - ``seg_uncertainty_raw``: the paper's pixel uncertainty (the mutual map ``U``), which belongs
       to the mutual branch, not to the delivered mask.
     """
@@ -293,6 +316,7 @@ def deployment_outputs(scores: dict[str, torch.Tensor], class_temperature: float
         log_prob = torch.log_softmax(scores["seg_logits"] / seg_temperature, dim=1)
         result["seg_prob"] = log_prob.exp()
         num_classes = log_prob.shape[1]
-        result["seg_uncertainty"] = -(result["seg_prob"] * log_prob).sum(dim=1, keepdim=True) / math.log(num_classes)
+        entropy = -(result["seg_prob"] * log_prob).sum(dim=1, keepdim=True) / math.log(num_classes)
+        result["seg_uncertainty"] = gaussian_blur(entropy, error_map_sigma)
         result["seg_uncertainty_raw"] = scores["seg_uncertainty_raw"]
     return result
