@@ -6,6 +6,7 @@ ensemble; one table with the raw and calibrated outputs side by side.
     python benchmarks/seed_study.py --out /tmp/s --seeds 2 --set train.epochs=4    # a quicker look
     python benchmarks/seed_study.py --out benchmarks/results/seeds --collect-only  # the tables again
     python benchmarks/seed_study.py --out benchmarks/results/seeds --reevaluate    # post-training stages again
+    python benchmarks/seed_study.py --out benchmarks/results/seeds --reevaluate uml-s0  # ... of one run
 
 Every run is the repository's own stages (``python -m pipeline.<stage> --params <run>/params.yaml``:
 train, calibrate, export, evaluate) with ``params.yaml`` as it is, ``train.use_tuned: false`` (the
@@ -13,7 +14,7 @@ published loss weights: without it, each seed would train with the weights its o
 and the seed spread would mix the two), ``train.seed`` and, for ``softmax``,
 ``model.uncertainty: false``. The data set is prepared once and shared. Each run lives in
 ``<work>/<variant>-s<seed>/`` and is skipped when its record is there for the same params (an
-interrupted study resumes); ``--reevaluate`` runs calibrate, export and evaluate of the finished
+interrupted study resumes, and a run interrupted after training keeps its model); ``--reevaluate`` runs calibrate, export and evaluate of the finished
 runs again (after a change to those stages: the trained models stay).
 
 Writes ``<out>/runs/<variant>-s<seed>.json`` (metrics, params overrides, wall time per stage),
@@ -126,21 +127,25 @@ def run_one(base: dict[str, Any], variant: str, seed: int, extra: list[str], wor
     raw = run_params(base, variant, seed, extra, root)
     record_path = out / "runs" / f"{name}.json"
     stages = STAGES
+    params_file = root / "params.yaml"
+    trained = (root / "data" / "models" / "model.pt").exists()
+    record: dict = {"seconds": {}}
     if record_path.exists():
         record = json.loads(record_path.read_text())
         if record.get("params") == raw and not reevaluate:
             log(f"{name}: done already ({record_path})")
             return record
-        if record.get("params") == raw and (root / "data" / "models" / "model.pt").exists():
+        if record.get("params") == raw and trained:
             stages = STAGES[1:]  # the trained model stays; the stages after training run again
-    params_file = root / "params.yaml"
+    elif trained and params_file.exists() and yaml.safe_load(params_file.read_text()) == raw:
+        stages = STAGES[1:]  # interrupted after training: the finished model is kept
     params_file.parent.mkdir(parents=True, exist_ok=True)
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     prepared = root / "data" / "prepared"
     prepared.mkdir(parents=True, exist_ok=True)
     if not (prepared / "dataset.zarr").exists():
         (prepared / "dataset.zarr").symlink_to(store)
-    seconds = dict(record["seconds"]) if stages != STAGES else {}
+    seconds = dict(record.get("seconds", {})) if stages != STAGES else {}
     for name_ in stages:
         log(f"{name}: {name_}")
         seconds[name_] = stage(name_, params_file, root / "stages.log")
@@ -266,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params overrides for every run")
     parser.add_argument("--collect-only", action="store_true", help="rebuild the tables from finished runs")
-    parser.add_argument("--reevaluate", action="store_true", help="run calibrate, export and evaluate of finished runs again")
+    parser.add_argument("--reevaluate", nargs="*", metavar="RUN", default=None,
+                        help="run calibrate, export and evaluate of finished runs again (the named runs, e.g. uml-s0, or all)")
     args = parser.parse_args(argv)
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     args.out.mkdir(parents=True, exist_ok=True)
@@ -281,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                 if path.exists():
                     runs.setdefault(variant, []).append(json.loads(path.read_text()))
                 continue
-            runs.setdefault(variant, []).append(run_one(base, variant, seed, args.set, args.work, store, args.out,
-                                                        args.reevaluate))
+            again = args.reevaluate is not None and (not args.reevaluate or f"{variant}-s{seed}" in args.reevaluate)
+            runs.setdefault(variant, []).append(run_one(base, variant, seed, args.set, args.work, store, args.out, again))
     ensembles = {}
     for variant, records in runs.items():
         path = args.out / f"ensemble-{variant}.json"
