@@ -435,7 +435,13 @@ def section_onnx(args: argparse.Namespace, device: torch.device) -> dict[str, An
     result: dict[str, Any] = {"onnxruntime": ort.__version__, "available_providers": available,
                               "preset": args.preset, "size": args.size, "cuda_provider_installed": CUDA_EP in available}
     provider = CUDA_EP if CUDA_EP in available else ("CPUExecutionProvider" if args.dry_run else None)
-    header = f"\n**ONNX** (`{args.preset}` preset at {args.size} px, onnxruntime {ort.__version__})\n"
+    # What `uml predict` and the evaluate stage choose on this machine with provider auto.
+    from uml.onnx_model import choose_providers, gpu_visible
+
+    choice = choose_providers("auto")
+    result["uml_auto_provider"] = {"gpu_visible": gpu_visible(), "device": choice.device, "reason": choice.reason}
+    header = (f"\n**ONNX** (`{args.preset}` preset at {args.size} px, onnxruntime {ort.__version__}; "
+              f"`evaluate.provider: auto` runs on {choice.reason})\n")
     if provider is None:
         result["status"] = "not installed"
         result["reason"] = (f"{CUDA_EP} is not among onnxruntime {ort.__version__}'s available providers "

@@ -22,7 +22,7 @@ from tests.toy_onnx import FLIPPED, RATIOS, ToyUML, export_toy, fundus_set
 from uml import metrics
 from uml.config import EvaluateParams, Paths, parse_params
 from uml.errors import ConfigError, ModelFileError
-from uml.evaluate import evaluate, evaluate_arrays, run_pass
+from uml.evaluate import ArraySplit, evaluate, evaluate_arrays, run_pass
 from uml.onnx_model import OnnxModel
 
 # Few noise levels keep the module fast; the keys for each are still all checked.
@@ -125,8 +125,9 @@ def test_noise_detection_auroc(toy_dir, data, evaluated):
     assert result["unc/pixel_noise_auroc_salt_pepper_0.1"] == 0.0
     # The image-level value is the AUROC of the clean and corrupted passes' class uncertainties.
     model = OnnxModel(toy_dir / "model.onnx")
-    clean = run_pass(model, images, 8, seed=CFG.seed).class_uncertainty
-    noisy = run_pass(model, images, 8, noise=("gaussian", 0.2), seed=CFG.seed).class_uncertainty
+    split = ArraySplit(images, masks, data[2])
+    clean = run_pass(model, split, 8, seed=CFG.seed).class_uncertainty
+    noisy = run_pass(model, split, 8, noise=("gaussian", 0.2), seed=CFG.seed).class_uncertainty
     expected = roc_auc_score(np.r_[np.zeros(20), np.ones(20)], np.r_[clean, noisy])
     assert result["unc/noise_auroc_gaussian_0.2"] == pytest.approx(expected)
     assert 0.5 < expected < 1.0
@@ -326,3 +327,85 @@ def test_stage_refuses_a_model_whose_positive_class_is_not_the_data_sets(tmp_pat
     with pytest.raises(ModelFileError, match=r"positive class 0 differs from the data set's 1"):
         evaluate(params)
     assert not Paths(params).metrics.exists()
+
+
+# ------------------------------------------------------------------------------ streaming
+def _imperfect_set(n: int = 24, size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drawn fundus images the toy gets partly wrong: discs of varied size and ratio, each image
+    shifted against its mask and every third blurred, so that Dice, distances, vCDR errors and
+    the pixel AUROCs all take non-trivial values."""
+    from tests.toy_onnx import draw_fundus
+
+    rng = np.random.default_rng(5)
+    images, masks, labels = [], [], []
+    for i in range(n):
+        ratio = rng.uniform(0.2, 0.8)
+        image, mask = draw_fundus(size, rng.uniform(14, 24), ratio)
+        image = np.roll(image, rng.integers(-6, 7), axis=1)
+        if i % 3 == 0:
+            image = ndimage.gaussian_filter(image.astype(np.float32), sigma=(1.5, 1.5, 0)).round().astype(np.uint8)
+        images.append(image)
+        masks.append(mask)
+        labels.append(int((ratio > 0.5) ^ (rng.random() < 0.1)))
+    return np.stack(images), np.stack(masks), np.array(labels, dtype=np.int64)
+
+
+def test_the_stage_streams_the_store_and_writes_the_metrics_of_the_whole_split_at_once(tmp_path, toy_dir, monkeypatch):
+    """metrics.json of the stage, which reads the test split from the store a batch at a time,
+    equals byte for byte that of the whole split loaded into memory and run as one batch (the
+    toy's outputs do not depend on the batch size: checked here on the clean pass)."""
+    from uml.data import store
+    from uml.evaluate import write_metrics
+
+    root = _prepared_root(tmp_path, toy_dir, _imperfect_set())
+    params = parse_params({"data": {"root": str(root)},
+                           "evaluate": {"batch_size": 5, "gaussian_sigmas": [0.1], "salt_pepper_amounts": [0.05],
+                                        "num_panels": 3, "bootstrap_samples": 200}})
+    paths = Paths(params)
+    images, masks, labels, ids = store.load_split(paths.dataset, "test")
+    n = len(ids)
+    assert n == 12  # three batches of 5, 5 and 2
+
+    reads: list[int] = []
+    real_read = store.SplitReader.read
+
+    def recording_read(self, start, stop):
+        reads.append(stop - start)
+        return real_read(self, start, stop)
+
+    def no_whole_split(*args, **kwargs):
+        raise AssertionError("the stage loaded the whole split")
+
+    monkeypatch.setattr(store.SplitReader, "read", recording_read)
+    monkeypatch.setattr(store, "load_split", no_whole_split)
+    evaluate(params)
+    assert reads == [5, 5, 2] * 3  # the clean pass and two noisy ones, a batch at a time
+
+    model = OnnxModel(paths.model_onnx)
+    one_batch = params.evaluate.model_copy(update={"batch_size": n})
+    in_batches = run_pass(model, ArraySplit(images, masks, labels, ids), 5, seed=0)
+    at_once = run_pass(model, ArraySplit(images, masks, labels, ids), n, seed=0)
+    assert np.array_equal(in_batches.class_prob, at_once.class_prob)  # the premise, on this onnxruntime
+    reference = evaluate_arrays(model, images, masks, labels, one_batch, plots_dir=tmp_path / "reference", ids=ids)
+    write_metrics(tmp_path / "reference.json", reference)
+    assert paths.metrics.read_text() == (tmp_path / "reference.json").read_text()
+    assert json.loads(paths.metrics.read_text())["seg/hd95_disc"] > 0  # the comparison covers real distances
+    for csv_file in (tmp_path / "reference").glob("*.csv"):
+        assert (paths.plots / csv_file.name).read_text() == csv_file.read_text(), csv_file.name
+    assert sorted(p.name for p in (paths.plots / "panels").iterdir()) == ["case_000.png", "case_006.png", "case_011.png"]
+
+
+def test_a_pass_keeps_per_image_summaries_and_the_panels_only(toy_dir):
+    images, masks, labels = _imperfect_set(20)
+    model = OnnxModel(toy_dir / "model.onnx")
+    out = run_pass(model, ArraySplit(images, masks, labels), 6, distances=True, pixels=True, vcdr=True,
+                   panel_positions=[3], pixel_budget=400)
+    kept = {name: value for name, value in vars(out).items() if isinstance(value, np.ndarray)}
+    kept.update({f"seg/{name}": value for name, value in out.seg.items()})
+    assert {"class_prob", "gt_vcdr", "pred_vcdr", "mean_pixel_uncertainty", "seg/hd95_cup"} <= set(kept)
+    assert all(len(value) == 20 for value in kept.values())
+    # A few numbers per image: far less than one mask (64 x 64 bytes) per image.
+    assert sum(value.nbytes for value in kept.values()) < 20 * 1024
+    assert all(value.size <= 400 for value in out.pixels.values())  # the pixel budget bounds the sample
+    assert list(out.panels) == [3]
+    assert np.array_equal(out.panels[3].image, images[3]) and np.array_equal(out.panels[3].mask, masks[3])

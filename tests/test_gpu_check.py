@@ -128,3 +128,5 @@ def test_onnx_section_without_the_cuda_provider_records_why(monkeypatch):
     result = gpu_check.section_onnx(args, torch.device("cpu"))
     assert result["status"] == "not installed" and result["cuda_provider_installed"] is False
     assert "CUDAExecutionProvider" in result["reason"] and "rows" not in result
+    # And what the product's own choice (uml.onnx_model) makes of the same machine.
+    assert result["uml_auto_provider"]["device"] == "cpu" and "has no CUDAExecutionProvider" in result["uml_auto_provider"]["reason"]

@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 from typing import get_args
 
+import onnxruntime
 import pytest
 
 from tests.toy_onnx import export_toy
-from uml.errors import ModelFileError
+from uml.errors import ConfigError, ModelFileError
 from uml.image_io import RESAMPLING, ResizeMethod
 from uml.onnx_model import METADATA_FORMAT, ExportMetadata, OnnxModel, read_metadata
 
@@ -135,3 +136,137 @@ def test_model_file_errors(tmp_path, toy_dir):
 
 def test_every_resize_method_the_metadata_allows_can_be_applied():
     assert set(get_args(ResizeMethod)) == set(RESAMPLING)
+
+
+# ------------------------------------------------------------------------ execution providers
+class _RecordingSession:
+    """Stands in for ``onnxruntime.InferenceSession``: records the providers it was asked for and
+    reports them as its own (a CUDA session cannot be made on this machine), while a real CPU
+    session does the work."""
+
+    created: list[list[str]] = []
+
+    def __init__(self, path, sess_options=None, providers=None, **kwargs):
+        type(self).created.append(list(providers))
+        self._providers = list(providers)
+        self._real = _REAL_SESSION(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    def get_providers(self) -> list[str]:
+        return self._providers
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+_REAL_SESSION = onnxruntime.InferenceSession
+
+
+@pytest.fixture
+def hardware(monkeypatch):
+    """Set what onnxruntime reports as installed providers and whether a GPU is visible."""
+    from uml import onnx_model
+
+    _RecordingSession.created = []
+
+    def set_hardware(cuda_installed: bool, gpu: bool, fake_session: bool = True) -> None:
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_installed else ["CPUExecutionProvider"]
+        monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: providers)
+        monkeypatch.setattr(onnx_model, "gpu_visible", lambda: gpu)
+        if fake_session:
+            monkeypatch.setattr(onnxruntime, "InferenceSession", _RecordingSession)
+
+    return set_hardware
+
+
+@pytest.mark.parametrize(("cuda_installed", "gpu", "provider", "session", "device", "level", "why"), [
+    (True, True, "auto", ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda", "INFO", "the GPU (CUDAExecutionProvider"),
+    (False, False, "auto", ["CPUExecutionProvider"], "cpu", "INFO", "has no CUDAExecutionProvider"),
+    (True, False, "auto", ["CPUExecutionProvider"], "cpu", "INFO", "no GPU is visible"),
+    # A GPU left unused because the CPU-only onnxruntime is installed: worth a warning.
+    (False, True, "auto", ["CPUExecutionProvider"], "cpu", "WARNING", "a GPU is visible, but onnxruntime"),
+    (True, True, "cpu", ["CPUExecutionProvider"], "cpu", "INFO", "the CPU (provider: cpu)"),
+    (True, True, "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda", "INFO", "the GPU"),
+])
+def test_the_session_runs_where_the_hardware_and_the_setting_say(toy_dir, hardware, caplog, cuda_installed, gpu,
+                                                                 provider, session, device, level, why):
+    hardware(cuda_installed, gpu)
+    with caplog.at_level("INFO", logger="uml.onnx_model"):
+        model = OnnxModel(toy_dir / "model.onnx", provider=provider)
+    assert _RecordingSession.created == [session]
+    assert (model.device, list(model.providers)) == (device, session)
+    [record] = [r for r in caplog.records if r.name == "uml.onnx_model"]
+    assert record.levelname == level and why in record.getMessage() and "model.onnx" in record.getMessage()
+    assert why in model.placement
+
+
+@pytest.mark.parametrize(("cuda_installed", "gpu", "why"), [
+    (False, True, "has no CUDAExecutionProvider"),
+    (True, False, "no GPU is visible"),
+])
+def test_forcing_cuda_where_it_cannot_run_is_a_clear_error(toy_dir, hardware, cuda_installed, gpu, why):
+    hardware(cuda_installed, gpu)
+    with pytest.raises(ConfigError, match=rf"evaluate\.provider: 'cuda', but .*{why}"):
+        OnnxModel(toy_dir / "model.onnx", provider="cuda", setting="evaluate.provider")
+    assert _RecordingSession.created == []  # refused before any session was opened
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_a_cuda_session_onnxruntime_cannot_make_falls_back_to_the_cpu_or_fails_when_forced(toy_dir, hardware, caplog):
+    # The real onnxruntime here has no CUDA: told that it has one, it drops the provider from the
+    # session (as it does when the CUDA libraries fail to load), which the reader notices.
+    hardware(cuda_installed=True, gpu=True, fake_session=False)
+    with caplog.at_level("INFO", logger="uml.onnx_model"):
+        model = OnnxModel(toy_dir / "model.onnx")
+    assert model.device == "cpu" and model.providers == ("CPUExecutionProvider",)
+    [record] = [r for r in caplog.records if r.name == "uml.onnx_model"]
+    assert record.levelname == "WARNING" and "on the CPU" in record.getMessage()
+    with pytest.raises(ConfigError, match=r"--provider: 'cuda', but onnxruntime left CUDAExecutionProvider out"):
+        OnnxModel(toy_dir / "model.onnx", provider="cuda", setting="--provider")
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_a_broken_model_file_is_a_model_error_whatever_the_provider(tmp_path, toy_dir, hardware):
+    hardware(cuda_installed=True, gpu=True, fake_session=False)
+    broken = _with_metadata(tmp_path, toy_dir, "broken", lambda m: None)
+    (broken / "model.onnx").write_text("not a model")
+    for provider in ("auto", "cuda", "cpu"):
+        with pytest.raises(ModelFileError, match="not a loadable ONNX model"):
+            OnnxModel(broken / "model.onnx", provider=provider)
+
+
+def test_gpu_visibility_reads_the_device_files_and_cuda_visible_devices(tmp_path, monkeypatch):
+    from uml.onnx_model import gpu_visible
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    (tmp_path / "nvidiactl").touch()  # the control device alone is no GPU
+    assert not gpu_visible(tmp_path)
+    (tmp_path / "nvidia0").touch()
+    assert gpu_visible(tmp_path)
+    for hidden in ("", "-1", "-1,0", "NoDevFiles"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert not gpu_visible(tmp_path), hidden
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert gpu_visible(tmp_path)
+
+
+def test_the_evaluate_stage_and_predict_pass_their_setting_on(tmp_path, toy_dir, hardware, capsys):
+    from uml.cli import main
+    from uml.config import parse_params
+    from uml.evaluate import evaluate
+
+    hardware(cuda_installed=False, gpu=False)
+    root = tmp_path / "data"
+    shutil.copytree(toy_dir, root / "models")
+    # The model is opened before the data set is read: the setting's error comes first.
+    with pytest.raises(ConfigError, match=r"^evaluate\.provider: 'cuda', but onnxruntime .* has no CUDAExecutionProvider"):
+        evaluate(parse_params({"data": {"root": str(root)}, "evaluate": {"provider": "cuda"}}))
+    with pytest.raises(ConfigError, match=r"evaluate\.provider"):
+        parse_params({"evaluate": {"provider": "gpu"}})
+
+    args = ["predict", "nothing.png", "--model", str(root / "models" / "model.onnx"), "--out", str(tmp_path / "out")]
+    assert main([*args, "--provider", "cuda"]) == 1
+    assert "uml predict: error: --provider: 'cuda', but onnxruntime" in capsys.readouterr().err
+    assert main([*args, "--provider", "cpu"]) == 1  # the model opens; the image does not exist
+    err = capsys.readouterr().err
+    assert "uml predict: onnxruntime runs on the CPU (--provider: cpu)" in err and "nothing.png" in err
+    assert _RecordingSession.created == [["CPUExecutionProvider"]]

@@ -3,7 +3,8 @@
 ``uml predict IMAGE... --model data/models/model.onnx --out DIR`` runs the exported model on image
 files (any size; see :mod:`uml.predict` for the accepted formats) and writes, per image,
 ``<stem>.json`` and ``<stem>_overlay.png`` into ``DIR``. ``metadata.json`` is read from next to the
-model. Exit status: 0 when every image was predicted, 1 when the model is unusable or any image
+model. ``--provider`` chooses where onnxruntime runs (:func:`uml.onnx_model.choose_providers`:
+``auto``, the default, takes the GPU when it can); stderr says which it got. Exit status: 0 when every image was predicted, 1 when the model is unusable or any image
 failed (the others are still written), 2 for a command-line usage error.
 
 ``uml params FILE [--out PATH]`` prints (or writes) every params key resolved from FILE, keys it
@@ -42,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--metadata", default=None, help="metadata file (default: metadata.json next to the model)")
     predict.add_argument("--out", required=True, help="output folder (created if missing)")
     predict.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: 2)")
+    predict.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
+                         help="where onnxruntime runs the model: auto (CUDA when onnxruntime has it and a GPU is "
+                              "visible, else the CPU), cpu, or cuda (an error where CUDA cannot run) "
+                              "(default: %(default)s)")
     params = commands.add_parser(
         "params",
         help="resolve a params file against the schema's defaults",
@@ -91,7 +96,9 @@ def _predict(args: argparse.Namespace) -> int:
     from uml.predict import predict_files
 
     try:
-        model = OnnxModel(args.model, args.metadata, threads=args.threads)
+        model = OnnxModel(args.model, args.metadata, threads=args.threads, provider=args.provider,
+                          setting="--provider")
+        print(f"uml predict: onnxruntime runs on {model.placement}", file=sys.stderr)
         records, errors = predict_files(model, args.images, args.out)
     except UMLError as exc:
         print(f"uml predict: error: {exc}", file=sys.stderr)

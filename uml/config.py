@@ -33,6 +33,10 @@ from uml.fundus import FUNDUS_MASK_CLASSES
 
 DEFAULT_PARAMS = "params.yaml"
 
+# Where onnxruntime runs an exported model (evaluate.provider, `uml predict --provider`): auto
+# (CUDA when onnxruntime has it and a GPU is visible, else the CPU), cpu, cuda.
+InferenceProvider = Literal["auto", "cpu", "cuda"]
+
 log = logging.getLogger(__name__)
 
 
@@ -152,6 +156,11 @@ class DataParams(_Section):
     mask_values: dict[int, int] | None = None
     synthetic: SyntheticParams = SyntheticParams()
     augment: AugmentParams = AugmentParams()
+    # Processes that decode and resize the images in prepare (the stage's own process writes the
+    # store, in order, so the store and its content hash do not depend on this). null: one per
+    # CPU this process may use, at most 8, and at most one per 64 images (a small data set stays
+    # in one process, where starting others would cost more than they save). 1: no other process.
+    prepare_workers: int | None = Field(None, ge=1)
 
     @field_validator("root")
     @classmethod
@@ -258,6 +267,11 @@ class TrainParams(_Section):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     # Convolutions in channels-last memory layout (faster on CPU and GPU; same results up to rounding).
     channels_last: bool = True
+    # On GPUs, let cuDNN time its convolution algorithms at the first step of each input shape and
+    # keep the fastest (torch.backends.cudnn.benchmark): measured 1.07x fp32 and 1.04x bf16 training
+    # throughput on an H200 (docs/benchmarks.md). The same convolutions, computed by other kernels:
+    # results differ by float rounding only, so it does not name the run. No effect on CPUs.
+    cudnn_benchmark: bool = True
     seed: int = 0
     # Use data/tune/best_params.yaml (written by the tune stage) instead of the loss: defaults.
     use_tuned: bool = True
@@ -299,6 +313,10 @@ class RayParams(_Section):
     host: str = "127.0.0.1"
     # Ray's state API (used by Ray Train to watch its controller) needs the dashboard process.
     include_dashboard: bool = True
+    # Seconds a training worker waits in a collective (all-reduce, barrier) or at the process
+    # group's rendezvous before it fails (Ray Train's TorchConfig timeout_s): a hung or lost peer
+    # ends the run after this long, which ray.max_failures may then restart. Ray's default, 1800.
+    collective_timeout_s: int = Field(1800, ge=1)
 
     @field_validator("resources_per_worker")
     @classmethod
@@ -509,6 +527,10 @@ class EvaluateParams(_Section):
     # Half-width in pixels of the band around the predicted contours where the pixel-error AUROC
     # is measured a second time (background far from any contour cannot inflate it there).
     contour_band_px: float = Field(3.0, gt=0.0)
+    # Where onnxruntime runs the model: auto (its CUDA provider when the onnxruntime-gpu package is
+    # installed and a GPU is visible, else the CPU; the log says which and why), cpu, or cuda (an
+    # error where CUDA cannot run). GPU and CPU results agree up to float rounding.
+    provider: InferenceProvider = "auto"
 
     @field_validator("bootstrap_samples")
     @classmethod

@@ -5,6 +5,14 @@ prepared store, and writes ``data/reports/metrics.json`` (flat keys, ``null`` fo
 and the plots under ``data/reports/plots/``. :func:`evaluate_arrays` is the same evaluation on
 numpy arrays and an :class:`~uml.onnx_model.OnnxModel`.
 
+Each pass (the clean one, then one per noise level) reads the test split a batch of
+``evaluate.batch_size`` images at a time (from the store: :class:`uml.data.store.SplitReader`)
+and keeps per-image summaries only (:class:`PassOutputs`): class outputs, per-image Dice and
+distances, vCDRs, mean uncertainties, a pixel sample of bounded size and the few panel images.
+Memory therefore grows with the number of test images by a few numbers per image, and every
+metric is what the whole split at once would give (the per-image values are the same, and the
+summaries are computed from them after the pass).
+
 Keys (each only when the model has the outputs it needs; ``<s>`` is a structure of
 :func:`uml.metrics.structures`, ``disc`` and ``cup`` for fundus masks):
 
@@ -53,6 +61,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from sklearn.metrics import roc_curve
@@ -89,22 +98,72 @@ def referral_key(fraction: float) -> str:
 
 
 # ------------------------------------------------------------------------ model passes
+class TestSplit(Protocol):
+    """A split as evaluation reads it: labels and ids in memory, images and masks a batch at a
+    time. :class:`ArraySplit` holds arrays; :class:`uml.data.store.SplitReader` reads the store."""
+
+    labels: np.ndarray  # (n,) int64
+    ids: np.ndarray  # (n,) int64: seeds each image's noise and pixel sample
+
+    def __len__(self) -> int: ...
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images (b, S, S, 3) and label masks (b, S, S) of positions ``start:stop``."""
+        ...
+
+
+@dataclass
+class ArraySplit:
+    """A split held in memory: uint8 images (n, S, S, 3), label masks (n, S, S), labels (n,) and
+    ids (n,; default: the positions)."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.ids = np.arange(len(self.images)) if self.ids is None else np.asarray(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[start:stop], self.masks[start:stop]
+
+
+@dataclass
+class Panel:
+    """What one panel figure shows of an image of the clean pass."""
+
+    image: np.ndarray  # uint8 (S, S, 3)
+    mask: np.ndarray  # uint8 (S, S) ground truth
+    pred_mask: np.ndarray | None  # uint8 (S, S) the delivered mask
+    maps: dict[str, np.ndarray]  # uncertainty map name -> (S, S)
+
+
 @dataclass
 class PassOutputs:
-    """What one pass over the test images keeps (``None`` where the model lacks the output)."""
+    """What one pass over the test images keeps: per-image summaries, a bounded pixel sample and
+    the few panel images, never the images or masks themselves (``None`` where the model lacks
+    the output, or the pass was not asked for it)."""
 
     class_prob: np.ndarray | None = None  # (n, K) calibrated
     class_uncertainty: np.ndarray | None = None  # (n,) calibrated 1 - max p
     class_prob_raw: np.ndarray | None = None  # (n, K) alpha/S
     class_uncertainty_raw: np.ndarray | None = None  # (n,) K/S
-    pred_masks: np.ndarray | None = None  # (n, S, S) uint8
+    # Per-image segmentation metrics (uml.metrics.segmentation_per_image): dice_<s>, with
+    # distances also assd_<s> and hd95_<s>.
+    seg: dict[str, np.ndarray] | None = None
+    pred_vcdr: np.ndarray | None = None  # (n,) of the delivered masks (fundus masks, with vcdr)
+    gt_vcdr: np.ndarray | None = None  # (n,) of the ground-truth masks (fundus masks, with vcdr)
     mean_pixel_uncertainty: np.ndarray | None = None  # (n,) of the delivered mask's error map
     mean_pixel_uncertainty_raw: np.ndarray | None = None  # (n,) of the paper's map U
     unusual_features: np.ndarray | None = None  # (n, F) the unusual-image rule's features
     # Pixel samples for the pixel-error AUROCs: keys uncertainty, uncertainty_raw, error, image.
     pixels: dict[str, np.ndarray] | None = None  # uniform over each image
     band: dict[str, np.ndarray] | None = None  # within evaluate.contour_band_px of the predicted contours
-    panel_maps: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # position -> name -> (S, S)
+    panels: dict[int, Panel] = field(default_factory=dict)  # position -> panel
 
 
 def _noise_rng(seed: int, kind: str, level: float, image_id: int) -> np.random.Generator:
@@ -114,34 +173,41 @@ def _noise_rng(seed: int, kind: str, level: float, image_id: int) -> np.random.G
 
 def run_pass(
     model: OnnxModel,
-    images: np.ndarray,
+    split: TestSplit,
     batch_size: int,
     *,
     noise: tuple[str, float] | None = None,
     seed: int = 0,
-    ids: np.ndarray | None = None,
-    gt_masks: np.ndarray | None = None,
+    distances: bool = False,
+    pixels: bool = False,
+    vcdr: bool = False,
     panel_positions: Sequence[int] = (),
     pixel_budget: int = metrics.PIXEL_AUROC_MAX_PIXELS,
     band_px: float = 3.0,
     desc: str = "clean",
 ) -> PassOutputs:
-    """Run the model over uint8 images (N, S, S, 3) in batches, optionally corrupted by ``noise``
-    (``(kind, level)``, kind in :data:`NOISE_KINDS`).
+    """Run the model over ``split`` a batch at a time, optionally corrupted by ``noise``
+    (``(kind, level)``, kind in :data:`NOISE_KINDS`), and keep per-image summaries only: memory
+    grows with the number of images by a few numbers each (plus the bounded pixel samples).
 
-    With ``gt_masks`` two deterministic samples of at most ``pixel_budget`` pixels each (spread
-    evenly over the images) keep each pixel's two uncertainties and whether its predicted class is
-    wrong: one over whole images, one within ``band_px`` of the predicted contours.
-    ``panel_positions`` keep those images' full uncertainty maps.
+    A segmentation model's predicted masks are scored against the batch's ground truth as they
+    come (Dice; ``distances``: also ASSD and HD95). ``vcdr`` (fundus masks): the vCDR of the
+    ground-truth masks and of the predicted ones. ``pixels``: two deterministic samples of at
+    most ``pixel_budget`` pixels each (spread evenly over the images) keep each pixel's two
+    uncertainties and whether its predicted class is wrong: one over whole images, one within
+    ``band_px`` of the predicted contours. ``panel_positions`` keep those images, their masks
+    and their full uncertainty maps.
     """
-    n = len(images)
-    ids = np.arange(n) if ids is None else np.asarray(ids)
+    n = len(split)
+    ids = np.asarray(split.ids)
     out = PassOutputs()
     parts: dict[str, list[np.ndarray]] = {}
-    pixels: list[dict[str, np.ndarray]] = []
-    band: list[dict[str, np.ndarray]] = []
+    seg_parts: dict[str, list[np.ndarray]] = {}
+    pixel_parts: list[dict[str, np.ndarray]] = []
+    band_parts: list[dict[str, np.ndarray]] = []
     panel_set = set(int(p) for p in panel_positions)
     per_image_pixels = max(1, pixel_budget // max(n, 1))
+    mask_classes = len(model.mask_classes)
 
     def keep(name: str, value: np.ndarray) -> None:
         parts.setdefault(name, []).append(value)
@@ -149,7 +215,10 @@ def run_pass(
     with tqdm(total=n, desc=f"evaluate [{desc}]", unit="img", leave=False, mininterval=1.0) as bar:
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            batch = _corrupted(model.scale_images(images[start:stop]), noise, seed, ids[start:stop])
+            images, gt_masks = split.read(start, stop)
+            if model.has_seg and gt_masks.size and gt_masks.max() >= mask_classes:
+                raise DataError(f"test masks hold class {gt_masks.max()} but the model has {mask_classes} mask classes")
+            batch = _corrupted(model.scale_images(images), noise, seed, ids[start:stop])
             result = model.run(model.to_input(batch))
             if model.has_cls:
                 for name in ("class_prob", "class_prob_raw"):
@@ -157,35 +226,43 @@ def run_pass(
                 for name in ("class_uncertainty", "class_uncertainty_raw"):
                     keep(name, result[name].reshape(stop - start).astype(np.float64))
             keep("unusual_features", model.unusual_features(batch, result.get("seg_uncertainty")))
-            if not model.has_seg:
-                bar.update(stop - start)
-                continue
-            pred = result["seg_prob"].argmax(axis=1).astype(np.uint8)
-            keep("pred_masks", pred)
-            maps = {"uncertainty": result["seg_uncertainty"][:, 0].astype(np.float32),
-                    "uncertainty_raw": result["seg_uncertainty_raw"][:, 0].astype(np.float32)}
-            keep("mean_pixel_uncertainty", maps["uncertainty"].reshape(stop - start, -1).mean(axis=1, dtype=np.float64))
-            keep("mean_pixel_uncertainty_raw", maps["uncertainty_raw"].reshape(stop - start, -1).mean(axis=1, dtype=np.float64))
+            if vcdr:
+                keep("gt_vcdr", np.array([metrics.vertical_cdr(m) for m in gt_masks]))
+            pred = maps = None
+            if model.has_seg:
+                pred = result["seg_prob"].argmax(axis=1).astype(np.uint8)
+                for name, values in metrics.segmentation_per_image(pred, gt_masks, model.mask_classes, distances).items():
+                    seg_parts.setdefault(name, []).append(values)
+                if vcdr:
+                    keep("pred_vcdr", np.array([metrics.vertical_cdr(m) for m in pred]))
+                maps = {"uncertainty": result["seg_uncertainty"][:, 0].astype(np.float32),
+                        "uncertainty_raw": result["seg_uncertainty_raw"][:, 0].astype(np.float32)}
+                keep("mean_pixel_uncertainty", maps["uncertainty"].reshape(stop - start, -1).mean(axis=1, dtype=np.float64))
+                keep("mean_pixel_uncertainty_raw", maps["uncertainty_raw"].reshape(stop - start, -1).mean(axis=1, dtype=np.float64))
             for j in range(stop - start):
                 position = start + j
                 if position in panel_set:
-                    out.panel_maps[position] = {name: values[j].copy() for name, values in maps.items()}
-                if gt_masks is None:
+                    out.panels[position] = Panel(images[j].copy(), gt_masks[j].copy(),
+                                                 pred[j].copy() if pred is not None else None,
+                                                 {name: values[j].copy() for name, values in (maps or {}).items()})
+                if not pixels or pred is None:
                     continue
                 image_maps = {"uncertainty": maps["uncertainty"][j], "uncertainty_raw": maps["uncertainty_raw"][j],
-                              "error": pred[j] != gt_masks[position]}
+                              "error": pred[j] != gt_masks[j]}
                 rng = np.random.default_rng([seed, 0, int(ids[position])])
                 sampled = metrics.sample_pixels(per_image_pixels, rng, **image_maps)
-                pixels.append({**sampled, "image": np.full(sampled["error"].size, position)})
+                pixel_parts.append({**sampled, "image": np.full(sampled["error"].size, position)})
                 near = metrics.contour_band(pred[j], model.mask_classes, band_px)
                 sampled = metrics.sample_pixels(per_image_pixels, rng, where=near, **image_maps)
-                band.append({**sampled, "image": np.full(sampled["error"].size, position)})
+                band_parts.append({**sampled, "image": np.full(sampled["error"].size, position)})
             bar.update(stop - start)
     for name, values in parts.items():
         setattr(out, name, np.concatenate(values))
-    if pixels:
-        out.pixels = {key: np.concatenate([p[key] for p in pixels]) for key in pixels[0]}
-        out.band = {key: np.concatenate([p[key] for p in band]) for key in band[0]}
+    if seg_parts:
+        out.seg = {name: np.concatenate(values) for name, values in seg_parts.items()}
+    if pixel_parts:
+        out.pixels = {key: np.concatenate([p[key] for p in pixel_parts]) for key in pixel_parts[0]}
+        out.band = {key: np.concatenate([p[key] for p in band_parts]) for key in band_parts[0]}
     return out
 
 
@@ -199,9 +276,8 @@ def _corrupted(batch: np.ndarray, noise: tuple[str, float] | None, seed: int, id
 
 
 # ------------------------------------------------------------------------------ metrics
-def _robust_metrics(model: OnnxModel, outputs: PassOutputs, labels: np.ndarray, gt_masks: np.ndarray) -> dict[str, float]:
-    seg = (metrics.segmentation_per_image(outputs.pred_masks, gt_masks, model.mask_classes, distances=False)
-           if outputs.pred_masks is not None else None)
+def _robust_metrics(model: OnnxModel, outputs: PassOutputs, labels: np.ndarray) -> dict[str, float]:
+    seg = {key: values for key, values in outputs.seg.items() if key.startswith("dice_")} if outputs.seg is not None else None
     return metrics.task_metrics(labels, outputs.class_prob, seg, positive=model.positive_class, classification=("acc", "auc"),
                                 class_uncertainty=outputs.class_uncertainty, pixel_uncertainty=outputs.mean_pixel_uncertainty)
 
@@ -235,46 +311,51 @@ def evaluate_arrays(
     plots_dir: str | Path | None = None,
     ids: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Evaluate ``model`` on uint8 images (N, S, S, 3), label masks (N, S, S) and labels (N,).
-
-    Returns the flat metrics (``nan`` where undefined). With ``plots_dir``, also writes the plot
-    data files and figures there (see :func:`write_plots`).
-    """
+    """Evaluate ``model`` on uint8 images (N, S, S, 3), label masks (N, S, S) and labels (N,) held
+    in memory: :func:`evaluate_split` of an :class:`ArraySplit`."""
     images, masks, labels = np.asarray(images), np.asarray(masks), np.asarray(labels)
     n = len(images)
-    if n == 0:
-        raise DataError("the test split is empty")
     if not (len(masks) == len(labels) == n):
         raise DataError(f"images, masks and labels differ in length: {n}, {len(masks)}, {len(labels)}")
     size = model.image_size
-    if images.shape[1:] != (size, size, 3) or masks.shape[1:] != (size, size):
+    if n and (images.shape[1:] != (size, size, 3) or masks.shape[1:] != (size, size)):
         raise DataError(
             f"the model expects {size}x{size} RGB images, the test split has images {images.shape[1:]} and masks "
             f"{masks.shape[1:]}: re-run prepare and export with the same data.image_size"
         )
+    return evaluate_split(model, ArraySplit(images, masks, labels, ids), cfg, plots_dir)
+
+
+def evaluate_split(model: OnnxModel, split: TestSplit, cfg: EvaluateParams,
+                   plots_dir: str | Path | None = None) -> dict[str, float]:
+    """Evaluate ``model`` on ``split`` (its images at the model's resolution), reading it a batch
+    at a time in each pass (:func:`run_pass`).
+
+    Returns the flat metrics (``nan`` where undefined). With ``plots_dir``, also writes the plot
+    data files and figures there (see :func:`write_plots`).
+    """
+    labels = np.asarray(split.labels)
+    n = len(split)
+    if n == 0:
+        raise DataError("the test split is empty")
     if model.has_cls and (labels.min() < 0 or labels.max() >= len(model.class_names)):
         raise DataError(f"test labels span [{labels.min()}, {labels.max()}] but the model has {len(model.class_names)} classes")
-    if model.has_seg and masks.max() >= len(model.mask_classes):
-        raise DataError(f"test masks hold class {masks.max()} but the model has {len(model.mask_classes)} mask classes")
 
     calibration = model.calibration
     fundus = tuple(model.mask_classes) == FUNDUS_MASK_CLASSES
     panels = _panel_positions(n, cfg.num_panels) if plots_dir is not None else []
-    clean = run_pass(model, images, cfg.batch_size, seed=cfg.seed, ids=ids, gt_masks=masks, panel_positions=panels,
-                     band_px=cfg.contour_band_px)
+    clean = run_pass(model, split, cfg.batch_size, seed=cfg.seed, distances=True, pixels=True, vcdr=fundus,
+                     panel_positions=panels, band_px=cfg.contour_band_px)
 
-    seg = metrics.segmentation_per_image(clean.pred_masks, masks, model.mask_classes) if clean.pred_masks is not None else None
-    result = metrics.task_metrics(labels, clean.class_prob, seg, positive=model.positive_class, bins=cfg.calibration_bins,
+    result = metrics.task_metrics(labels, clean.class_prob, clean.seg, positive=model.positive_class, bins=cfg.calibration_bins,
                                   class_uncertainty=clean.class_uncertainty, pixel_uncertainty=clean.mean_pixel_uncertainty)
     # The paper's outputs, side by side (classification metrics of alpha/S, K/S and U).
     result.update(_prefixed("raw/", metrics.task_metrics(
         labels, clean.class_prob_raw, None, positive=model.positive_class, bins=cfg.calibration_bins,
         class_uncertainty=clean.class_uncertainty_raw, pixel_uncertainty=clean.mean_pixel_uncertainty_raw)))
 
-    gt_vcdr = np.array([metrics.vertical_cdr(m) for m in masks]) if fundus else None
-    pred_vcdr = None
-    if clean.pred_masks is not None and fundus:
-        pred_vcdr = np.array([metrics.vertical_cdr(m) for m in clean.pred_masks])
+    gt_vcdr, pred_vcdr = clean.gt_vcdr, clean.pred_vcdr
+    if pred_vcdr is not None:
         result["clinical/vcdr_mae"] = metrics.vcdr_mae(pred_vcdr, gt_vcdr)
         result["clinical/vcdr_auc"] = metrics.vcdr_auc(labels, pred_vcdr, model.positive_class)
         result.update(_vcdr_interval_metrics(model, pred_vcdr, gt_vcdr, labels, vcdr_halfwidths(model, clean)))
@@ -308,13 +389,13 @@ def evaluate_arrays(
         result.update(_referral_metrics(calibration.referral.accept(clean.class_uncertainty), flagged, error))
 
     robust_tables: dict[str, list[dict[str, float]]] = {}
-    clean_robust = _robust_metrics(model, clean, labels, masks)
+    clean_robust = _robust_metrics(model, clean, labels)
     for kind, levels in (("gaussian", cfg.gaussian_sigmas), ("salt_pepper", cfg.salt_pepper_amounts)):
         table = [{"level": 0.0, **_columns(clean_robust)}]
         for level in levels:
-            noisy = run_pass(model, images, cfg.batch_size, noise=(kind, level), seed=cfg.seed, ids=ids,
+            noisy = run_pass(model, split, cfg.batch_size, noise=(kind, level), seed=cfg.seed,
                              desc=f"{kind} {level_name(level)}")
-            values = _robust_metrics(model, noisy, labels, masks)
+            values = _robust_metrics(model, noisy, labels)
             name = f"{kind}_{level_name(level)}"
             result.update({f"robust/{name}/{k}": v for k, v in values.items()})
             result.update(_noise_detection(clean, noisy, name))
@@ -324,10 +405,10 @@ def evaluate_arrays(
         robust_tables[kind] = table
 
     if cfg.bootstrap_samples:
-        intervals = _bootstrap_intervals(model, clean, masks, labels, gt_vcdr, pred_vcdr, flagged, cfg)
+        intervals = _bootstrap_intervals(model, clean, labels, gt_vcdr, pred_vcdr, flagged, cfg)
         result = _with_intervals(result, intervals)
     if plots_dir is not None:
-        write_plots(Path(plots_dir), model, clean, images, masks, labels, cfg, panels, robust_tables, pred_vcdr, gt_vcdr)
+        write_plots(Path(plots_dir), model, clean, labels, cfg, panels, robust_tables, pred_vcdr, gt_vcdr)
     return result
 
 
@@ -335,10 +416,10 @@ def vcdr_halfwidths(model: OnnxModel, outputs: PassOutputs) -> np.ndarray | None
     """Each image's vCDR interval half-width (that of its predicted class; ``nan`` where the
     calibration split had too few images), or None without a fitted interval."""
     interval = model.calibration.vcdr_interval
-    if interval is None or outputs.pred_masks is None:
+    if interval is None or outputs.pred_vcdr is None:
         return None
     if outputs.class_prob is None:
-        return np.full(len(outputs.pred_masks), np.nan if interval.halfwidth is None else interval.halfwidth)
+        return np.full(len(outputs.pred_vcdr), np.nan if interval.halfwidth is None else interval.halfwidth)
     names = [model.class_names[k] for k in metrics.predicted_class(outputs.class_prob)]
     return np.array([np.nan if (h := interval.halfwidth_for(name)) is None else h for name in names])
 
@@ -388,7 +469,6 @@ def _noise_detection(clean: PassOutputs, noisy: PassOutputs, noise: str) -> dict
 def _bootstrap_intervals(
     model: OnnxModel,
     clean: PassOutputs,
-    masks: np.ndarray,
     labels: np.ndarray,
     gt_vcdr: np.ndarray | None,
     pred_vcdr: np.ndarray | None,
@@ -424,9 +504,9 @@ def _bootstrap_intervals(
             combined = accepted & ~flagged
             statistics["refer/combined_coverage"] = metrics.resampled_ratio(combined, every_image)
             statistics["refer/combined_risk"] = metrics.resampled_ratio(combined & ~correct, combined)
-    if clean.pred_masks is not None:
-        for name, dice in metrics.dice_per_image(clean.pred_masks, masks, model.mask_classes).items():
-            statistics[f"seg/dice_{name}"] = metrics.resampled_ratio(dice, every_image)
+    if clean.seg is not None:
+        for name in metrics.structures(model.mask_classes):
+            statistics[f"seg/dice_{name}"] = metrics.resampled_ratio(clean.seg[f"dice_{name}"], every_image)
     if clean.pixels is not None:
         for prefix, key in (("", "uncertainty"), ("raw/", "uncertainty_raw")):
             for suffix, sample in (("", clean.pixels), ("_band", clean.band)):
@@ -465,8 +545,6 @@ def write_plots(
     plots_dir: Path,
     model: OnnxModel,
     clean: PassOutputs,
-    images: np.ndarray,
-    masks: np.ndarray,
     labels: np.ndarray,
     cfg: EvaluateParams,
     panels: Sequence[int],
@@ -479,7 +557,7 @@ def write_plots(
     ``roc`` (positive class vs rest), ``reliability`` (calibrated and raw), ``risk_coverage`` (one
     CSV per score of :func:`selective_scores`) and ``referral`` need the class outputs;
     ``vcdr.png`` the fundus masks; ``robustness_<kind>.csv`` always; ``panels/case_<position>.png``
-    per panel.
+    per panel (the images the clean pass kept in ``clean.panels``).
     """
     plots_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -537,13 +615,13 @@ def write_plots(
                                            {"gaussian": "Gaussian noise sigma", "salt_pepper": "salt-and-pepper amount"}))
     map_titles = {"uncertainty": "error map of the mask (calibrated entropy)", "uncertainty_raw": "paper's U (mutual branch)"}
     for position in panels:
-        maps = clean.panel_maps.get(position, {})
+        panel = clean.panels[position]
         written.append(plots.panel_figure(
             plots_dir / "panels" / f"case_{position:03d}.png",
-            images[position],
-            masks[position],
-            clean.pred_masks[position] if clean.pred_masks is not None else None,
-            {map_titles[name]: values for name, values in maps.items()},
+            panel.image,
+            panel.mask,
+            panel.pred_mask,
+            {map_titles[name]: values for name, values in panel.maps.items()},
             model.mask_classes,
             _panel_title(model, clean, labels, position),
         ))
@@ -575,10 +653,10 @@ def write_metrics(path: str | Path, values: dict[str, float]) -> dict[str, float
 
 def evaluate(params: Params) -> dict[str, float | None]:
     """The ``evaluate`` stage: metrics.json and plots for the exported model on the test split."""
-    from uml.data.store import load_split, open_prepared
+    from uml.data.store import SplitReader, open_prepared
 
     paths = Paths(params)
-    model = OnnxModel(paths.model_onnx, paths.metadata)
+    model = OnnxModel(paths.model_onnx, paths.metadata, provider=params.evaluate.provider, setting="evaluate.provider")
     if not paths.dataset.exists():
         raise DataError(f"{paths.dataset}: prepared data set not found (run the prepare stage)")
     prepared = open_prepared(paths.dataset)
@@ -596,8 +674,13 @@ def evaluate(params: Params) -> dict[str, float | None]:
         raise ModelFileError(
             f"{paths.metadata}: mask classes {model.mask_classes} differ from the data set's {list(prepared.mask_classes)}"
         )
-    images, masks, labels, indices = load_split(prepared, "test")  # verified once, above
-    log.info("evaluating %s on %d test images (%s)", paths.model_onnx, len(images), ", ".join(model.outputs))
+    if prepared.image_size != model.image_size:
+        raise DataError(
+            f"the model expects {model.image_size}x{model.image_size} RGB images, the test split of {paths.dataset} has "
+            f"{prepared.image_size}x{prepared.image_size}: re-run prepare and export with the same data.image_size"
+        )
+    split = SplitReader(prepared, "test")  # verified once, above; read a batch at a time
+    log.info("evaluating %s on %d test images (%s)", paths.model_onnx, len(split), ", ".join(model.outputs))
 
     # The outputs are built under staging names and replace the old ones only once all are
     # complete: a failure keeps the previous metrics.json, model card and plots/ together. The new
@@ -610,7 +693,7 @@ def evaluate(params: Params) -> dict[str, float | None]:
     for stale in (staging_plots, old_plots):  # left by a run that was killed
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        values = evaluate_arrays(model, images, masks, labels, params.evaluate, plots_dir=staging_plots, ids=indices)
+        values = evaluate_split(model, split, params.evaluate, plots_dir=staging_plots)
         ready = write_metrics(staging_metrics, values)
         write_text_replacing(staging_card, model_card(ready, model.metadata, prepared.attrs))
     except BaseException:

@@ -12,6 +12,11 @@ file. ``metadata.json`` also carries what the ``calibrate`` stage fitted (:class
 temperatures, the referral rule, the unusual-image rule, the vCDR interval), which
 :meth:`OnnxModel.unusual_features` and the readers apply.
 
+Where the session runs (:func:`choose_providers`): onnxruntime's CUDA execution provider when the
+installed onnxruntime has it (the ``onnxruntime-gpu`` package) and a GPU is visible
+(:func:`gpu_visible`), else the CPU, with a log line that says why. ``provider="cuda"`` or
+``"cpu"`` forces one; ``"cuda"`` where it cannot run is a :class:`~uml.errors.ConfigError`.
+
 ``format`` versions the file layout (:data:`METADATA_FORMAT`); a reader refuses another version.
 The ONNX file must be the one its metadata describes: ``onnx_sha256`` is checked against the file,
 so a model and metadata of different exports are refused instead of run with the wrong class
@@ -22,15 +27,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from uml.calibration import Calibration
-from uml.errors import ModelFileError
+from uml.config import InferenceProvider
+from uml.errors import ConfigError, ModelFileError
 from uml.image_io import PIXEL_MAX, ResizeMethod
 from uml.quality import unusual_features
 
@@ -41,6 +49,12 @@ SEG_OUTPUTS = ("seg_prob", "seg_uncertainty", "seg_uncertainty_raw")
 # The order in which the export traces the outputs (a single-task model has a subset).
 OUTPUT_ORDER = CLASS_OUTPUTS + SEG_OUTPUTS
 METADATA_SHA256_KEY = "onnx_sha256"
+
+log = logging.getLogger(__name__)
+
+PROVIDERS: tuple[str, ...] = get_args(InferenceProvider)
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
 
 
 class _Part(BaseModel):
@@ -170,6 +184,60 @@ def check_model_hash(model_path: Path, metadata: ExportMetadata, metadata_path: 
                              "export?); re-run the export stage")
 
 
+def gpu_visible(dev: Path = Path("/dev")) -> bool:
+    """Whether this process can see an NVIDIA GPU: the driver's device files (``nvidia0``, ...
+    under ``dev``) exist and ``CUDA_VISIBLE_DEVICES``, when set, does not hide every device (an empty value,
+    or ``-1`` first, as Ray sets it for a task without GPUs). It imports no CUDA library, so it
+    is cheap enough for the CLI."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        first = visible.split(",")[0].strip()
+        if first in ("", "-1", "NoDevFiles"):
+            return False
+    return any(dev.glob("nvidia[0-9]*"))
+
+
+@dataclass(frozen=True)
+class ProviderChoice:
+    """The execution providers to open a session with, and the sentence the log gives for them."""
+
+    providers: tuple[str, ...]  # in onnxruntime's order of precedence
+    device: Literal["cuda", "cpu"]
+    reason: str
+    # A warning when a visible GPU goes unused (onnxruntime without CUDA on a GPU machine).
+    level: int = logging.INFO
+
+
+def choose_providers(provider: str = "auto", setting: str = "provider") -> ProviderChoice:
+    """The execution providers for ``provider`` (one of :data:`PROVIDERS`).
+
+    ``auto``: CUDA (with the CPU for any operator CUDA lacks) when onnxruntime has the CUDA
+    provider and :func:`gpu_visible`, else the CPU. ``cuda`` where either is missing is a
+    :class:`ConfigError` that names ``setting`` (the params key or flag that asked for it).
+    """
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise ConfigError(f"{setting}: expected one of {list(PROVIDERS)}, got {provider!r}")
+    if provider == "cpu":
+        return ProviderChoice((CPU_PROVIDER,), "cpu", f"the CPU ({setting}: cpu)")
+    available = list(ort.get_available_providers())
+    installed, visible = CUDA_PROVIDER in available, gpu_visible()
+    if installed and visible:
+        return ProviderChoice((CUDA_PROVIDER, CPU_PROVIDER), "cuda", f"the GPU ({CUDA_PROVIDER}, {setting}: {provider})")
+    if not installed:
+        why = (f"onnxruntime {ort.__version__} has no {CUDA_PROVIDER} (its providers: {available}; the "
+               "onnxruntime-gpu package has it)")
+        if visible:
+            why = f"a GPU is visible, but {why}"
+    else:
+        why = (f"no GPU is visible (no /dev/nvidia* device, or CUDA_VISIBLE_DEVICES="
+               f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')!r} hides them)")
+    if provider == "cuda":
+        raise ConfigError(f"{setting}: 'cuda', but {why}; use 'auto' or 'cpu' to run on the CPU")
+    return ProviderChoice((CPU_PROVIDER,), "cpu", f"the CPU: {why}", logging.WARNING if visible else logging.INFO)
+
+
 def _default_threads() -> int:
     # The machine is shared; two intra-op threads is what one stage may take.
     return max(1, min(2, os.cpu_count() or 1))
@@ -181,10 +249,19 @@ class OnnxModel:
     Attributes: ``path``, ``metadata_path``, ``metadata`` (the :class:`ExportMetadata`),
     ``outputs`` (the present output names, in session order), ``image_size``, ``resize``,
     ``scale``, ``bgr``, ``class_names``, ``mask_classes``, ``positive_class``, ``has_cls``,
-    ``has_seg``, ``calibration`` (what the calibrate stage fitted, from the metadata).
+    ``has_seg``, ``calibration`` (what the calibrate stage fitted, from the metadata),
+    ``device`` (``"cuda"`` or ``"cpu"``: where the session runs), ``providers`` (the session's
+    execution providers, as onnxruntime reports them) and ``placement`` (where it runs and why,
+    the sentence the log gives).
+
+    ``provider`` chooses where it runs (:func:`choose_providers`; ``setting`` is the params key
+    or flag that set it, for the messages). A CUDA session that onnxruntime cannot create (a
+    driver or CUDA library problem) falls back to the CPU with a warning under ``auto`` and is a
+    :class:`ConfigError` under ``cuda``.
     """
 
-    def __init__(self, path: str | Path, metadata_path: str | Path | None = None, threads: int | None = None):
+    def __init__(self, path: str | Path, metadata_path: str | Path | None = None, threads: int | None = None,
+                 provider: str = "auto", setting: str = "provider"):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -193,16 +270,53 @@ class OnnxModel:
             raise ModelFileError(f"{self.path}: model file not found (run the export stage, or pass --model)")
         self.metadata = read_metadata(self.metadata_path)
 
+        choice = choose_providers(provider, setting)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or _default_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: onnxruntime's warnings are not actionable here
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types for every load failure
-            raise ModelFileError(f"{self.path}: not a loadable ONNX model: {exc}") from None
+        self.session = self._open_session(options, choice, provider, setting)
+        self.providers = tuple(self.session.get_providers())
+        self.device: Literal["cuda", "cpu"] = "cuda" if CUDA_PROVIDER in self.providers else "cpu"
         self._check_contract()
         check_model_hash(self.path, self.metadata, self.metadata_path)
+
+    def _open_session(self, options: Any, choice: ProviderChoice, provider: str, setting: str) -> Any:
+        """The session on ``choice``'s providers. onnxruntime's own fallback (which prints to stdout
+        and would also move a failing run to the CPU unnoticed) is off: a CUDA session it cannot
+        create is handled here, and the log says where the session runs."""
+        import onnxruntime as ort
+
+        def create(providers: tuple[str, ...]) -> Any:
+            try:
+                return ort.InferenceSession(str(self.path), sess_options=options, providers=list(providers),
+                                            enable_fallback=0)
+            except Exception as exc:  # onnxruntime raises its own exception types for every load failure
+                if providers == (CPU_PROVIDER,):
+                    raise ModelFileError(f"{self.path}: not a loadable ONNX model: {exc}") from None
+                raise
+
+        if choice.device == "cpu":
+            session = create(choice.providers)
+            self.placement = choice.reason
+            log.log(choice.level, "onnxruntime runs %s on %s", self.path.name, self.placement)
+            return session
+        try:
+            session = create(choice.providers)
+            failure = None if CUDA_PROVIDER in session.get_providers() else (
+                f"onnxruntime left {CUDA_PROVIDER} out of the session (its providers: {session.get_providers()})")
+        except Exception as exc:
+            session, failure = None, f"onnxruntime could not create a CUDA session: {exc}"
+        if failure is None:
+            self.placement = choice.reason
+            log.info("onnxruntime runs %s on %s", self.path.name, self.placement)
+            return session
+        cpu_session = session if session is not None else create((CPU_PROVIDER,))  # a broken file stops here
+        if provider == "cuda":
+            raise ConfigError(f"{setting}: 'cuda', but {failure}; use 'auto' or 'cpu' to run on the CPU")
+        self.placement = f"the CPU: {failure}"
+        log.warning("onnxruntime runs %s on %s", self.path.name, self.placement)
+        return cpu_session
 
     # ------------------------------------------------------------------ contract checks
     def _check_contract(self) -> None:

@@ -196,3 +196,56 @@ def test_prepare_says_when_dvc_does_not_version_the_raw_data(tmp_path: Path, mon
         prepare(params_for(tmp_path, source="folder", path="data/raw/new", positive_class="b",
                            split={"val": 0.2, "test": 0.2, "calib": 0.2}))
     assert "data.path data/raw/new is not versioned by DVC" in caplog.text and "`dvc add data/raw/new`" in caplog.text
+
+
+# ------------------------------------------------------------------------ parallel decoding
+def _store_identity(out: Path) -> tuple:
+    data = open_prepared(out)
+    return data.content_hash, data.attrs["checksums"], data.ids, data.attrs["fingerprint"]
+
+
+@pytest.mark.parametrize("source", ["synthetic", "folder"])
+def test_the_store_is_the_same_whatever_the_number_of_decoding_processes(tmp_path: Path, source: str, monkeypatch) -> None:
+    prepare_module = sys.modules["uml.data.prepare"]  # the package's name "prepare" is the function
+    if source == "folder":
+        labels = {f"img{i:02d}": ("sick" if i % 3 == 0 else "well") for i in range(21)}
+        make_folder(tmp_path / "raw", labels, size=(40, 48))
+        data = {"source": "folder", "path": str(tmp_path / "raw"), "positive_class": "sick"}
+    else:
+        data = {"synthetic": {"num_images": 21, "render_size": 64}}
+    # Chunks of 4 records over 2 workers: 6 chunks, several in flight, the last one short.
+    monkeypatch.setattr(prepare_module, "CHUNK_RECORDS", 4)
+    built = []
+    real = prepare_module.ParallelRecords.__iter__
+
+    def recording_iter(self):
+        built.append(self.workers)
+        return real(self)
+
+    monkeypatch.setattr(prepare_module.ParallelRecords, "__iter__", recording_iter)
+    one = prepare(params_for(tmp_path / "one", prepare_workers=1, **data))
+    two = prepare(params_for(tmp_path / "two", prepare_workers=2, **data))
+    assert built == [2]  # one process decoded the first store, two workers the second
+    assert _store_identity(one) == _store_identity(two)  # content hash and every file's sha256
+    assert compute_content_hash(two) == open_prepared(two).content_hash
+
+
+def test_an_error_in_a_decoding_process_names_the_file_and_leaves_no_store(tmp_path: Path) -> None:
+    labels = {f"img{i:02d}": "a" if i % 2 else "b" for i in range(12)}
+    make_folder(tmp_path / "raw", labels, size=(32, 32))
+    (tmp_path / "raw" / "images" / "img07.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"img07\.png"):
+        prepare(params_for(tmp_path, source="folder", path=str(tmp_path / "raw"), positive_class="a", prepare_workers=2))
+    assert not store_path(tmp_path).exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(("cpus", "images", "setting", "expected"), [
+    (2, 1400, None, 2), (16, 1400, None, 8), (16, 200, None, 3), (2, 60, None, 1), (1, 5000, None, 1),
+    (2, 60, 3, 3),  # an explicit count is taken as it is
+])
+def test_the_default_number_of_decoding_processes(monkeypatch, cpus, images, setting, expected) -> None:
+    from uml.config import DataParams
+
+    prepare_module = sys.modules["uml.data.prepare"]
+    monkeypatch.setattr(prepare_module, "available_cpus", lambda: cpus)
+    assert prepare_module.prepare_processes(DataParams(prepare_workers=setting), images) == expected

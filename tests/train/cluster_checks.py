@@ -8,6 +8,7 @@ one JSON line and exits.
     python tests/train/cluster_checks.py ADDRESS stages PARAMS...   # train and tune drivers' preflight
     python tests/train/cluster_checks.py ADDRESS workers            # nodes of the Ray Train workers so far
     python tests/train/cluster_checks.py - beside PARAMS            # a local instance while the cluster runs
+    python tests/train/cluster_checks.py ADDRESS settings PARAMS    # what each training worker sees
 """
 
 from __future__ import annotations
@@ -74,9 +75,48 @@ def beside(params_file: str) -> dict:
     return results
 
 
+def record_settings(config: dict) -> None:
+    """A training loop that only sets up the worker as the real one does
+    (:func:`uml.train.worker.configure_worker`, inside Ray Train's process group) and writes what
+    it sees beside the data: its NCCL_* environment, cudnn.benchmark, the process group's
+    timeout. Defined in ``__main__``, so Ray ships it to the nodes by value."""
+    import torch
+    import torch.distributed as dist
+
+    from uml.config import parse_params
+    from uml.train.worker import configure_worker
+
+    params = parse_params(config["params"], source="train config")
+    rank, world, device = configure_worker(params)
+    group = dist.group.WORLD._get_backend(torch.device("cpu"))
+    seen = {"node": ray.util.get_node_ip_address(), "device": device.type, "world": world,
+            "nccl": {key: value for key, value in os.environ.items() if key.startswith("NCCL_")},
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "timeout_s": group.options._timeout.total_seconds()}
+    with open(os.path.join(params.data.root, f"settings-rank{rank}.json"), "w") as out:
+        json.dump(seen, out)
+
+
+def worker_settings(address: str, params_file: str) -> dict:
+    """One Ray Train run of :func:`record_settings` on the cluster, joined as the stages join it
+    (:func:`uml.train.cluster.ray_session`); returns what each rank saw."""
+    from types import SimpleNamespace
+
+    from uml.train.cluster import ray_session
+    from uml.train.trainer import run_trainer
+
+    params = load_params(params_file).with_overrides({"ray.address": address})
+    with ray_session(params):
+        run_trainer(params, name="settings", model_cfg=SimpleNamespace(to_dict=dict), epochs=1, train_loop=record_settings)
+    return {f"rank{rank}": json.loads(open(os.path.join(params.data.root, f"settings-rank{rank}.json")).read())
+            for rank in range(params.ray.num_workers)}
+
+
 def main(address: str, mode: str, files: list[str]) -> dict:
     if mode == "beside":
         return beside(files[0])
+    if mode == "settings":
+        return worker_settings(address, files[0])
     ray.init(address=address, log_to_driver=False)
     deadline = time.time() + 60
     while sum(node["Alive"] for node in ray.nodes()) < 2 and time.time() < deadline:

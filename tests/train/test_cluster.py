@@ -68,10 +68,11 @@ class Cluster:
     def __init__(self, base: Path, gcs: str, dashboard: str, env: dict[str, str]):
         self.base, self.gcs, self.dashboard, self.env = base, gcs, dashboard, env
 
-    def checks(self, mode: str, *params: Path) -> dict:
-        """cluster_checks.py as a driver of its own (authenticated by the head's token file)."""
+    def checks(self, mode: str, *params: Path, env: dict[str, str] | None = None) -> dict:
+        """cluster_checks.py as a driver of its own (authenticated by the head's token file);
+        ``env``: variables of the driver's own, which the nodes were not started with."""
         out = _run([sys.executable, str(CHECKS), self.gcs, mode, *map(str, params)],
-                   env={**self.env, "PYTHONPATH": str(REPO)}, timeout=300)
+                   env={**self.env, "PYTHONPATH": str(REPO), **(env or {})}, timeout=300)
         assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -216,3 +217,18 @@ def test_a_local_run_beside_another_ray_instance_finds_its_own(cluster, shared_d
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert results == {"driver": ["127.0.0.1"], "worker": ["127.0.0.1"]}, results
+
+
+def test_the_workers_get_the_drivers_nccl_settings_the_collective_timeout_and_no_cudnn_change_on_cpus(cluster, shared_data):
+    """Issue 25: what a training worker on each node of a joined cluster sees. The NCCL_*
+    variables exist only in the driver's environment (the nodes were started without them), so
+    they reach the workers through the session's runtime environment or not at all."""
+    assert not any(key.startswith("NCCL_UML") for key in cluster.env)
+    params = _variant(shared_data, "settings", ray={"collective_timeout_s": 321}, train={"cudnn_benchmark": True})
+    seen = cluster.checks("settings", params, env={"NCCL_UML_TEST": "from the driver", "NCCL_DEBUG": "WARN"})
+    assert sorted(s["node"] for s in seen.values()) == [HEAD_IP, WORKER_IP]  # one worker per node
+    for rank, worker in seen.items():
+        assert worker["nccl"].get("NCCL_UML_TEST") == "from the driver" and worker["nccl"].get("NCCL_DEBUG") == "WARN", rank
+        assert worker["timeout_s"] == 321.0, rank  # Ray's default would be 1800
+        # On a CPU, train.cudnn_benchmark leaves torch's flag alone (off): CPU training is unchanged.
+        assert (worker["device"], worker["cudnn_benchmark"], worker["world"]) == ("cpu", False, 2), rank

@@ -170,7 +170,7 @@ def test_run_name_is_deterministic_and_tracks_params_data_and_code():
     assert name != run_name(params.with_overrides({"data.augment.hflip": 0.1}), "abc", code)
     # What does not change the result does not rename the run (an interrupted run still resumes).
     for same in ({"train.loader_workers": 4}, {"train.use_tuned": False}, {"train.checkpoint_upload": "async"},
-                 {"ray.max_failures": 5},
+                 {"train.cudnn_benchmark": False}, {"ray.max_failures": 5}, {"ray.collective_timeout_s": 60},
                  {"ray.resources_per_worker": {"CPU": 2}}, {"data.root": "/elsewhere"}, {"tune.num_samples": 9}):
         assert name == run_name(params.with_overrides(same), "abc", code), same
 
@@ -179,9 +179,10 @@ def test_every_train_key_is_in_the_run_identity_or_excluded_on_purpose():
     from uml.config import TrainParams
     from uml.train.trainer import TRAIN_KEYS_NOT_IN_IDENTITY, train_identity_keys
 
-    assert set(TRAIN_KEYS_NOT_IN_IDENTITY) == {"loader_workers", "checkpoint_upload", "use_tuned"}
+    excluded = {"loader_workers", "checkpoint_upload", "use_tuned", "cudnn_benchmark"}
+    assert set(TRAIN_KEYS_NOT_IN_IDENTITY) == excluded
     hashed = {k.split(".", 1)[1] for k in train_identity_keys() if k.startswith("train.")}
-    assert hashed == set(TrainParams.model_fields) - {"loader_workers", "checkpoint_upload", "use_tuned"}
+    assert hashed == set(TrainParams.model_fields) - excluded
     assert "checkpoint_every" in hashed  # the best model is chosen among the checkpointed epochs
 
 
@@ -212,6 +213,88 @@ def test_workers_get_params_that_validate_strictly_again(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="captured"):
         trainer.run_trainer(params, name="x", model_cfg=SimpleNamespace(to_dict=dict), epochs=1)
     assert parse_params(shipped["params"], source="train config").model_dump() == params.model_dump()
+
+
+def test_the_trainer_gets_the_collective_timeout(tmp_path, monkeypatch):
+    """ray.collective_timeout_s becomes the TorchConfig timeout of the process group (what the
+    workers then see: tests/train/test_cluster.py)."""
+    from types import SimpleNamespace
+
+    from uml.train import trainer
+    from uml.train.rendezvous import BoundTorchConfig
+
+    shipped = {}
+
+    class CapturingTrainer:
+        def __init__(self, loop, *, torch_config, **kwargs):
+            shipped["torch_config"] = torch_config
+
+        def fit(self):
+            raise RuntimeError("captured")
+
+    monkeypatch.setattr(trainer, "TorchTrainer", CapturingTrainer)
+    for seconds in (1800, 75):
+        params = parse_params({"data": {"root": str(tmp_path)}, "ray": {"collective_timeout_s": seconds}})
+        with pytest.raises(RuntimeError, match="captured"):
+            trainer.run_trainer(params, name="x", model_cfg=SimpleNamespace(to_dict=dict), epochs=1)
+        config = shipped["torch_config"]
+        assert isinstance(config, BoundTorchConfig) and (config.backend, config.timeout_s) == ("gloo", seconds)
+    with pytest.raises(ConfigError, match=r"ray\.collective_timeout_s"):
+        parse_params({"ray": {"collective_timeout_s": 0}})
+
+
+@pytest.mark.parametrize(("device", "setting", "expected"), [
+    ("cuda", True, True), ("cuda", False, False),
+    # A CPU worker leaves the flag as it was (torch's default, off): CPU training is unchanged.
+    ("cpu", True, False),
+])
+def test_a_training_worker_benchmarks_cudnn_on_gpus_only(monkeypatch, device, setting, expected):
+    from types import SimpleNamespace
+
+    import ray.train
+    import ray.train.torch
+
+    from uml.train.worker import configure_worker
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1))
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device(device, 0) if device == "cuda" else torch.device(device))
+    rank, world, got = configure_worker(parse_params({"train": {"cudnn_benchmark": setting}}))
+    assert (rank, world, got.type) == (0, 1, device)
+    assert torch.backends.cudnn.benchmark is expected
+
+
+@pytest.mark.parametrize("address", [None, "127.0.0.1:6379"])
+def test_the_drivers_nccl_settings_go_to_the_workers_runtime_env(monkeypatch, address):
+    """What ray_session hands ray.init: the workers of a joined cluster get the driver's NCCL_*
+    variables only this way (tests/train/test_cluster.py runs it on a real two-node cluster)."""
+    import ray
+
+    from uml.train import cluster
+
+    class Captured(Exception):
+        pass
+
+    seen = {}
+
+    def fake_init(**kwargs):
+        seen.update(kwargs)
+        raise Captured
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    monkeypatch.setenv("NCCL_IB_HCA", "mlx5_0")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth7")
+    monkeypatch.setenv("NOT_NCCL_X", "1")
+    with pytest.raises(Captured), cluster.ray_session(parse_params({"ray": {"address": address}})):
+        pass
+    env = seen["runtime_env"]["env_vars"]
+    assert env["NCCL_DEBUG"] == "INFO" and env["NCCL_IB_HCA"] == "mlx5_0" and "NOT_NCCL_X" not in env
+    # A local instance binds the collective sockets to ray.host's interface whatever the driver
+    # says; on a joined cluster the driver's choice goes through.
+    assert env["NCCL_SOCKET_IFNAME"] == ("eth7" if address else cluster.collective_socket_env("127.0.0.1")["NCCL_SOCKET_IFNAME"])
 
 
 # ------------------------------------------------------------------- ray.storage_path trust

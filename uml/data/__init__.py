@@ -14,6 +14,7 @@ from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, FUNDUS_POS
 from uml.data.store import (
     SPLIT_NAMES,
     PreparedData,
+    SplitReader,
     compute_content_hash,
     load_split,
     open_prepared,
@@ -38,6 +39,7 @@ __all__ = [
     "RecordSource",
     "RefugeSource",
     "SegClsDataset",
+    "SplitReader",
     "SyntheticSample",
     "SyntheticSource",
     "build_augmentation",

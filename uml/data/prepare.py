@@ -1,21 +1,134 @@
-"""The ``prepare`` stage as a library function: raw data (or the generator) -> ``dataset.zarr``."""
+"""The ``prepare`` stage as a library function: raw data (or the generator) -> ``dataset.zarr``.
+
+Decoding and resizing (or generating) the images is what takes the time; with
+``data.prepare_workers`` above one (:func:`prepare_processes`) it runs in that many worker
+processes (:class:`ParallelRecords`), each record built by the source's ``record(i)`` as one
+process would build it, while this process checks the records and writes the store in their
+order. The store, its files and its content hash are therefore the same for any number of
+processes.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from uml.config import DataParams, Params, Paths
 from uml.data.importers import folder_source, refuge_source
-from uml.data.records import FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, FUNDUS_POSITIVE_CLASS, GivenSplit, RecordSource
+from uml.data.records import (FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, FUNDUS_POSITIVE_CLASS, GivenSplit, Record,
+                              RecordSource)
 from uml.data.store import SPLIT_NAMES, given_split_sizes, write_dataset
 from uml.data.synthetic import SyntheticSource
 from uml.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# data.prepare_workers: null takes one process per CPU, at most this many ...
+MAX_AUTO_WORKERS = 8
+# ... and at most one per this many images.
+IMAGES_PER_WORKER = 64
+# Records per task handed to a worker process, and tasks in flight per worker: enough to keep
+# the workers busy, few enough that memory does not grow with the data set.
+CHUNK_RECORDS = 8
+CHUNKS_AHEAD = 4
+
+
+@runtime_checkable
+class IndexedSource(Protocol):
+    """A record source that builds any record by its index (every source of this package does)."""
+
+    def __len__(self) -> int: ...
+
+    def record(self, index: int) -> Record: ...
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def prepare_processes(data: DataParams, num_images: int) -> int:
+    """How many processes decode the images: ``data.prepare_workers``, or for null one per
+    available CPU, at most :data:`MAX_AUTO_WORKERS` and one per :data:`IMAGES_PER_WORKER` images."""
+    if data.prepare_workers is not None:
+        return data.prepare_workers
+    return max(1, min(available_cpus(), MAX_AUTO_WORKERS, num_images // IMAGES_PER_WORKER))
+
+
+_worker_source: IndexedSource | None = None
+
+
+def _set_worker_source(source: IndexedSource) -> None:
+    global _worker_source
+    _worker_source = source
+
+
+def _records(indices: range) -> list[Record]:
+    assert _worker_source is not None, "the pool's initializer sets the source"
+    return [_worker_source.record(i) for i in indices]
+
+
+def _fresh_process_context() -> multiprocessing.context.BaseContext:
+    """Worker processes that do not inherit this one's threads (zarr's event loop, tqdm's
+    monitor): forked from a server process that has imported this module once (``forkserver``,
+    so a second pool starts without importing it again), or spawned where there is none."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+class ParallelRecords:
+    """The records of ``source`` in index order, built by ``workers`` processes.
+
+    Records are built in chunks of :data:`CHUNK_RECORDS` and handed back in order; at most
+    :data:`CHUNKS_AHEAD` chunks per worker are in flight, so a slow consumer (the store writer)
+    holds back the workers instead of letting decoded images pile up. The processes are not
+    forked from this process and its threads (:func:`_fresh_process_context`). An error raised
+    while building a record (an unreadable file) is raised here, in order, with its message."""
+
+    def __init__(self, source: IndexedSource, workers: int):
+        self.source = source
+        self.workers = workers
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __iter__(self) -> Iterator[Record]:
+        n = len(self.source)
+        chunks = (range(start, min(start + CHUNK_RECORDS, n)) for start in range(0, n, CHUNK_RECORDS))
+        pool = ProcessPoolExecutor(self.workers, mp_context=_fresh_process_context(),
+                                   initializer=_set_worker_source, initargs=(self.source,))
+        pending: deque[Future[list[Record]]] = deque()
+        try:
+            for chunk in itertools.islice(chunks, self.workers * CHUNKS_AHEAD):
+                pending.append(pool.submit(_records, chunk))
+            while pending:
+                records = pending.popleft().result()
+                following = next(chunks, None)
+                if following is not None:
+                    pending.append(pool.submit(_records, following))
+                yield from records
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def decoded_records(source: RecordSource, workers: int) -> RecordSource | ParallelRecords:
+    """``source`` as it is for one process (or a source that cannot build a record by index),
+    else :class:`ParallelRecords` over ``workers`` processes."""
+    if workers <= 1 or not isinstance(source, IndexedSource):
+        return source
+    return ParallelRecords(source, workers)
 
 
 def open_source(data: DataParams) -> RecordSource:
@@ -104,8 +217,11 @@ def prepare(params: Params) -> Path:
         if note:
             log.warning("%s", note)
     given = choose_split(source, data)
+    records = decoded_records(source, prepare_processes(data, len(source)))
+    log.info("decoding %d images in %s", len(source),
+             f"{records.workers} worker processes" if isinstance(records, ParallelRecords) else "this process")
     attrs = write_dataset(
-        source,
+        records,
         out,
         class_names=source.class_names,
         mask_classes=source.mask_classes,

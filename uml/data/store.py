@@ -622,6 +622,31 @@ def load_split(path: str | os.PathLike[str] | PreparedData, name: str,
     return images, masks, labels, idx
 
 
+class SplitReader:
+    """A split of a prepared store read a batch at a time: ``labels`` and ``ids`` (the images'
+    indices in the store) in memory, images and masks only as :meth:`read` asks for them, so a
+    reader's memory does not grow with the split's images."""
+
+    def __init__(self, data: PreparedData, name: str):
+        self.data = data
+        self.name = name
+        self.ids = data.split(name)
+        self.labels = np.asarray(data.labels[:], dtype=np.int64)[self.ids]
+        self.image_size = data.image_size
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images (b, S, S, 3) and masks (b, S, S) of the split's positions ``start:stop``."""
+        idx = self.ids[start:stop]
+        if idx.shape[0] == 0:
+            s = self.image_size
+            return np.empty((0, s, s, 3), np.uint8), np.empty((0, s, s), np.uint8)
+        return (np.asarray(self.data.images.get_orthogonal_selection((idx,))),
+                np.asarray(self.data.masks.get_orthogonal_selection((idx,))))
+
+
 def compute_content_hash(path: str | os.PathLike[str] | PreparedData, block: int = 256) -> str:
     """Recompute ``content_hash`` from the arrays of a store (integrity check; equals the attr)."""
     data = path if isinstance(path, PreparedData) else open_prepared(path)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -29,13 +30,21 @@ def ray_session(params: Params) -> Iterator[None]:
 
     A local instance binds to ``ray.host`` (loopback by default) with its dashboard off unless
     ``ray.include_dashboard``, and is shut down on exit. A joined cluster is left running.
+    The driver's ``NCCL_*`` environment variables (:func:`nccl_env`) reach every Ray worker of
+    the session through its runtime environment (the nodes of a cluster were started with
+    environments of their own); on a local instance, ``ray.host`` still decides
+    ``NCCL_SOCKET_IFNAME`` (:func:`collective_socket_env`).
     """
     if ray.is_initialized():
         yield
         return
     address = cluster_address(params)
-    runtime_env = {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}
+    runtime_env: dict[str, Any] = {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}
+    passed = nccl_env()
+    if passed:
+        log.info("passing %s to the Ray workers", ", ".join(sorted(passed)))
     if address:
+        runtime_env["env_vars"].update(passed)
         log.info("joining Ray cluster at %s", address)
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
@@ -44,7 +53,8 @@ def ray_session(params: Params) -> Iterator[None]:
     else:
         host = params.ray.host
         log.info("starting a local Ray instance on %s (%d CPUs)", host, os.cpu_count() or 1)
-        runtime_env["env_vars"].update(collective_socket_env(host))
+        # ray.host decides the interface of a local run's sockets, over an NCCL_SOCKET_IFNAME of the driver.
+        runtime_env["env_vars"].update({**passed, **collective_socket_env(host)})
         runtime_env["worker_process_setup_hook"] = f"{__name__}.{pin_ray_address.__name__}"
         with _single_node_mode(loopback=is_loopback_host(host)):
             # address="local" never attaches to some other cluster that happens to run here.
@@ -75,6 +85,14 @@ def ray_session(params: Params) -> Iterator[None]:
 
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def nccl_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ``NCCL_*`` variables of ``environ`` (default: this process's environment), which
+    :func:`ray_session` passes on to the workers: NCCL reads its settings (``NCCL_DEBUG``,
+    ``NCCL_SOCKET_IFNAME``, ``NCCL_IB_HCA``, ...) from the environment of each training process."""
+    environ = os.environ if environ is None else environ
+    return {key: value for key, value in environ.items() if key.startswith("NCCL_")}
 
 
 def pin_ray_address() -> None:

@@ -42,16 +42,19 @@ from uml.train.worker import SCORE_KEY, train_loop_per_worker
 log = logging.getLogger(__name__)
 
 # TrainParams fields that do not change what is trained: loader processes, how checkpoints are
-# uploaded, and whether tuned values are used (a run is named by the values it trains with
-# instead). Every other train key, including any added later, is part of a run's identity
+# uploaded, whether tuned values are used (a run is named by the values it trains with
+# instead), and cudnn_benchmark (which of cuDNN's kernels compute the same convolutions on a
+# GPU: the results differ by float rounding only, and a run interrupted on one setting resumes
+# on the other). Every other train key, including any added later, is part of a run's identity
 # (train.checkpoint_every is: the best model is chosen among the checkpointed epochs).
-TRAIN_KEYS_NOT_IN_IDENTITY = ("loader_workers", "checkpoint_upload", "use_tuned")
+TRAIN_KEYS_NOT_IN_IDENTITY = ("loader_workers", "checkpoint_upload", "use_tuned", "cudnn_benchmark")
 
 
 def train_identity_keys() -> list[str]:
     """The params that determine a training run's result: they name the run, and they (plus
     ``train.use_tuned``, which acts through the values it selects) are the train stage's DVC
-    param deps. Ray addresses, storage, failure budget and per-worker resources are not."""
+    param deps. Ray addresses, storage, failure budget, collective timeout and per-worker
+    resources are not."""
     return ["data.augment", "model", "loss",
             *(f"train.{key}" for key in TrainParams.model_fields if key not in TRAIN_KEYS_NOT_IN_IDENTITY),
             "ray.num_workers", "ray.use_gpu"]
@@ -96,7 +99,8 @@ def run_trainer(params: Params, *, name: str, model_cfg: ModelConfig, epochs: in
                            "store": str(paths.dataset), "epochs": epochs},
         # The DDP rendezvous store listens on rank 0's node address only (Ray's TorchConfig
         # leaves it on every interface).
-        torch_config=BoundTorchConfig(backend="nccl" if params.ray.use_gpu else "gloo"),
+        torch_config=BoundTorchConfig(backend="nccl" if params.ray.use_gpu else "gloo",
+                                      timeout_s=params.ray.collective_timeout_s),
         scaling_config=scaling_config(params, num_workers),
         run_config=RunConfig(
             name=name,

@@ -263,12 +263,17 @@ class WorkerData:
 
 
 def configure_worker(params: Params) -> tuple[int, int, torch.device]:
-    """This worker's rank, the world size and the device; torch uses the worker's CPUs."""
+    """This worker's rank, the world size and the device; torch uses the worker's CPUs, and on a
+    GPU cuDNN benchmarks its convolution algorithms when ``train.cudnn_benchmark`` (left alone on
+    a CPU, where it has no effect)."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = int(params.ray.resources_per_worker.get("CPU", 1))
     torch.set_num_threads(max(threads, 1))
-    return rank, world, ray.train.torch.get_device()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = params.train.cudnn_benchmark
+    return rank, world, device
 
 
 def build_state(params: Params, model_cfg: dict[str, Any], epochs: int, device: torch.device) -> TrainingState:
@@ -477,8 +482,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = build_state(params, config["model"], epochs, device)
     dtype = autocast_dtype(device, tp.precision)
     if rank == 0:
-        log.info("training in %s on %s%s", "fp32" if dtype is None else str(dtype).removeprefix("torch."), device.type,
-                 " (this CPU has no native bf16: fp32)" if dtype is None and tp.precision == "bf16" and device.type == "cpu" else "")
+        log.info("training in %s on %s%s%s", "fp32" if dtype is None else str(dtype).removeprefix("torch."), device.type,
+                 " (this CPU has no native bf16: fp32)" if dtype is None and tp.precision == "bf16" and device.type == "cpu" else "",
+                 " with cudnn.benchmark" if device.type == "cuda" and torch.backends.cudnn.benchmark else "")
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:

@@ -1,0 +1,275 @@
+"""How the prepare stage's wall time and peak memory grow with the data set, with 1 and 2
+decoding processes (``data.prepare_workers``).
+
+For each N of ``--sizes`` (synthetic images at ``--image-size``, rendered at ``--render-size``)
+and each count of ``--processes``, a fresh Python process runs the prepare stage
+(:func:`uml.data.prepare.prepare`) into a temporary folder and reports:
+
+- the wall time of ``prepare`` (listing, decoding, writing, hashing, the split; not the start-up
+  of the Python process);
+- the peak RSS of the stage's own process (``ru_maxrss``, exact), and the peak of the summed RSS
+  of its worker processes and of everything together (sampled every 50 ms with psutil, so a
+  spike shorter than that can be missed);
+- the CPU seconds of the stage's own process and of its workers;
+- the store's content hash, which must not depend on the process count (the script says so when
+  it does).
+
+Then, per N, the speed-up of each process count over one, measured and bounded from the CPU
+times (what idle cores would allow: the wall time cannot be below the stage's own CPU time, nor
+below the workers' divided by their count); and from the smallest N to the
+largest, the growth of time per image and of peak RSS, with the exponent of a least-squares fit
+of log(time) and log(RSS) against log(N) (1: linear, 0: flat).
+
+With ``--evaluate``, also the evaluate stage's wall time and peak RSS (``ru_maxrss`` of a
+process that runs it alone) on the test split of each N (prepared at ``--image-size`` in one
+process), with the toy model of ``tests/toy_onnx.py`` exported at that size (its own cost is
+negligible, so the numbers are the stage's), two ways:
+``stream``, the stage as it is (the store read a batch at a time), and ``whole``, the split
+loaded into memory first and evaluated from arrays (what the stage did before it streamed).
+
+    python benchmarks/scale.py                                        # N = 200, 400, 800 at 128 px
+    python benchmarks/scale.py --sizes 1000 4000 16000 --image-size 256
+    python benchmarks/scale.py --evaluate --processes 1               # evaluate's memory against N
+
+Read the ratios of one run, not the absolute numbers: other work on the machine slows every
+configuration, and the speed-up of 2 processes needs 2 idle cores (the stage's own process
+writes the store beside them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from _machine import command_line, cpu_name  # noqa: E402
+
+MB = 1024 * 1024
+
+
+class PeakMemory:
+    """Samples the RSS of this process and of all its descendants every ``interval`` seconds on a
+    background thread; keeps the peaks of the descendants' sum and of the total, and the last CPU
+    time seen of each descendant (``worker_cpu``: their sum)."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval = interval
+        self.workers = 0
+        self.total = 0
+        self._cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        own = self.process.memory_info().rss
+        others = 0
+        for child in self.process.children(recursive=True):
+            try:
+                others += child.memory_info().rss
+                times = child.cpu_times()
+                self._cpu[child.pid] = times.user + times.system
+            except psutil.Error:  # ended between the listing and the reading
+                continue
+        self.workers = max(self.workers, others)
+        self.total = max(self.total, own + others)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def worker_cpu(self) -> float:
+        return sum(self._cpu.values())
+
+
+def one_run(num_images: int, processes: int, image_size: int, render_size: int) -> dict:
+    """The prepare stage once, in this process; what it took."""
+    from uml.config import parse_params
+    from uml.data.prepare import prepare
+    from uml.data.store import open_prepared
+
+    with tempfile.TemporaryDirectory(prefix="uml-scale-") as folder:
+        params = parse_params({"data": {"root": folder, "image_size": image_size, "prepare_workers": processes,
+                                        "synthetic": {"num_images": num_images, "render_size": render_size}}})
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        with PeakMemory() as memory:
+            started = time.perf_counter()
+            out = prepare(params)
+            seconds = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        content_hash = open_prepared(out, verify=False).content_hash
+    # Linux reports ru_maxrss in KiB.
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    cpu_main = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"n": num_images, "processes": processes, "seconds": seconds, "rss_main": own,
+            "rss_workers": memory.workers, "rss_total": max(memory.total, own), "hash": content_hash,
+            "cpu_main": cpu_main, "cpu_workers": memory.worker_cpu}
+
+
+def _child(*args: object) -> dict:
+    """This script with ``args`` in a fresh Python process, so that each peak RSS is its run's own."""
+    out = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True, timeout=24 * 3600)
+    if out.returncode != 0:
+        raise SystemExit(f"the run {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(num_images: int, processes: int, image_size: int, render_size: int) -> dict:
+    """:func:`one_run` in a fresh Python process."""
+    return _child("--child", num_images, processes, image_size, render_size)
+
+
+def evaluate_run(root: str, mode: str, image_size: int) -> dict:
+    """The evaluate stage on the store under ``root`` with the toy model, in this process:
+    ``stream`` (the stage) or ``whole`` (the test split loaded first, then evaluated from arrays)."""
+    from uml.config import Paths, parse_params
+    from uml.data.store import load_split, open_prepared
+    from uml.evaluate import evaluate, evaluate_arrays
+    from uml.onnx_model import OnnxModel
+
+    params = parse_params({"data": {"root": root, "image_size": image_size}, "evaluate": {"provider": "cpu"}})
+    paths = Paths(params)
+    started = time.perf_counter()
+    if mode == "stream":
+        evaluate(params)
+    else:
+        model = OnnxModel(paths.model_onnx, provider="cpu")
+        images, masks, labels, ids = load_split(open_prepared(paths.dataset), "test")
+        evaluate_arrays(model, images, masks, labels, params.evaluate, plots_dir=paths.plots, ids=ids)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "test_images": len(open_prepared(paths.dataset, verify=False).split("test"))}
+
+
+def evaluate_table(sizes: list[int], image_size: int, render_size: int) -> None:
+    """Prepare a store per N with the toy model beside it, then evaluate it both ways."""
+    from tests.toy_onnx import export_toy
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="uml-scale-eval-") as folder:
+        for n in sizes:
+            root = Path(folder) / f"n{n}"
+            _child("--prepare-only", n, image_size, render_size, root)
+            export_toy(root / "models", image_size=image_size)
+            for mode in ("stream", "whole"):
+                rows.append({"n": n, "mode": mode, **_child("--evaluate-child", root, mode, image_size)})
+    print(f"\nevaluate (toy model, {image_size} px, 1 clean + 6 noisy passes, 1000 bootstrap resamples)\n")
+    print("| N | test images | mode | wall (s) | peak RSS (MB) |")
+    print("|---:|---:|---|---:|---:|")
+    for row in rows:
+        print(f"| {row['n']} | {row['test_images']} | {row['mode']} | {row['seconds']:.1f} | {row['rss'] / MB:.0f} |")
+    if len(sizes) > 1:
+        print(f"\n| mode | peak RSS, N={sizes[-1]} vs {sizes[0]} | RSS exponent | time exponent |")
+        print("|---|---:|---:|---:|")
+        for mode in ("stream", "whole"):
+            chosen = [row for row in rows if row["mode"] == mode]
+            print(f"| {mode} | {chosen[-1]['rss'] / chosen[0]['rss']:.2f}x | "
+                  f"{exponent(sizes, [row['rss'] for row in chosen]):.2f} | "
+                  f"{exponent(sizes, [row['seconds'] for row in chosen]):.2f} |")
+
+
+def exponent(sizes: list[int], values: list[float]) -> float:
+    """The slope of log(value) against log(N), least squares."""
+    import numpy as np
+
+    return float(np.polyfit(np.log(sizes), np.log(values), 1)[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200, 400, 800], help="numbers of images N")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="data.prepare_workers values")
+    parser.add_argument("--image-size", type=int, default=128, help="data.image_size (default %(default)s)")
+    parser.add_argument("--render-size", type=int, default=256, help="data.synthetic.render_size (default %(default)s)")
+    parser.add_argument("--evaluate", action="store_true", help="also measure the evaluate stage (toy model)")
+    parser.add_argument("--child", nargs=4, type=int, metavar=("N", "PROCESSES", "SIZE", "RENDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--prepare-only", nargs=4, metavar=("N", "SIZE", "RENDER", "ROOT"), help=argparse.SUPPRESS)
+    parser.add_argument("--evaluate-child", nargs=3, metavar=("ROOT", "MODE", "SIZE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(one_run(*args.child)))
+        return
+    if args.prepare_only:
+        from uml.config import parse_params
+        from uml.data.prepare import prepare
+
+        n, size, render, root = args.prepare_only
+        prepare(parse_params({"data": {"root": root, "image_size": int(size), "prepare_workers": 1,
+                                       "synthetic": {"num_images": int(n), "render_size": int(render)}}}))
+        print("{}")
+        return
+    if args.evaluate_child:
+        root, mode, size = args.evaluate_child
+        print(json.dumps(evaluate_run(root, mode, int(size))))
+        return
+
+    sizes, counts = sorted(args.sizes), sorted(args.processes)
+    runs = {(n, p): measure(n, p, args.image_size, args.render_size) for n in sizes for p in counts}
+    print(f"prepare of the synthetic set at {args.image_size} px (rendered at {args.render_size}); {cpu_name()}, "
+          f"{os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.1f} at the end; `{command_line()}`\n")
+    print("| N | processes | wall (s) | images/s | CPU s, main | CPU s, workers | peak RSS main (MB) | workers (MB) | "
+          "total (MB) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (n, p), run in runs.items():
+        print(f"| {n} | {p} | {run['seconds']:.1f} | {n / run['seconds']:.1f} | {run['cpu_main']:.1f} | "
+              f"{run['cpu_workers']:.1f} | {run['rss_main'] / MB:.0f} | {run['rss_workers'] / MB:.0f} | "
+              f"{run['rss_total'] / MB:.0f} |")
+    base = counts[0]
+    # The wall-time ratio needs idle cores. The CPU times bound it without them: with p worker
+    # processes on as many idle cores, the stage's process (writing) and the workers (decoding)
+    # overlap, so the wall time is at least max(main, workers / p) CPU seconds.
+    print(f"\n| N | " + " | ".join(f"{p} vs {base}: wall | {p} vs {base}: bound from CPU time" for p in counts[1:]) + " |")
+    print("|---:|" + "---:|---:|" * len(counts[1:]))
+    for n in sizes:
+        cells = []
+        for p in counts[1:]:
+            run = runs[n, p]
+            serial = runs[n, base]["cpu_main"] + runs[n, base]["cpu_workers"]
+            cells.append(f"{runs[n, base]['seconds'] / run['seconds']:.2f}x | "
+                         f"{serial / max(run['cpu_main'], run['cpu_workers'] / p):.2f}x")
+        print(f"| {n} | " + " | ".join(cells) + " |")
+    if len(sizes) > 1:
+        first, last = sizes[0], sizes[-1]
+        print(f"\n| processes | time per image, N={last} vs {first} | time exponent | peak RSS main, N={last} vs {first} | "
+              "RSS exponent (main) | peak RSS total, ratio |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for p in counts:
+            per_image = (runs[last, p]["seconds"] / last) / (runs[first, p]["seconds"] / first)
+            print(f"| {p} | {per_image:.2f}x | {exponent(sizes, [runs[n, p]['seconds'] for n in sizes]):.2f} | "
+                  f"{runs[last, p]['rss_main'] / runs[first, p]['rss_main']:.2f}x | "
+                  f"{exponent(sizes, [runs[n, p]['rss_main'] for n in sizes]):.2f} | "
+                  f"{runs[last, p]['rss_total'] / runs[first, p]['rss_total']:.2f}x |")
+    differing = [n for n in sizes if len({runs[n, p]["hash"] for p in counts}) > 1]
+    print("\ncontent hash: " + (f"DIFFERS between process counts at N = {differing}" if differing
+                                else "the same for every process count at each N"))
+    if args.evaluate:
+        evaluate_table(sizes, args.image_size, args.render_size)
+    if differing:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
