@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -35,7 +36,7 @@ from uml.data.prepare import prepare
 from uml.models import load_model
 
 from tests.train.cluster_checks import LACKS_ENV
-from tests.train.test_job_submit import _stop
+from tests.train.test_job_submit import AGENT_NOT_READY, SUBMIT_TRIES, _stop
 from tests.train.tiny import write_tiny_params
 
 pytestmark = pytest.mark.slow
@@ -78,8 +79,13 @@ class Cluster:
 
     def submit(self, params: Path, stage: str = "train") -> subprocess.CompletedProcess:
         """The job submission of docs/how-to/ray-cluster.md, with this cluster's dashboard address (and this venv's python)."""
-        return _run([RAY, "job", "submit", "--address", self.dashboard, "--working-dir", str(REPO), "--",
-                     sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)], env=self.env, timeout=600)
+        for _ in range(SUBMIT_TRIES):  # repeated only while the head's agent is not registered yet
+            job = _run([RAY, "job", "submit", "--address", self.dashboard, "--working-dir", str(REPO), "--",
+                        sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)], env=self.env, timeout=600)
+            if job.returncode == 0 or AGENT_NOT_READY not in job.stdout + job.stderr:
+                return job
+            time.sleep(1)
+        return job
 
 
 @pytest.fixture(scope="module")
