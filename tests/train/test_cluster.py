@@ -33,6 +33,7 @@ import yaml
 
 from uml.config import Paths, load_params
 from uml.data.prepare import prepare
+from uml.data.store import compute_content_hash, open_prepared
 from uml.models import load_model
 
 from tests.train.cluster_checks import LACKS_ENV
@@ -238,3 +239,28 @@ def test_the_workers_get_the_drivers_nccl_settings_the_collective_timeout_and_no
         assert worker["timeout_s"] == 321.0, rank  # Ray's default would be 1800
         # On a CPU, train.cudnn_benchmark leaves torch's flag alone (off): CPU training is unchanged.
         assert (worker["device"], worker["cudnn_benchmark"], worker["world"]) == ("cpu", False, 2), rank
+
+
+def test_prepare_and_tune_run_as_ray_jobs_on_the_cluster(cluster, shared_data):
+    """The other two stages that use Ray, submitted as docs/how-to/ray-cluster.md shows: prepare
+    writes the store into a folder both nodes see, and the sweep's trials (one worker each, one
+    ``uml_slot`` each) run on the cluster and record what they were tuned for."""
+    root = cluster.base / "shared-jobs" / "data"
+    params_path = _variant(shared_data, "jobs", data={"root": str(root)},
+                           tune={"num_samples": 2, "epochs": 1, "workers_per_trial": 1})
+    job = cluster.submit(params_path, stage="prepare")
+    assert job.returncode == 0, (job.stdout + job.stderr)[-5000:]
+    params = load_params(params_path)
+    # The same data params as the store this module prepared in-process, in another folder: the
+    # job's store has the same content hash, which is recomputed from its pixels.
+    reference = open_prepared(Paths(load_params(shared_data)).dataset)
+    store = open_prepared(Paths(params).dataset)
+    assert store.content_hash == reference.content_hash == compute_content_hash(Paths(params).dataset)
+
+    job = cluster.submit(params_path, stage="tune")
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-5000:]
+    assert "joining Ray cluster" in log, log[-3000:]
+    written = yaml.safe_load(Paths(params).best_params.read_text())
+    assert written["selection"]["trials"] == 2
+    assert written["tuned_for"]["data_hash"] == store.content_hash

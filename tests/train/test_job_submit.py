@@ -62,9 +62,12 @@ def _stop(pids: set[int]) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
-# What Ray's job API answers while the head's dashboard agent has not registered yet (it starts
-# after `ray start` returns; on a loaded machine a submission can come first). Nothing ran: the
-# submission is repeated, and only for this answer.
+# What Ray's job API answers when the head's dashboard agent has not registered within the 10 s
+# the head waits for it (it starts after `ray start` returns; on a loaded machine a submission can
+# come first). Nothing ran: the submission is repeated, and only for this answer. An agent that
+# never registers is a different fault: its HTTP port was taken. Every head a test starts therefore
+# lets the agent pick a free port (--dashboard-agent-listen-port=0): the default, 52365, is also
+# what any local ray.init() on another pytest worker takes, and CI failed on exactly that overlap.
 AGENT_NOT_READY = "No available agent to submit job"
 SUBMIT_TRIES = 10
 
@@ -80,7 +83,7 @@ def head_node():
     try:
         out = subprocess.run(
             [RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--port=0", "--dashboard-host=127.0.0.1",
-             "--dashboard-port=0", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+             "--dashboard-port=0", "--dashboard-agent-listen-port=0", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
             env=env, capture_output=True, text=True, timeout=180,
         )
         started = _cluster_processes(temp_dir)
