@@ -94,6 +94,7 @@ def test_paper_output_shapes(paper, size):
 
 
 def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
     model = build_model("small", **TINY).train()
     x = torch.rand(4, 3, 64, 64)
     mask, label = torch.randint(0, 3, (4, 64, 64)), torch.tensor([0, 1, 0, 1])
@@ -106,7 +107,18 @@ def test_every_parameter_gets_a_gradient():
         loss.backward()
         if step == 0:
             optimizer.step()
-    dead = [n for n, p in model.named_parameters() if p.grad is None or float(p.grad.abs().sum()) == 0.0]
+    # The channel branch's query bias adds one constant to every position before a softmax over
+    # positions, which the softmax cancels: its gradient is zero up to rounding (exactly zero on
+    # some inputs, which made this test fail on CI). It is in the published layer, so it stays;
+    # the check is that its gradient is rounding noise, far below the query weights'.
+    shift_invariant = {n for n, _ in model.named_parameters() if n.endswith("attention.ch_query.bias")}
+    assert len(shift_invariant) == len(model.mixers)
+    grads = dict(model.named_parameters())
+    for name in shift_invariant:
+        weight_grad = float(grads[name.replace(".bias", ".weight")].grad.abs().max())
+        assert float(grads[name].grad.abs().max()) < 1e-4 * max(weight_grad, 1e-12), name
+    dead = [n for n, p in model.named_parameters()
+            if n not in shift_invariant and (p.grad is None or float(p.grad.abs().sum()) == 0.0)]
     assert not dead, f"parameters without gradient: {dead}"
     for part in ("cls_encoder", "seg_encoder", "mixers", "mutual_decoder", "navigator", "instructor"):
         assert any(n.startswith(part) for n, _ in model.named_parameters())
