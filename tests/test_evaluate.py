@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,8 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from tests.toy_onnx import FLIPPED, RATIOS, ToyUML, export_toy, fundus_set
+from tests.toy_onnx import imperfect_set as _imperfect_set
+from tests.toy_onnx import write_toy_root as _prepared_root
 from uml import metrics
 from uml.config import EvaluateParams, Paths, parse_params
 from uml.errors import ConfigError, ModelFileError
@@ -252,21 +253,6 @@ def test_single_task_models_get_the_metrics_they_allow(tasks, data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- stage
-def _prepared_root(tmp_path: Path, toy_dir: Path, data) -> Path:
-    from uml.data.records import Record
-    from uml.data.store import write_dataset
-
-    images, masks, labels = data
-    root = tmp_path / "data"
-    records = [Record(id=f"toy-{i:02d}", image=im, mask=m, label=int(y), origin=f"toy #{i}")
-               for i, (im, m, y) in enumerate(zip(images, masks, labels))]
-    write_dataset(records, root / "prepared" / "dataset.zarr", class_names=["non-glaucoma", "glaucoma"],
-                  mask_classes=["background", "disc", "cup"], positive_class=1, source="toy", image_size=64,
-                  split={"val": 0.2, "test": 0.5, "calib": 0.1}, seed=0)
-    shutil.copytree(toy_dir, root / "models")
-    return root
-
-
 def test_stage_writes_flat_metrics_json_and_plots(tmp_path, toy_dir, data):
     # Controlled model (toy): the stage's values on its test split follow from the toy's behaviour.
     root = _prepared_root(tmp_path, toy_dir, data)
@@ -330,26 +316,6 @@ def test_stage_refuses_a_model_whose_positive_class_is_not_the_data_sets(tmp_pat
 
 
 # ------------------------------------------------------------------------------ streaming
-def _imperfect_set(n: int = 24, size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Drawn fundus images the toy gets partly wrong: discs of varied size and ratio, each image
-    shifted against its mask and every third blurred, so that Dice, distances, vCDR errors and
-    the pixel AUROCs all take non-trivial values."""
-    from tests.toy_onnx import draw_fundus
-
-    rng = np.random.default_rng(5)
-    images, masks, labels = [], [], []
-    for i in range(n):
-        ratio = rng.uniform(0.2, 0.8)
-        image, mask = draw_fundus(size, rng.uniform(14, 24), ratio)
-        image = np.roll(image, rng.integers(-6, 7), axis=1)
-        if i % 3 == 0:
-            image = ndimage.gaussian_filter(image.astype(np.float32), sigma=(1.5, 1.5, 0)).round().astype(np.uint8)
-        images.append(image)
-        masks.append(mask)
-        labels.append(int((ratio > 0.5) ^ (rng.random() < 0.1)))
-    return np.stack(images), np.stack(masks), np.array(labels, dtype=np.int64)
-
-
 def test_the_stage_streams_the_store_and_writes_the_metrics_of_the_whole_split_at_once(tmp_path, toy_dir, monkeypatch):
     """metrics.json of the stage, which reads the test split from the store a batch at a time,
     equals byte for byte that of the whole split loaded into memory and run as one batch (the
@@ -409,3 +375,67 @@ def test_a_pass_keeps_per_image_summaries_and_the_panels_only(toy_dir):
     assert all(value.size <= 400 for value in out.pixels.values())  # the pixel budget bounds the sample
     assert list(out.panels) == [3]
     assert np.array_equal(out.panels[3].image, images[3]) and np.array_equal(out.panels[3].mask, masks[3])
+
+
+def test_shard_ranges_cover_the_split_in_whole_batches():
+    from uml.evaluate import shard_ranges
+
+    # Hand-computed: 23 images in batches of 5 are 5 batches; 2 shards take 3 and 2 of them.
+    assert shard_ranges(23, 5, 2) == [(0, 15), (15, 23)]
+    assert shard_ranges(23, 5, 10) == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]  # at most one shard per batch
+    assert shard_ranges(4, 16, 3) == [(0, 4)]
+    assert shard_ranges(0, 16, 3) == []
+
+
+def test_a_pass_cut_into_shards_and_joined_equals_the_whole_pass(toy_dir):
+    """What each Ray task computes (run_pass on start:stop) joins into exactly the whole pass:
+    per-image values, the pixel samples (budget and positions of the whole split) and panels."""
+    from uml.evaluate import join_passes, shard_ranges
+
+    images, masks, labels = _imperfect_set(23)
+    model = OnnxModel(toy_dir / "model.onnx")
+    split = ArraySplit(images, masks, labels, ids=np.arange(100, 123))
+    args = dict(seed=3, distances=True, pixels=True, vcdr=True, panel_positions=[2, 17], pixel_budget=500,
+                noise=("gaussian", 0.1))
+    whole = run_pass(model, split, 5, **args)
+    ranges = shard_ranges(len(split), 5, 2)
+    joined = join_passes([run_pass(model, split, 5, start=a, stop=b, progress=False, **args) for a, b in ranges])
+    for name, value in vars(whole).items():
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(getattr(joined, name), value), name
+    for group in ("seg", "pixels", "band"):
+        expected, got = getattr(whole, group), getattr(joined, group)
+        assert sorted(got) == sorted(expected) and expected
+        for key in expected:
+            assert np.array_equal(got[key], expected[key], equal_nan=True), (group, key)
+    assert sorted(joined.panels) == [2, 17]
+    assert np.array_equal(joined.panels[17].maps["uncertainty"], whole.panels[17].maps["uncertainty"])
+    # What a shard must not do: run as a pass of its own images, which would sample 500 // 8
+    # pixels per image (not 500 // 23) and number the images from 0.
+    alone = run_pass(model, ArraySplit(images[15:], masks[15:], labels[15:], ids=np.arange(115, 123)), 5, **args)
+    assert alone.pixels["image"].max() == 7 and joined.pixels["image"].max() == 22
+    assert alone.pixels["error"].size > 2 * np.count_nonzero(joined.pixels["image"] >= 15)
+
+
+def test_the_stage_with_ray_workers_writes_the_metrics_of_the_single_process_run(tmp_path, toy_dir, caplog):
+    """evaluate.workers=2: the passes cut into shards of whole batches, run as tasks of a local Ray
+    instance (other processes) and joined on the driver; metrics.json and the plot data are byte
+    for byte those of the run in this process."""
+    root = _prepared_root(tmp_path, toy_dir, _imperfect_set())
+    settings = {"batch_size": 4, "gaussian_sigmas": [0.1], "salt_pepper_amounts": [0.05], "num_panels": 3,
+                "bootstrap_samples": 200}
+    single = parse_params({"data": {"root": str(root)}, "evaluate": settings})
+    paths = Paths(single)
+    evaluate(single)
+    reference = paths.metrics.read_text()
+    reference_plots = {p.name: p.read_text() for p in paths.plots.glob("*.csv")}
+    assert json.loads(reference)["seg/hd95_disc"] > 0 and reference_plots
+
+    sharded = parse_params({"data": {"root": str(root)}, "evaluate": {**settings, "workers": 2}})
+    with caplog.at_level("INFO", logger="uml.evaluate"):
+        evaluate(sharded)
+    # 12 test images in batches of 4: shards 0:8 and 8:12, for each of the 3 passes.
+    assert "evaluating 3 passes as 6 Ray tasks (2 shards of at most 8 images each)" in caplog.text
+    assert paths.metrics.read_text() == reference
+    assert {p.name: p.read_text() for p in paths.plots.glob("*.csv")} == reference_plots
+    assert sorted(p.name for p in (paths.plots / "panels").iterdir()) == ["case_000.png", "case_006.png", "case_011.png"]

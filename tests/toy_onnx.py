@@ -173,3 +173,42 @@ def fundus_set(size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         label = int(ratio > 0.5)
         labels.append(1 - label if ratio in FLIPPED else label)
     return np.stack(images), np.stack(masks), np.array(labels, dtype=np.int64)
+
+
+def imperfect_set(n: int = 24, size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drawn fundus images the toy gets partly wrong: discs of varied size and ratio, each image
+    shifted against its mask and every third blurred, so that Dice, distances, vCDR errors and
+    the pixel AUROCs all take non-trivial values."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    images, masks, labels = [], [], []
+    for i in range(n):
+        ratio = rng.uniform(0.2, 0.8)
+        image, mask = draw_fundus(size, rng.uniform(14, 24), ratio)
+        image = np.roll(image, rng.integers(-6, 7), axis=1)
+        if i % 3 == 0:
+            image = ndimage.gaussian_filter(image.astype(np.float32), sigma=(1.5, 1.5, 0)).round().astype(np.uint8)
+        images.append(image)
+        masks.append(mask)
+        labels.append(int((ratio > 0.5) ^ (rng.random() < 0.1)))
+    return np.stack(images), np.stack(masks), np.array(labels, dtype=np.int64)
+
+
+def write_toy_root(tmp_path: Path, toy_dir: Path, data) -> Path:
+    """A data root under ``tmp_path`` holding a prepared store of ``data`` (images, masks, labels:
+    half of them the test split) and a copy of the exported toy in ``toy_dir``."""
+    import shutil
+
+    from uml.data.records import Record
+    from uml.data.store import write_dataset
+
+    images, masks, labels = data
+    root = tmp_path / "data"
+    records = [Record(id=f"toy-{i:02d}", image=im, mask=m, label=int(y), origin=f"toy #{i}")
+               for i, (im, m, y) in enumerate(zip(images, masks, labels))]
+    write_dataset(records, root / "prepared" / "dataset.zarr", class_names=["non-glaucoma", "glaucoma"],
+                  mask_classes=["background", "disc", "cup"], positive_class=1, source="toy", image_size=64,
+                  split={"val": 0.2, "test": 0.5, "calib": 0.1}, seed=0)
+    shutil.copytree(toy_dir, root / "models")
+    return root

@@ -531,6 +531,14 @@ class EvaluateParams(_Section):
     # installed and a GPU is visible, else the CPU; the log says which and why), cpu, or cuda (an
     # error where CUDA cannot run). GPU and CPU results agree up to float rounding.
     provider: InferenceProvider = "auto"
+    # Ray tasks each pass over the test split is cut into (0: every pass runs in this process).
+    # The tasks run on the cluster that ray.address / RAY_ADDRESS names, else on a local Ray instance
+    # on ray.host; each takes one CPU, and the metrics equal those of the single-process run. The
+    # prepared store and the model must be readable at the same path on every node.
+    workers: int = Field(0, ge=0)
+    # GPUs each of those tasks asks Ray for (e.g. 0.25: four tasks share a GPU). Ray hides the GPUs
+    # from a task that asks for none, so 0 runs the tasks on the nodes' CPUs.
+    gpus_per_worker: float = Field(0.0, ge=0.0)
 
     @field_validator("bootstrap_samples")
     @classmethod

@@ -185,6 +185,9 @@ def run_pass(
     pixel_budget: int = metrics.PIXEL_AUROC_MAX_PIXELS,
     band_px: float = 3.0,
     desc: str = "clean",
+    start: int = 0,
+    stop: int | None = None,
+    progress: bool = True,
 ) -> PassOutputs:
     """Run the model over ``split`` a batch at a time, optionally corrupted by ``noise``
     (``(kind, level)``, kind in :data:`NOISE_KINDS`), and keep per-image summaries only: memory
@@ -197,8 +200,15 @@ def run_pass(
     uncertainties and whether its predicted class is wrong: one over whole images, one within
     ``band_px`` of the predicted contours. ``panel_positions`` keep those images, their masks
     and their full uncertainty maps.
+
+    ``start``/``stop`` run the positions ``start:stop`` of the split only (one shard of a pass,
+    :class:`RayPasses`): the per-image pixel budget, the panels' and pixels' positions and each
+    image's noise and pixel sample stay those of the whole pass, so the shards' outputs, joined in
+    order (:func:`join_passes`), equal the whole pass's when the shards start at multiples of
+    ``batch_size`` (then every batch is the same).
     """
     n = len(split)
+    stop = n if stop is None else min(stop, n)
     ids = np.asarray(split.ids)
     out = PassOutputs()
     parts: dict[str, list[np.ndarray]] = {}
@@ -212,19 +222,20 @@ def run_pass(
     def keep(name: str, value: np.ndarray) -> None:
         parts.setdefault(name, []).append(value)
 
-    with tqdm(total=n, desc=f"evaluate [{desc}]", unit="img", leave=False, mininterval=1.0) as bar:
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            images, gt_masks = split.read(start, stop)
+    with tqdm(total=stop - start, desc=f"evaluate [{desc}]", unit="img", leave=False, mininterval=1.0,
+              disable=not progress) as bar:
+        for first in range(start, stop, batch_size):
+            last = min(first + batch_size, stop)
+            images, gt_masks = split.read(first, last)
             if model.has_seg and gt_masks.size and gt_masks.max() >= mask_classes:
                 raise DataError(f"test masks hold class {gt_masks.max()} but the model has {mask_classes} mask classes")
-            batch = _corrupted(model.scale_images(images), noise, seed, ids[start:stop])
+            batch = _corrupted(model.scale_images(images), noise, seed, ids[first:last])
             result = model.run(model.to_input(batch))
             if model.has_cls:
                 for name in ("class_prob", "class_prob_raw"):
                     keep(name, result[name].astype(np.float64))
                 for name in ("class_uncertainty", "class_uncertainty_raw"):
-                    keep(name, result[name].reshape(stop - start).astype(np.float64))
+                    keep(name, result[name].reshape(last - first).astype(np.float64))
             keep("unusual_features", model.unusual_features(batch, result.get("seg_uncertainty")))
             if vcdr:
                 keep("gt_vcdr", np.array([metrics.vertical_cdr(m) for m in gt_masks]))
@@ -237,10 +248,10 @@ def run_pass(
                     keep("pred_vcdr", np.array([metrics.vertical_cdr(m) for m in pred]))
                 maps = {"uncertainty": result["seg_uncertainty"][:, 0].astype(np.float32),
                         "uncertainty_raw": result["seg_uncertainty_raw"][:, 0].astype(np.float32)}
-                keep("mean_pixel_uncertainty", maps["uncertainty"].reshape(stop - start, -1).mean(axis=1, dtype=np.float64))
-                keep("mean_pixel_uncertainty_raw", maps["uncertainty_raw"].reshape(stop - start, -1).mean(axis=1, dtype=np.float64))
-            for j in range(stop - start):
-                position = start + j
+                keep("mean_pixel_uncertainty", maps["uncertainty"].reshape(last - first, -1).mean(axis=1, dtype=np.float64))
+                keep("mean_pixel_uncertainty_raw", maps["uncertainty_raw"].reshape(last - first, -1).mean(axis=1, dtype=np.float64))
+            for j in range(last - first):
+                position = first + j
                 if position in panel_set:
                     out.panels[position] = Panel(images[j].copy(), gt_masks[j].copy(),
                                                  pred[j].copy() if pred is not None else None,
@@ -255,7 +266,7 @@ def run_pass(
                 near = metrics.contour_band(pred[j], model.mask_classes, band_px)
                 sampled = metrics.sample_pixels(per_image_pixels, rng, where=near, **image_maps)
                 band_parts.append({**sampled, "image": np.full(sampled["error"].size, position)})
-            bar.update(stop - start)
+            bar.update(last - first)
     for name, values in parts.items():
         setattr(out, name, np.concatenate(values))
     if seg_parts:
@@ -264,6 +275,119 @@ def run_pass(
         out.pixels = {key: np.concatenate([p[key] for p in pixel_parts]) for key in pixel_parts[0]}
         out.band = {key: np.concatenate([p[key] for p in band_parts]) for key in band_parts[0]}
     return out
+
+
+def join_passes(shards: Sequence[PassOutputs]) -> PassOutputs:
+    """One pass's outputs from its shards' (:func:`run_pass` with ``start``/``stop``), in position
+    order: per-image arrays and pixel samples concatenated, panels merged."""
+    joined = PassOutputs()
+    for name in ("class_prob", "class_uncertainty", "class_prob_raw", "class_uncertainty_raw", "pred_vcdr", "gt_vcdr",
+                 "mean_pixel_uncertainty", "mean_pixel_uncertainty_raw", "unusual_features"):
+        parts = [getattr(shard, name) for shard in shards if getattr(shard, name) is not None]
+        if parts:
+            setattr(joined, name, np.concatenate(parts))
+    for name in ("seg", "pixels", "band"):
+        parts = [getattr(shard, name) for shard in shards if getattr(shard, name) is not None]
+        if parts:
+            setattr(joined, name, {key: np.concatenate([part[key] for part in parts]) for key in parts[0]})
+    for shard in shards:
+        joined.panels.update(shard.panels)
+    return joined
+
+
+# A pass: run_pass's keyword arguments besides the model, the split and the batch size.
+PassArgs = dict
+
+
+class PassRunner(Protocol):
+    """Runs named passes over the test split and returns their outputs by name."""
+
+    def __call__(self, passes: dict[str, PassArgs]) -> dict[str, PassOutputs]: ...
+
+
+@dataclass
+class LocalPasses:
+    """The passes one after the other, in this process."""
+
+    model: OnnxModel
+    split: TestSplit
+    batch_size: int
+
+    def __call__(self, passes: dict[str, PassArgs]) -> dict[str, PassOutputs]:
+        return {name: run_pass(self.model, self.split, self.batch_size, **args) for name, args in passes.items()}
+
+
+def shard_ranges(n: int, batch_size: int, shards: int) -> list[tuple[int, int]]:
+    """``start, stop`` of at most ``shards`` contiguous ranges covering ``0:n``, each starting at a
+    multiple of ``batch_size`` (so the shards' batches are the whole pass's batches)."""
+    batches = math.ceil(n / batch_size)
+    per_shard = max(1, math.ceil(batches / max(shards, 1))) * batch_size
+    return [(first, min(first + per_shard, n)) for first in range(0, n, per_shard)]
+
+
+def _run_pass_shard(model_path: str, metadata_path: str, provider: str, dataset: str, split_name: str,
+                    batch_size: int, start: int, stop: int, args: PassArgs) -> tuple[PassOutputs, str]:
+    """One shard of a pass, in a Ray task: the task opens the model and the store itself (the
+    driver verified the store; the store's folder must be reachable from every node, as for
+    training)."""
+    import ray
+
+    from uml.data.store import SplitReader, open_prepared
+
+    model = OnnxModel(model_path, metadata_path, threads=1, provider=provider, setting="evaluate.provider")
+    split = SplitReader(open_prepared(dataset, verify=False), split_name)
+
+    outputs = run_pass(model, split, batch_size, start=start, stop=stop, progress=False, **args)
+    return outputs, ray.get_runtime_context().get_node_id()
+
+
+@dataclass
+class RayPasses:
+    """The passes split into shards of whole batches, run as Ray tasks (one CPU each, and
+    ``gpus_per_worker`` GPUs, without which Ray hides the GPUs from a task) on the connected Ray
+    instance or cluster, spread over its nodes; each pass is split into ``workers`` shards, and
+    every shard of every pass is submitted at once, so the cluster's free CPUs (or GPUs) bound how
+    many run together. The driver joins each pass's shards in order (:func:`join_passes`): the
+    metrics are those of :class:`LocalPasses`, computed from the same per-image values and pixel
+    samples."""
+
+    model: OnnxModel
+    dataset: Path
+    split_name: str
+    num_images: int
+    batch_size: int
+    workers: int
+    gpus_per_worker: float = 0.0
+    provider: str = "auto"
+
+    def __call__(self, passes: dict[str, PassArgs]) -> dict[str, PassOutputs]:
+        import ray
+
+        # SPREAD: the shards go to every node, not first to fill the driver's. A task lost with its
+        # node is run again elsewhere (max_retries): a shard's result depends on its inputs only.
+        task = ray.remote(num_cpus=1, num_gpus=self.gpus_per_worker, max_retries=2,
+                          scheduling_strategy="SPREAD")(_run_pass_shard)
+        ranges = shard_ranges(self.num_images, self.batch_size, self.workers)
+        pending = {}
+        for name, args in passes.items():
+            for index, (start, stop) in enumerate(ranges):
+                ref = task.remote(str(self.model.path), str(self.model.metadata_path), self.provider, str(self.dataset),
+                                  self.split_name, self.batch_size, start, stop, args)
+                pending[ref] = (name, index, stop - start)
+        log.info("evaluating %d passes as %d Ray tasks (%d shards of at most %d images each)",
+                 len(passes), len(pending), len(ranges), ranges[0][1] - ranges[0][0] if ranges else 0)
+        done: dict[str, dict[int, PassOutputs]] = {name: {} for name in passes}
+        nodes: set[str] = set()
+        with tqdm(total=self.num_images * len(passes), desc="evaluate [ray]", unit="img", mininterval=1.0) as bar:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    name, index, size = pending.pop(ref)
+                    done[name][index], node = ray.get(ref)
+                    nodes.add(node)
+                    bar.update(size)
+        log.info("the %d evaluation tasks ran on %d Ray node(s)", sum(len(s) for s in done.values()), len(nodes))
+        return {name: join_passes([shards[i] for i in range(len(ranges))]) for name, shards in done.items()}
 
 
 def _corrupted(batch: np.ndarray, noise: tuple[str, float] | None, seed: int, ids: np.ndarray) -> np.ndarray:
@@ -327,9 +451,10 @@ def evaluate_arrays(
 
 
 def evaluate_split(model: OnnxModel, split: TestSplit, cfg: EvaluateParams,
-                   plots_dir: str | Path | None = None) -> dict[str, float]:
+                   plots_dir: str | Path | None = None, runner: PassRunner | None = None) -> dict[str, float]:
     """Evaluate ``model`` on ``split`` (its images at the model's resolution), reading it a batch
-    at a time in each pass (:func:`run_pass`).
+    at a time in each pass (:func:`run_pass`). ``runner`` runs the passes (default
+    :class:`LocalPasses`: in this process; :class:`RayPasses`: sharded over Ray tasks).
 
     Returns the flat metrics (``nan`` where undefined). With ``plots_dir``, also writes the plot
     data files and figures there (see :func:`write_plots`).
@@ -344,8 +469,14 @@ def evaluate_split(model: OnnxModel, split: TestSplit, cfg: EvaluateParams,
     calibration = model.calibration
     fundus = tuple(model.mask_classes) == FUNDUS_MASK_CLASSES
     panels = _panel_positions(n, cfg.num_panels) if plots_dir is not None else []
-    clean = run_pass(model, split, cfg.batch_size, seed=cfg.seed, distances=True, pixels=True, vcdr=fundus,
-                     panel_positions=panels, band_px=cfg.contour_band_px)
+    passes: dict[str, PassArgs] = {"clean": dict(seed=cfg.seed, distances=True, pixels=True, vcdr=fundus,
+                                                 panel_positions=panels, band_px=cfg.contour_band_px)}
+    noise_levels = [(kind, level) for kind, levels in (("gaussian", cfg.gaussian_sigmas),
+                                                       ("salt_pepper", cfg.salt_pepper_amounts)) for level in levels]
+    for kind, level in noise_levels:
+        passes[f"{kind}_{level_name(level)}"] = dict(noise=(kind, level), seed=cfg.seed, desc=f"{kind} {level_name(level)}")
+    outputs = (runner or LocalPasses(model, split, cfg.batch_size))(passes)
+    clean = outputs["clean"]
 
     result = metrics.task_metrics(labels, clean.class_prob, clean.seg, positive=model.positive_class, bins=cfg.calibration_bins,
                                   class_uncertainty=clean.class_uncertainty, pixel_uncertainty=clean.mean_pixel_uncertainty)
@@ -393,10 +524,9 @@ def evaluate_split(model: OnnxModel, split: TestSplit, cfg: EvaluateParams,
     for kind, levels in (("gaussian", cfg.gaussian_sigmas), ("salt_pepper", cfg.salt_pepper_amounts)):
         table = [{"level": 0.0, **_columns(clean_robust)}]
         for level in levels:
-            noisy = run_pass(model, split, cfg.batch_size, noise=(kind, level), seed=cfg.seed,
-                             desc=f"{kind} {level_name(level)}")
-            values = _robust_metrics(model, noisy, labels)
             name = f"{kind}_{level_name(level)}"
+            noisy = outputs[name]
+            values = _robust_metrics(model, noisy, labels)
             result.update({f"robust/{name}/{k}": v for k, v in values.items()})
             result.update(_noise_detection(clean, noisy, name))
             result[f"unusual/noise_auroc_{name}"] = metrics.noise_auroc(clean_unusual, unusual.score(noisy.unusual_features))
@@ -639,6 +769,20 @@ def _panel_title(model: OnnxModel, clean: PassOutputs, labels: np.ndarray, posit
 
 
 # -------------------------------------------------------------------------------- stage
+def _evaluate_store(params: Params, model: OnnxModel, split, paths: Paths, plots_dir: Path) -> dict[str, float]:
+    """:func:`evaluate_split` of the store's test split, its passes in this process or, with
+    ``evaluate.workers``, sharded over Ray tasks."""
+    cfg = params.evaluate
+    if cfg.workers == 0:
+        return evaluate_split(model, split, cfg, plots_dir=plots_dir)
+    from uml.train.cluster import ray_session
+
+    with ray_session(params):
+        runner = RayPasses(model, paths.dataset, split.name, len(split), cfg.batch_size, cfg.workers,
+                           cfg.gpus_per_worker, cfg.provider)
+        return evaluate_split(model, split, cfg, plots_dir=plots_dir, runner=runner)
+
+
 def to_json_ready(values: dict[str, float]) -> dict[str, float | None]:
     """Plain floats in key order; ``nan``/``inf`` become ``None`` (JSON ``null``)."""
     return {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in values.items()}
@@ -693,7 +837,7 @@ def evaluate(params: Params) -> dict[str, float | None]:
     for stale in (staging_plots, old_plots):  # left by a run that was killed
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        values = evaluate_split(model, split, params.evaluate, plots_dir=staging_plots)
+        values = _evaluate_store(params, model, split, paths, staging_plots)
         ready = write_metrics(staging_metrics, values)
         write_text_replacing(staging_card, model_card(ready, model.metadata, prepared.attrs))
     except BaseException:

@@ -31,7 +31,7 @@ import psutil
 import pytest
 import yaml
 
-from uml.config import Paths, load_params
+from uml.config import Paths, load_params, parse_params
 from uml.data.prepare import prepare
 from uml.data.store import compute_content_hash, open_prepared
 from uml.models import load_model
@@ -264,3 +264,31 @@ def test_prepare_and_tune_run_as_ray_jobs_on_the_cluster(cluster, shared_data):
     written = yaml.safe_load(Paths(params).best_params.read_text())
     assert written["selection"]["trials"] == 2
     assert written["tuned_for"]["data_hash"] == store.content_hash
+
+
+def test_evaluate_sharded_over_both_nodes_writes_the_single_process_metrics(cluster, tmp_path_factory):
+    """evaluate submitted as a Ray job with evaluate.workers=3: the passes' shards run as tasks on
+    both nodes of the cluster, and metrics.json is byte for byte the one of evaluate in one
+    process (the exported toy model of tests/toy_onnx.py on a store in the shared folder)."""
+    from tests.toy_onnx import export_toy, imperfect_set, write_toy_root
+    from uml.evaluate import evaluate
+
+    toy_dir = export_toy(tmp_path_factory.mktemp("toy") / "models").parent
+    root = write_toy_root(cluster.base / "shared-eval", toy_dir, imperfect_set(40))
+    settings = {"batch_size": 4, "gaussian_sigmas": [0.1], "salt_pepper_amounts": [0.05], "num_panels": 2,
+                "bootstrap_samples": 200}
+    single = parse_params({"data": {"root": str(root)}, "evaluate": settings})
+    evaluate(single)
+    metrics_path = Paths(single).metrics
+    reference = metrics_path.read_text()
+    metrics_path.unlink()
+
+    params_path = cluster.base / "shared-eval" / "sharded.yaml"
+    params_path.write_text(yaml.safe_dump({"data": {"root": str(root)}, "evaluate": {**settings, "workers": 3}}))
+    job = cluster.submit(params_path, stage="evaluate")
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-5000:]
+    assert "joining Ray cluster" in log, log[-3000:]
+    # 20 test images in batches of 4: shards 0:8, 8:16, 16:20 of each of 3 passes.
+    assert "evaluating 3 passes as 9 Ray tasks" in log and "ran on 2 Ray node(s)" in log, log[-3000:]
+    assert metrics_path.read_text() == reference
