@@ -10,7 +10,8 @@ Function names follow the metric keys of ``data/reports/metrics.json`` (``cls/ac
   store's ``positive_class``, which the export copies into the model's metadata).
 - Calibration metrics (:func:`ece`, :func:`ece_equal_mass`, :func:`ece_debiased`) look at the
   top-label confidence ``max_k prob[k]`` and whether its argmax is the label; the proper scores
-  (:func:`nll`, :func:`brier`) at the whole probability vector.
+  (:func:`nll`, :func:`brier`) at the whole probability vector. :func:`ece_debiased_null` and
+  :func:`ece_consistency_p_value` say how large a debiased ECE sampling alone produces.
 - ``uncertainty`` is a per-case score where higher means less confident (the evidential
   ``u = K / S``, an entropy); ``error`` is bool, True where the case is misclassified (or, for
   pixels, mislabelled). The selective-prediction metrics (:func:`risk_coverage_curve`,
@@ -341,6 +342,44 @@ def ece_debiased(labels: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
     if index.size == 0:
         return math.nan
     return float(_debiased_l2(*_bin_means(index, confidence, correct, bins)))
+
+
+def ece_debiased_null(prob: np.ndarray, bins: int = 10, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """:func:`ece_debiased` of ``resamples`` label sets drawn from ``prob`` itself: what a
+    perfectly calibrated model with exactly these confidences would measure on this many images
+    (consistency resampling, Bröcker & Smith 2007, "Increasing the Reliability of Reliability
+    Diagrams").
+
+    Under that null each image's top-label prediction is right with probability equal to its
+    confidence, independently; the confidences, and hence the equal-mass bins, stay as they are.
+    Its spread is the measurement noise of the debiased ECE at this sample size: on a few hundred
+    images it is far from negligible (see :func:`ece_consistency_p_value`). Returns ``(resamples,)``
+    values (empty for an empty input)."""
+    prob = _as_prob(prob)
+    if prob.shape[0] == 0 or resamples < 1:
+        return np.zeros(0)
+    index, confidence, _ = _equal_mass_bins(np.zeros(prob.shape[0], dtype=np.int64), prob, bins)
+    one_hot = np.zeros((confidence.size, bins))
+    one_hot[np.arange(confidence.size), index] = 1.0
+    count = one_hot.sum(axis=0)
+    mean_conf = _divide_where_positive(confidence @ one_hot, count, math.nan)
+    correct = (np.random.default_rng(seed).random((resamples, confidence.size)) < confidence).astype(np.float64)
+    accuracy = _divide_where_positive(correct @ one_hot, count, math.nan)
+    return _debiased_l2(np.broadcast_to(count, accuracy.shape), accuracy, np.broadcast_to(mean_conf, accuracy.shape))
+
+
+def ece_consistency_p_value(labels: np.ndarray, prob: np.ndarray, bins: int = 10, resamples: int = 1000,
+                            seed: int = 0) -> float:
+    """How often a perfectly calibrated model with these confidences measures a debiased ECE at
+    least as large as this one: ``(1 + #{null >= observed}) / (1 + resamples)`` over
+    :func:`ece_debiased_null` (a Monte Carlo p-value, never 0). Small: the miscalibration is real;
+    large: the measured ECE is within what sampling alone produces on this many images. ``nan``
+    for an empty input."""
+    observed = ece_debiased(labels, prob, bins)
+    if math.isnan(observed):
+        return math.nan
+    null = ece_debiased_null(prob, bins, resamples, seed)
+    return float((1 + np.count_nonzero(null >= observed)) / (1 + null.size))
 
 
 # The image-level metrics every evaluation reports, in metrics.json's order: name -> a function of

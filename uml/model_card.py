@@ -32,6 +32,8 @@ CALIBRATION: tuple[tuple[str, str], ...] = (
     ("raw/cls/brier", "Brier score, raw"),
     ("cls/ece_debiased", "debiased calibration error, calibrated"),
     ("raw/cls/ece_debiased", "debiased calibration error, raw"),
+    ("cls/ece_debiased_null95", "what a perfectly calibrated model would measure here (95th percentile)"),
+    ("cls/ece_debiased_p_value", "consistency p-value of the calibrated error (small: real miscalibration)"),
     ("unc/error_auroc", "AUROC of the class uncertainty for errors, calibrated"),
     ("raw/unc/error_auroc", "the same for the paper's u = K/S"),
     ("unc/pixel_error_auroc", "AUROC of the delivered mask's error map for wrong pixels"),
