@@ -241,7 +241,7 @@ def write_tables(runs: dict[str, list[dict]], ensembles: dict[str, dict[str, flo
     lines += [header, "|---|" + "---:|" * len(COLUMNS)]
     lines += ["| " + name + " | " + " | ".join(cells[key] for key, _, _ in COLUMNS) + " |" for name, cells in rows]
     lines += ["", "## Per UML seed", "", "| seed | AUC raw → cal | ACC raw → cal | F1 raw → cal | NLL raw → cal | "
-              "Brier raw → cal | debiased ECE cal | pixel error AUROC (map / U) |", "|---|---|---|---|---|---|---|---|"]
+              "Brier raw → cal | debiased ECE cal (null 95th pct, p-value) | pixel error AUROC (map / U) |", "|---|---|---|---|---|---|---|---|"]
     for record in runs.get("uml", []):
         m = record["metrics"]
 
@@ -250,7 +250,7 @@ def write_tables(runs: dict[str, list[dict]], ensembles: dict[str, dict[str, flo
 
         lines.append(f"| {record['seed']} | {pair('cls/auc', 'raw/cls/auc')} | {pair('cls/acc', 'raw/cls/acc')} | "
                      f"{pair('cls/f1', 'raw/cls/f1')} | {pair('cls/nll', 'raw/cls/nll')} | {pair('cls/brier', 'raw/cls/brier')} | "
-                     f"{m['cls/ece_debiased']:.4f} | {m['unc/pixel_error_auroc']:.4f} / {m['raw/unc/pixel_error_auroc']:.4f} |")
+                     f"{m['cls/ece_debiased']:.4f} ({noise(m)}) | {m['unc/pixel_error_auroc']:.4f} / {m['raw/unc/pixel_error_auroc']:.4f} |")
     (out / "seeds.md").write_text("\n".join(lines) + "\n")
     with (out / "seeds.csv").open("w", newline="") as stream:
         writer = csv.writer(stream)
@@ -261,6 +261,12 @@ def write_tables(runs: dict[str, list[dict]], ensembles: dict[str, dict[str, flo
                                  *[record["metrics"].get(key) for key, _, _ in COLUMNS],
                                  *[record["metrics"].get(key) for key in RAW_KEYS.values()]])
     log(f"wrote {out / 'seeds.md'} and {out / 'seeds.csv'}")
+
+
+def noise(m: dict) -> str:
+    """The debiased ECE's noise check of one run: the null's 95th percentile and the p-value."""
+    null95, p_value = number(m.get("cls/ece_debiased_null95")), number(m.get("cls/ece_debiased_p_value"))
+    return "n/a" if null95 is None or p_value is None else f"{null95:.3f}, p = {p_value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:

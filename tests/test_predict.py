@@ -361,3 +361,32 @@ def test_a_model_and_metadata_of_different_exports_are_refused(model_path, tmp_p
     assert predict(other / "model.onnx", tmp_path / "out", eye) == 1
     assert "has no 'onnx_sha256'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_over_ray_tasks_writes_what_one_process_writes(toy_path, tmp_path, capsys):
+    # Controlled model (toy): only the wiring is under test. Five images and a file that is no
+    # image, cut into 3 shards run as Ray tasks on a local instance: each output file must be the
+    # one-process run's, byte for byte, and the bad file an error named in the exit status.
+    images = [save(tmp_path / f"eye{i}.png", draw_fundus(128, 40, ratio)[0]) for i, ratio in enumerate((0.2, 0.35, 0.5, 0.65, 0.8))]
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    files = [*images[:2], bad, *images[2:]]
+    assert predict(toy_path, tmp_path / "one", *files) == 1
+    capsys.readouterr()
+    status = main(["predict", *map(str, files), "--model", str(toy_path), "--out", str(tmp_path / "ray"), "--workers", "3"])
+    assert status == 1
+    out, err = capsys.readouterr()
+    assert "predicting 6 images as 3 Ray tasks of at most 2 images each" in out
+    assert "the 3 tasks ran on 1 Ray node(s)" in out
+    assert f"error: {bad}" in err and "uml predict: 1 of 6 images failed" in err
+    written = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "ray").iterdir())
+    assert len(written) == 10  # a JSON and an overlay per readable image
+    for name in written:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_predict_workers_must_not_be_negative(toy_path, tmp_path, capsys):
+    image = save(tmp_path / "eye.png", draw_fundus(128, 40, 0.5)[0])
+    assert main(["predict", str(image), "--model", str(toy_path), "--out", str(tmp_path), "--workers", "-1"]) == 1
+    assert "--workers and --gpus-per-worker must be >= 0, got -1 and 0.0" in capsys.readouterr().err

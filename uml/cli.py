@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
                          help="where onnxruntime runs the model: auto (CUDA when onnxruntime has it and a GPU is "
                               "visible, else the CPU), cpu, or cuda (an error where CUDA cannot run) "
                               "(default: %(default)s)")
+    predict.add_argument("--workers", type=int, default=0,
+                         help="cut the files into this many shards, each predicted by a Ray task on the cluster "
+                              "RAY_ADDRESS names, else on a local Ray instance on 127.0.0.1; the files, the model and "
+                              "--out must be at the same path on every node (default: %(default)s, in this process)")
+    predict.add_argument("--gpus-per-worker", type=float, default=0.0,
+                         help="GPUs each of those Ray tasks asks for, e.g. 0.25 (default: %(default)s)")
     params = commands.add_parser(
         "params",
         help="resolve a params file against the schema's defaults",
@@ -90,8 +96,21 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_on_ray(model, args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """``uml predict --workers N``: :func:`uml.predict.predict_files_on_ray` in a Ray session
+    (the cluster RAY_ADDRESS names, else a local instance on loopback without a dashboard)."""
+    from uml.config import Params
+    from uml.predict import predict_files_on_ray
+    from uml.train.cluster import ray_session
+
+    params = Params()
+    params = params.model_copy(update={"ray": params.ray.model_copy(update={"include_dashboard": False})})
+    with ray_session(params):
+        return predict_files_on_ray(model, args.images, args.out, args.workers, args.gpus_per_worker, args.provider)
+
+
 def _predict(args: argparse.Namespace) -> int:
-    from uml.errors import UMLError
+    from uml.errors import DataError, UMLError
     from uml.onnx_model import OnnxModel
     from uml.predict import predict_files
 
@@ -99,7 +118,12 @@ def _predict(args: argparse.Namespace) -> int:
         model = OnnxModel(args.model, args.metadata, threads=args.threads, provider=args.provider,
                           setting="--provider")
         print(f"uml predict: onnxruntime runs on {model.placement}", file=sys.stderr)
-        records, errors = predict_files(model, args.images, args.out)
+        if args.workers < 0 or args.gpus_per_worker < 0:
+            raise DataError(f"--workers and --gpus-per-worker must be >= 0, got {args.workers} and {args.gpus_per_worker}")
+        if args.workers:
+            records, errors = _predict_on_ray(model, args)
+        else:
+            records, errors = predict_files(model, args.images, args.out)
     except UMLError as exc:
         print(f"uml predict: error: {exc}", file=sys.stderr)
         return 1

@@ -207,6 +207,16 @@ def output_folder(out_dir: str | Path) -> Path:
     return out
 
 
+def _unique_stems(images: Sequence[str | Path]) -> dict[str, Path]:
+    """Stem -> file, in order; a :class:`DataError` for two files whose outputs would collide."""
+    stems: dict[str, Path] = {}
+    for image in map(Path, images):
+        if image.stem in stems and stems[image.stem] != image:
+            raise DataError(f"{image}: has the same name stem as {stems[image.stem]}; their outputs would overwrite each other")
+        stems[image.stem] = image
+    return stems
+
+
 def predict_files(
     model: OnnxModel,
     images: Sequence[str | Path],
@@ -221,11 +231,7 @@ def predict_files(
     lose the rest. Returns the records written and the error messages. A bad ``out_dir`` (a file,
     or not creatable) or two images with the same stem raise :class:`DataError` before anything is
     predicted."""
-    stems: dict[str, Path] = {}
-    for image in map(Path, images):
-        if image.stem in stems and stems[image.stem] != image:
-            raise DataError(f"{image}: has the same name stem as {stems[image.stem]}; their outputs would overwrite each other")
-        stems[image.stem] = image
+    stems = _unique_stems(images)
     out_dir = output_folder(out_dir)
     records, errors = [], []
     for i, image_path in enumerate(stems.values(), start=1):
@@ -248,3 +254,67 @@ def predict_files(
         records.append(record)
         log(f"[{i}/{len(stems)}] {image_path}: {_title(model, record)} -> {json_path}")
     return records, errors
+
+
+# ------------------------------------------------------------------------ over Ray tasks
+def _predict_shard(model_path: str, metadata_path: str, provider: str, images: list[str],
+                   out_dir: str) -> tuple[list[dict[str, Any]], list[str], str]:
+    """One shard of :func:`predict_files_on_ray`, in a Ray task: the task opens the model itself
+    (one onnxruntime thread: the task holds one CPU) and writes its images' outputs into the shared
+    output folder."""
+    import ray
+
+    model = OnnxModel(model_path, metadata_path, threads=1, provider=provider, setting="--provider")
+    records, errors = predict_files(model, images, out_dir, log=lambda line: None, log_error=lambda line: None)
+    return records, errors, ray.get_runtime_context().get_node_id()
+
+
+def predict_files_on_ray(
+    model: OnnxModel,
+    images: Sequence[str | Path],
+    out_dir: str | Path,
+    workers: int,
+    gpus_per_worker: float = 0.0,
+    provider: str = "auto",
+    log: Callable[[str], None] = print,
+    log_error: Callable[[str], None] = _print_error,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """:func:`predict_files` with the files cut into ``workers`` contiguous shards, each run as a
+    Ray task (one CPU, ``gpus_per_worker`` GPUs) on the connected Ray instance or cluster, spread
+    over its nodes. Every file, the model and ``out_dir`` must be reachable at the same path from
+    every node (shared storage); the tasks get absolute paths (a Ray task does not run in the
+    driver's folder), so each record's ``source`` is the file's absolute path. Otherwise each
+    file's outputs are those :func:`predict_files` writes for it. Returns the records in the files' order and the error messages; ``log`` gets a line per
+    finished shard, ``log_error`` each file's error."""
+    import ray
+
+    stems = _unique_stems(images)  # the same checks as one process, before any task starts
+    out_dir = output_folder(out_dir)
+    files = [str(path.resolve()) for path in stems.values()]
+    size = max(1, math.ceil(len(files) / max(workers, 1)))
+    shards = [files[first:first + size] for first in range(0, len(files), size)]
+    # SPREAD: the shards go to every node. A task lost with its node runs again elsewhere
+    # (max_retries): its outputs are replaced atomically, file by file.
+    task = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_retries=2, scheduling_strategy="SPREAD")(_predict_shard)
+    pending = {task.remote(str(Path(model.path).resolve()), str(Path(model.metadata_path).resolve()), provider, shard,
+                           str(out_dir.resolve())): index
+               for index, shard in enumerate(shards)}
+    log(f"predicting {len(files)} images as {len(shards)} Ray tasks of at most {size} images each")
+    done: dict[int, list[dict[str, Any]]] = {}
+    errors: list[str] = []
+    nodes: set[str] = set()
+    finished = 0
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        index = pending.pop(ready[0])
+        done[index], shard_errors, node = ray.get(ready[0])
+        nodes.add(node)
+        for message in shard_errors:
+            log_error(f"error: {message}")
+        errors += shard_errors
+        finished += len(shards[index])
+        log(f"[{finished}/{len(files)}] shard {index + 1} of {len(shards)}: {len(done[index])} predicted, "
+            f"{len(shard_errors)} failed")
+    log(f"the {len(shards)} tasks ran on {len(nodes)} Ray node(s); outputs in {out_dir}")
+    return [record for index in range(len(shards)) for record in done[index]], errors
+

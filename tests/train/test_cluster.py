@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import yaml
@@ -292,3 +293,33 @@ def test_evaluate_sharded_over_both_nodes_writes_the_single_process_metrics(clus
     # 20 test images in batches of 4: shards 0:8, 8:16, 16:20 of each of 3 passes.
     assert "evaluating 3 passes as 9 Ray tasks" in log and "ran on 2 Ray node(s)" in log, log[-3000:]
     assert metrics_path.read_text() == reference
+
+
+def test_predict_sharded_over_both_nodes_writes_the_single_process_outputs(cluster, tmp_path_factory):
+    """``uml predict --workers 4`` with RAY_ADDRESS set joins the cluster; the shards run as tasks
+    on both nodes and every output file is the one-process run's (toy model and images in the
+    shared folder)."""
+    from PIL import Image
+
+    from tests.toy_onnx import draw_fundus, export_toy
+
+    shared = cluster.base / "shared-predict"
+    model = export_toy(shared / "models")
+    images = []
+    for i, ratio in enumerate(np.linspace(0.2, 0.8, 8)):
+        images.append(shared / "photos" / f"eye{i}.png")
+        images[-1].parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(draw_fundus(128, 40, float(ratio))[0]).save(images[-1])
+    command = [sys.executable, "-m", "uml.cli", "predict", *map(str, images), "--model", str(model)]
+    env = {**cluster.env, "PYTHONPATH": str(REPO)}
+    one = _run([*command, "--out", str(shared / "one")], env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    sharded = _run([*command, "--out", str(shared / "ray"), "--workers", "4"], env={**env, "RAY_ADDRESS": cluster.gcs},
+                   timeout=300)
+    assert sharded.returncode == 0, (sharded.stdout + sharded.stderr)[-5000:]
+    assert "predicting 8 images as 4 Ray tasks of at most 2 images each" in sharded.stdout
+    assert "the 4 tasks ran on 2 Ray node(s)" in sharded.stdout, sharded.stdout[-3000:]
+    written = sorted(p.name for p in (shared / "one").iterdir())
+    assert len(written) == 16 and written == sorted(p.name for p in (shared / "ray").iterdir())
+    for name in written:
+        assert (shared / "ray" / name).read_bytes() == (shared / "one" / name).read_bytes(), name
