@@ -152,15 +152,16 @@ def copy_repository(dest: Path) -> None:
         shutil.copy2(source, target)
 
 
-def run_miniature_dag(dest: Path) -> MiniDag:
+def run_miniature_dag(dest: Path, overrides: tuple[str, ...] = (), env_vars: dict[str, str] | None = None) -> MiniDag:
     """Copy the repository to ``dest`` with its committed ``params.yaml`` (the defaults, whatever
-    the working copy holds), commit that, change ``params.yaml`` to the tiny values in the working
-    tree only, and run ``dvc repro``."""
+    the working copy holds), commit that, change ``params.yaml`` to the tiny values (then
+    ``overrides``) in the working tree only, and run ``dvc repro`` (with ``env_vars`` over
+    :func:`stage_env`'s, e.g. a ``RAY_ADDRESS``)."""
     if not (REPO / ".git").exists():
         raise DagUnavailable(f"miniature DAG: {REPO} has no .git; the DAG test needs a git checkout of the repository")
     reuse = (dest / ".git").is_dir()
     copy_repository(dest)
-    env = stage_env(dest)
+    env = {**stage_env(dest), **(env_vars or {})}
     dvc = shutil.which("dvc", path=env["PATH"])
     if dvc is None:
         raise DagUnavailable(f"miniature DAG: no `dvc` next to {sys.executable} or on PATH; install the project "
@@ -179,7 +180,7 @@ def run_miniature_dag(dest: Path) -> MiniDag:
     if not reuse or staged:
         _check(["git", "commit", "-q", "-m", "miniature DAG baseline (the committed defaults)"], dest, env, "git commit")
     # The tiny values as a user's edit of the working copy: committed defaults, changed params.yaml.
-    tiny = yaml.safe_dump(apply_overrides(yaml.safe_load(defaults), TINY_DAG), sort_keys=False)
+    tiny = yaml.safe_dump(apply_overrides(yaml.safe_load(defaults), (*TINY_DAG, *overrides)), sort_keys=False)
     params.write_text(tiny)
     origin = _check([sys.executable, "-c", "import uml; print(uml.__file__)"], dest, env, "importing uml").strip()
 

@@ -323,3 +323,25 @@ def test_predict_sharded_over_both_nodes_writes_the_single_process_outputs(clust
     assert len(written) == 16 and written == sorted(p.name for p in (shared / "ray").iterdir())
     for name in written:
         assert (shared / "ray" / name).read_bytes() == (shared / "one" / name).read_bytes(), name
+
+
+def test_dvc_repro_with_ray_address_runs_the_stages_on_the_cluster(cluster):
+    """The how-to's `RAY_ADDRESS=... RAY_AUTH_MODE=token dvc repro` from a checkout on the shared
+    folder: the miniature DAG (tests/dag/miniature.py, 2 training epochs) with every Ray stage
+    joining the two-node cluster instead of starting a local instance, evaluate sharded over both
+    nodes, and DVC's record complete afterwards."""
+    from tests.dag.miniature import run_miniature_dag
+
+    env = {"RAY_ADDRESS": cluster.gcs, "RAY_AUTH_MODE": "token", "HOME": cluster.env["HOME"],
+           "GLOO_SOCKET_IFNAME": "lo", "MPLCONFIGDIR": cluster.env["MPLCONFIGDIR"]}
+    dag = run_miniature_dag(cluster.base / "dag", overrides=("train.epochs=2", "train.constant_epochs=2",
+                                                             "evaluate.workers=2", "evaluate.batch_size=4"), env_vars=env)
+    log = dag.repro_log
+    for stage in ("tune", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in log
+    assert log.count(f"joining Ray cluster at {cluster.gcs}") == 3, log[-6000:]
+    assert "starting a local Ray instance" not in log
+    # 12 test images in batches of 4, 2 shards (8 + 4 images) per pass, 3 passes.
+    assert "evaluating 3 passes as 6 Ray tasks" in log and "ran on 2 Ray node(s)" in log, log[-6000:]
+    assert "up to date" in dag.status_after
+    assert (dag.root / "data" / "reports" / "metrics.json").is_file()
