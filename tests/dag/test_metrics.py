@@ -50,6 +50,8 @@ def expected_keys() -> list[str]:
     cls_names = ["acc", "auc", "kappa", "sensitivity", "specificity", "f1", "ece", "nll", "brier", "ece_debiased",
                  "ece_equal_mass"]
     keys = [f"cls/{k}" for k in cls_names] + [f"raw/cls/{k}" for k in cls_names]
+    # The debiased ECE's noise check (the null's 95th percentile and the consistency p-value).
+    keys += [f"{prefix}cls/ece_debiased_{k}" for prefix in ("", "raw/") for k in ("null95", "p_value")]
     keys += ["clinical/vcdr_mae", "clinical/vcdr_auc", "clinical/vcdr_interval_halfwidth", "clinical/vcdr_interval_coverage",
              "clinical/vcdr_interval_coverage_non-glaucoma", "clinical/vcdr_interval_coverage_glaucoma",
              "reference/vcdr_auc", "reference/positive_fraction",
