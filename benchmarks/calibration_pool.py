@@ -56,7 +56,7 @@ def calibration_row(labels: np.ndarray, prob: np.ndarray, bins: int, seed: int) 
 
     null = metrics.ece_debiased_null(prob, bins, RESAMPLES, seed)
     return {"ece_debiased": metrics.ece_debiased(labels, prob, bins), "null95": float(np.quantile(null, 0.95)),
-            "p_value": metrics.ece_consistency_p_value(labels, prob, bins, RESAMPLES, seed),
+            "p_value": metrics.ece_consistency_p_value(labels, prob, bins, null=null),
             "nll": metrics.nll(labels, prob), "acc": metrics.acc(labels, metrics.predicted_class(prob))}
 
 

@@ -509,7 +509,7 @@ def evaluate_split(model: OnnxModel, split: TestSplit, cfg: EvaluateParams,
             null = metrics.ece_debiased_null(prob, cfg.calibration_bins, CONSISTENCY_RESAMPLES, cfg.seed)
             result[f"{prefix}cls/ece_debiased_null95"] = float(np.quantile(null, 0.95))
             result[f"{prefix}cls/ece_debiased_p_value"] = metrics.ece_consistency_p_value(
-                labels, prob, cfg.calibration_bins, CONSISTENCY_RESAMPLES, cfg.seed)
+                labels, prob, cfg.calibration_bins, null=null)
         error = metrics.predicted_class(clean.class_prob) != labels
         result["unc/error_auroc"] = metrics.error_auroc(clean.class_uncertainty, error)
         result["raw/unc/error_auroc"] = metrics.error_auroc(clean.class_uncertainty_raw, error)

@@ -369,16 +369,18 @@ def ece_debiased_null(prob: np.ndarray, bins: int = 10, resamples: int = 1000, s
 
 
 def ece_consistency_p_value(labels: np.ndarray, prob: np.ndarray, bins: int = 10, resamples: int = 1000,
-                            seed: int = 0) -> float:
+                            seed: int = 0, null: np.ndarray | None = None) -> float:
     """How often a perfectly calibrated model with these confidences measures a debiased ECE at
     least as large as this one: ``(1 + #{null >= observed}) / (1 + resamples)`` over
     :func:`ece_debiased_null` (a Monte Carlo p-value, never 0). Small: the miscalibration is real;
-    large: the measured ECE is within what sampling alone produces on this many images. ``nan``
-    for an empty input."""
+    large: the measured ECE is within what sampling alone produces on this many images. ``null``:
+    that null distribution when the caller has drawn it already (``resamples`` and ``seed`` are
+    then unused). ``nan`` for an empty input."""
     observed = ece_debiased(labels, prob, bins)
     if math.isnan(observed):
         return math.nan
-    null = ece_debiased_null(prob, bins, resamples, seed)
+    if null is None:
+        null = ece_debiased_null(prob, bins, resamples, seed)
     return float((1 + np.count_nonzero(null >= observed)) / (1 + null.size))
 
 

@@ -284,8 +284,9 @@ def predict_files_on_ray(
     over its nodes. Every file, the model and ``out_dir`` must be reachable at the same path from
     every node (shared storage); the tasks get absolute paths (a Ray task does not run in the
     driver's folder), so each record's ``source`` is the file's absolute path. Otherwise each
-    file's outputs are those :func:`predict_files` writes for it. Returns the records in the files' order and the error messages; ``log`` gets a line per
-    finished shard, ``log_error`` each file's error."""
+    file's outputs are those :func:`predict_files` writes for it. Returns the records in the
+    files' order and the error messages; ``log`` gets a line per finished shard, ``log_error``
+    each file's error."""
     import ray
 
     stems = _unique_stems(images)  # the same checks as one process, before any task starts
