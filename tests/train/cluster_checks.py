@@ -6,7 +6,8 @@ one JSON line and exits.
 
     python tests/train/cluster_checks.py ADDRESS paths PARAMS...    # the shared-path preflight
     python tests/train/cluster_checks.py ADDRESS stages PARAMS...   # train and tune drivers' preflight
-    python tests/train/cluster_checks.py ADDRESS workers            # nodes of the Ray Train workers so far
+    python tests/train/cluster_checks.py ADDRESS workers [TEXT]     # nodes of the Ray Train workers so far
+                                                                    # (of the drivers whose command line has TEXT)
     python tests/train/cluster_checks.py - beside PARAMS            # a local instance while the cluster runs
     python tests/train/cluster_checks.py ADDRESS settings PARAMS    # what each training worker sees
 """
@@ -138,9 +139,12 @@ def main(address: str, mode: str, files: list[str]) -> dict:
                 except ClusterError as exc:
                     results[f"{path}:{stage.__name__}"] = {"error": str(exc), "seconds": time.perf_counter() - start}
     if mode == "workers":
-        from ray.util.state import list_actors
+        from ray.util.state import list_actors, list_jobs
 
         actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000)
+        if files:  # only the workers of the drivers whose command line contains files[0]
+            jobs = {job.job_id for job in list_jobs(address=address, limit=1000) if files[0] in (job.entrypoint or "")}
+            actors = [actor for actor in actors if actor.job_id in jobs]
         node_ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
         results["workers"] = [node_ips.get(actor.node_id) for actor in actors]
     return results

@@ -1,7 +1,8 @@
 """A real two-node Ray cluster on this machine, set up with the commands of
 docs/how-to/ray-cluster.md: a token made with ``ray get-auth-token --generate``, a head started with
 ``RAY_AUTH_MODE=token ray start --head``, a second node joining with ``ray start --address`` and
-the token in ``RAY_AUTH_TOKEN``, and ``ray job submit`` of the train stage.
+the token in ``RAY_AUTH_TOKEN``, ``ray job submit`` of the stages, and ``dvc repro`` with
+``RAY_ADDRESS``.
 
 The nodes use the loopback addresses 127.0.0.2 (head) and 127.0.0.3: Ray rewrites 127.0.0.1 to
 the machine's LAN address unless it runs in single-node mode, which refuses a second node.
@@ -35,7 +36,6 @@ import yaml
 from uml.config import Paths, load_params, parse_params
 from uml.data.prepare import prepare
 from uml.data.store import compute_content_hash, open_prepared
-from uml.models import load_model
 
 from tests.train.cluster_checks import LACKS_ENV
 from tests.train.test_job_submit import AGENT_NOT_READY, SUBMIT_TRIES, _stop
@@ -150,21 +150,6 @@ def _variant(shared_params: Path, name: str, **sections) -> Path:
     path = shared_params.with_name(f"{name}.yaml")
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
-
-
-def test_job_submit_trains_one_worker_per_node_with_identical_replicas(cluster, shared_data):
-    job = cluster.submit(shared_data)
-    log = job.stdout + job.stderr
-    assert job.returncode == 0, log[-5000:]
-    assert "joining Ray cluster" in log and "succeeded" in log
-    params = load_params(shared_data)
-    paths = Paths(params)
-    assert load_model(paths.model_pt).extra["best_epoch"] == 0
-    # Placement: the two training workers ran on the two nodes (Ray's own record of the actors).
-    assert sorted(cluster.checks("workers")["workers"]) == [HEAD_IP, WORKER_IP]
-    # DDP kept the replicas identical: the parameter checksums of both ranks agreed every epoch.
-    drift = (paths.train_dir / "plots" / "metrics" / "ddp" / "param_drift.tsv").read_text().splitlines()[1:]
-    assert [float(row.split("\t")[1]) for row in drift] == [0.0]  # after the epoch's DDP steps
 
 
 def test_job_submit_with_a_relative_data_root_stops_before_anything_runs(cluster, shared_data):
@@ -328,20 +313,27 @@ def test_predict_sharded_over_both_nodes_writes_the_single_process_outputs(clust
 def test_dvc_repro_with_ray_address_runs_the_stages_on_the_cluster(cluster):
     """The how-to's `RAY_ADDRESS=... RAY_AUTH_MODE=token dvc repro` from a checkout on the shared
     folder: the miniature DAG (tests/dag/miniature.py, 2 training epochs) with every Ray stage
-    joining the two-node cluster instead of starting a local instance, evaluate sharded over both
-    nodes, and DVC's record complete afterwards."""
+    joining the two-node cluster instead of starting a local instance, training with DDP on one
+    worker per node, evaluate sharded over both nodes, and DVC's record complete afterwards."""
     from tests.dag.miniature import run_miniature_dag
 
     env = {"RAY_ADDRESS": cluster.gcs, "RAY_AUTH_MODE": "token", "HOME": cluster.env["HOME"],
            "GLOO_SOCKET_IFNAME": "lo", "MPLCONFIGDIR": cluster.env["MPLCONFIGDIR"]}
-    dag = run_miniature_dag(cluster.base / "dag", overrides=("train.epochs=2", "train.constant_epochs=2",
-                                                             "evaluate.workers=2", "evaluate.batch_size=4"), env_vars=env)
+    dag = run_miniature_dag(cluster.base / "dag", env_vars=env, overrides=(
+        "train.epochs=2", "train.constant_epochs=2", "ray.num_workers=2", f"ray.resources_per_worker={json.dumps(SLOT)}",
+        "evaluate.workers=2", "evaluate.batch_size=4"))
     log = dag.repro_log
     for stage in ("tune", "train", "evaluate"):
         assert f"Running stage '{stage}'" in log
     assert log.count(f"joining Ray cluster at {cluster.gcs}") == 3, log[-6000:]
     assert "starting a local Ray instance" not in log
+    # Placement: the train stage's two workers ran on the two nodes (Ray's own record of the actors
+    # of the driver `python -m pipeline.train`).
+    assert sorted(cluster.checks("workers", "pipeline.train")["workers"]) == [HEAD_IP, WORKER_IP]
+    # DDP kept the replicas identical: the parameter checksums of both ranks agreed every epoch.
+    drift = (dag.data / "train" / "plots" / "metrics" / "ddp" / "param_drift.tsv").read_text().splitlines()[1:]
+    assert [float(row.split("\t")[1]) for row in drift] == [0.0, 0.0]
     # 12 test images in batches of 4, 2 shards (8 + 4 images) per pass, 3 passes.
     assert "evaluating 3 passes as 6 Ray tasks" in log and "ran on 2 Ray node(s)" in log, log[-6000:]
     assert "up to date" in dag.status_after
-    assert (dag.root / "data" / "reports" / "metrics.json").is_file()
+    assert (dag.data / "reports" / "metrics.json").is_file()
