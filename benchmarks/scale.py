@@ -21,14 +21,22 @@ largest, the growth of time per image and of peak RSS, with the exponent of a le
 of log(time) and log(RSS) against log(N) (1: linear, 0: flat).
 
 With ``--evaluate``, also the evaluate stage's wall time and peak RSS (``ru_maxrss`` of a
-process that runs it alone) on the test split of each N (prepared at ``--image-size`` in one
-process), with the toy model of ``tests/toy_onnx.py`` exported at that size (its own cost is
-negligible, so the numbers are the stage's), two ways:
-``stream``, the stage as it is (the store read a batch at a time), and ``whole``, the split
-loaded into memory first and evaluated from arrays (what the stage did before it streamed).
+process that runs it alone) on the test split of each N (prepared at ``--image-size``), with the
+toy model of ``tests/toy_onnx.py`` exported at that size (its own cost is negligible, so the
+numbers are the stage's), three ways: ``stream``, the stage as it is (the store read a batch at a
+time, in one process); ``ray x2``, the same stage with ``evaluate.workers: 2`` (the passes'
+shards as Ray tasks on a local instance; its peak RSS is the driver's, and the sampled peak of
+everything, Ray's own processes included, is shown beside it); and ``whole``, the split loaded
+into memory first and evaluated from arrays (what the stage did before it streamed).
+
+With ``--train``, also one epoch of the train stage on each N's store (the default params: the
+``small`` model, ``train.steps_per_epoch`` steps of the global batch on ``ray.num_workers``
+workers, then validation on the whole validation split), in a fresh process with a local Ray
+instance: the wall time of the stage after Ray has started, the driver's peak RSS and the sampled
+peak of everything (the training workers included).
 
     python benchmarks/scale.py                                        # N = 200, 400, 800 at 128 px
-    python benchmarks/scale.py --sizes 1000 4000 16000 --image-size 256
+    python benchmarks/scale.py --sizes 1000 4000 16000 --image-size 256 --evaluate --train
     python benchmarks/scale.py --evaluate --processes 1               # evaluate's memory against N
 
 Read the ratios of one run, not the absolute numbers: other work on the machine slows every
@@ -42,6 +50,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from _machine import command_line, cpu_name  # noqa: E402
 
 MB = 1024 * 1024
+EVALUATE_MODES = ("stream", "ray x2", "whole")
 
 
 class PeakMemory:
@@ -150,45 +160,98 @@ def evaluate_run(root: str, mode: str, image_size: int) -> dict:
     from uml.evaluate import evaluate, evaluate_arrays
     from uml.onnx_model import OnnxModel
 
-    params = parse_params({"data": {"root": root, "image_size": image_size}, "evaluate": {"provider": "cpu"}})
+    workers = 2 if mode == "ray x2" else 0
+    params = parse_params({"data": {"root": root, "image_size": image_size},
+                           "evaluate": {"provider": "cpu", "workers": workers}})
     paths = Paths(params)
-    started = time.perf_counter()
-    if mode == "stream":
-        evaluate(params)
-    else:
-        model = OnnxModel(paths.model_onnx, provider="cpu")
-        images, masks, labels, ids = load_split(open_prepared(paths.dataset), "test")
-        evaluate_arrays(model, images, masks, labels, params.evaluate, plots_dir=paths.plots, ids=ids)
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        if mode in ("stream", "ray x2"):
+            evaluate(params)
+        else:
+            model = OnnxModel(paths.model_onnx, provider="cpu")
+            images, masks, labels, ids = load_split(open_prepared(paths.dataset), "test")
+            evaluate_arrays(model, images, masks, labels, params.evaluate, plots_dir=paths.plots, ids=ids)
+        seconds = time.perf_counter() - started
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": seconds, "rss": own, "rss_total": max(memory.total, own),
             "test_images": len(open_prepared(paths.dataset, verify=False).split("test"))}
 
 
-def evaluate_table(sizes: list[int], image_size: int, render_size: int) -> None:
-    """Prepare a store per N with the toy model beside it, then evaluate it both ways."""
+def train_run(root: str, image_size: int) -> dict:
+    """One epoch of the train stage on the store under ``root``, in this process, with a local Ray
+    instance started first (its start-up is not in the time)."""
+    from uml.config import Paths, parse_params
+    from uml.data.store import open_prepared
+    from uml.train.cluster import ray_session
+    from uml.train.trainer import train
+
+    params = parse_params({"data": {"root": root, "image_size": image_size},
+                           "train": {"epochs": 1, "use_tuned": False}})
+    with ray_session(params), PeakMemory() as memory:
+        started = time.perf_counter()
+        train(params)
+        seconds = time.perf_counter() - started
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    store = open_prepared(Paths(params).dataset, verify=False)
+    return {"seconds": seconds, "rss": own, "rss_total": max(memory.total, own),
+            "train_images": len(store.split("train")), "val_images": len(store.split("val")),
+            "steps": params.train.steps_per_epoch, "batch": params.train.batch_size, "workers": params.ray.num_workers}
+
+
+def stage_tables(sizes: list[int], image_size: int, render_size: int, with_evaluate: bool, with_train: bool) -> None:
+    """Prepare a store per N (2 decoding processes; not measured here), with the toy model beside
+    it for evaluate, then measure evaluate three ways and one training epoch, each in a fresh process."""
     from tests.toy_onnx import export_toy
 
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="uml-scale-eval-") as folder:
+    evaluations, trainings = [], []
+    with tempfile.TemporaryDirectory(prefix="uml-scale-stages-") as folder:
         for n in sizes:
             root = Path(folder) / f"n{n}"
             _child("--prepare-only", n, image_size, render_size, root)
-            export_toy(root / "models", image_size=image_size)
-            for mode in ("stream", "whole"):
-                rows.append({"n": n, "mode": mode, **_child("--evaluate-child", root, mode, image_size)})
-    print(f"\nevaluate (toy model, {image_size} px, 1 clean + 6 noisy passes, 1000 bootstrap resamples)\n")
-    print("| N | test images | mode | wall (s) | peak RSS (MB) |")
-    print("|---:|---:|---|---:|---:|")
-    for row in rows:
-        print(f"| {row['n']} | {row['test_images']} | {row['mode']} | {row['seconds']:.1f} | {row['rss'] / MB:.0f} |")
-    if len(sizes) > 1:
-        print(f"\n| mode | peak RSS, N={sizes[-1]} vs {sizes[0]} | RSS exponent | time exponent |")
-        print("|---|---:|---:|---:|")
-        for mode in ("stream", "whole"):
-            chosen = [row for row in rows if row["mode"] == mode]
-            print(f"| {mode} | {chosen[-1]['rss'] / chosen[0]['rss']:.2f}x | "
-                  f"{exponent(sizes, [row['rss'] for row in chosen]):.2f} | "
-                  f"{exponent(sizes, [row['seconds'] for row in chosen]):.2f} |")
+            if with_evaluate:
+                export_toy(root / "models", image_size=image_size)
+                for mode in EVALUATE_MODES:
+                    evaluations.append({"n": n, "mode": mode, **_child("--evaluate-child", root, mode, image_size)})
+            if with_train:
+                trainings.append({"n": n, **_child("--train-child", root, image_size)})
+            shutil.rmtree(root)  # the next N's store beside it would double the disk needed
+    if evaluations:
+        print(f"\nevaluate (toy model, {image_size} px, 1 clean + 6 noisy passes, 1000 bootstrap resamples)\n")
+        print("| N | test images | mode | wall (s) | peak RSS, driver (MB) | peak RSS, all processes (MB) |")
+        print("|---:|---:|---|---:|---:|---:|")
+        for row in evaluations:
+            print(f"| {row['n']} | {row['test_images']} | {row['mode']} | {row['seconds']:.1f} | {row['rss'] / MB:.0f} | "
+                  f"{row['rss_total'] / MB:.0f} |")
+        if len(sizes) > 1:
+            print(f"\n| mode | time per image, N={sizes[-1]} vs {sizes[0]} | time exponent | peak RSS (driver), "
+                  f"N={sizes[-1]} vs {sizes[0]} | RSS exponent |")
+            print("|---|---:|---:|---:|---:|")
+            for mode in EVALUATE_MODES:
+                chosen = [row for row in evaluations if row["mode"] == mode]
+                per_image = (chosen[-1]["seconds"] / chosen[-1]["test_images"]) / (chosen[0]["seconds"] / chosen[0]["test_images"])
+                print(f"| {mode} | {per_image:.2f}x | {exponent(sizes, [row['seconds'] for row in chosen]):.2f} | "
+                      f"{chosen[-1]['rss'] / chosen[0]['rss']:.2f}x | {exponent(sizes, [row['rss'] for row in chosen]):.2f} |")
+            stream = {row["n"]: row for row in evaluations if row["mode"] == "stream"}
+            print("\n| N | ray x2 vs stream: speed-up |")
+            print("|---:|---:|")
+            for row in (r for r in evaluations if r["mode"] == "ray x2"):
+                print(f"| {row['n']} | {stream[row['n']]['seconds'] / row['seconds']:.2f}x |")
+    if trainings:
+        first = trainings[0]
+        print(f"\none training epoch (default params: {first['steps']} steps of batch {first['batch']} on {first['workers']} "
+              f"Ray workers, then validation; {image_size} px; Ray's start-up not included)\n")
+        print("| N | train images | val images | wall (s) | peak RSS, driver (MB) | peak RSS, all processes (MB) |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for row in trainings:
+            print(f"| {row['n']} | {row['train_images']} | {row['val_images']} | {row['seconds']:.1f} | "
+                  f"{row['rss'] / MB:.0f} | {row['rss_total'] / MB:.0f} |")
+        if len(sizes) > 1:
+            print(f"\n| time exponent | peak RSS (all), N={sizes[-1]} vs {sizes[0]} | RSS exponent (all) |")
+            print("|---:|---:|---:|")
+            print(f"| {exponent(sizes, [row['seconds'] for row in trainings]):.2f} | "
+                  f"{trainings[-1]['rss_total'] / trainings[0]['rss_total']:.2f}x | "
+                  f"{exponent(sizes, [row['rss_total'] for row in trainings]):.2f} |")
 
 
 def exponent(sizes: list[int], values: list[float]) -> float:
@@ -205,9 +268,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128, help="data.image_size (default %(default)s)")
     parser.add_argument("--render-size", type=int, default=256, help="data.synthetic.render_size (default %(default)s)")
     parser.add_argument("--evaluate", action="store_true", help="also measure the evaluate stage (toy model)")
+    parser.add_argument("--train", action="store_true", help="also measure one epoch of the train stage")
     parser.add_argument("--child", nargs=4, type=int, metavar=("N", "PROCESSES", "SIZE", "RENDER"), help=argparse.SUPPRESS)
     parser.add_argument("--prepare-only", nargs=4, metavar=("N", "SIZE", "RENDER", "ROOT"), help=argparse.SUPPRESS)
     parser.add_argument("--evaluate-child", nargs=3, metavar=("ROOT", "MODE", "SIZE"), help=argparse.SUPPRESS)
+    parser.add_argument("--train-child", nargs=2, metavar=("ROOT", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(one_run(*args.child)))
@@ -217,13 +282,17 @@ def main() -> None:
         from uml.data.prepare import prepare
 
         n, size, render, root = args.prepare_only
-        prepare(parse_params({"data": {"root": root, "image_size": int(size), "prepare_workers": 1,
+        prepare(parse_params({"data": {"root": root, "image_size": int(size), "prepare_workers": 2,
                                        "synthetic": {"num_images": int(n), "render_size": int(render)}}}))
         print("{}")
         return
     if args.evaluate_child:
         root, mode, size = args.evaluate_child
         print(json.dumps(evaluate_run(root, mode, int(size))))
+        return
+    if args.train_child:
+        root, size = args.train_child
+        print(json.dumps(train_run(root, int(size))))
         return
 
     sizes, counts = sorted(args.sizes), sorted(args.processes)
@@ -265,8 +334,8 @@ def main() -> None:
     differing = [n for n in sizes if len({runs[n, p]["hash"] for p in counts}) > 1]
     print("\ncontent hash: " + (f"DIFFERS between process counts at N = {differing}" if differing
                                 else "the same for every process count at each N"))
-    if args.evaluate:
-        evaluate_table(sizes, args.image_size, args.render_size)
+    if args.evaluate or args.train:
+        stage_tables(sizes, args.image_size, args.render_size, args.evaluate, args.train)
     if differing:
         raise SystemExit(1)
 

@@ -124,12 +124,12 @@ def test_a_worker_that_raises_once_is_recovered_from_its_checkpoint(tiny):
     cfg = model_config(params, data.class_names, data.mask_classes, data.image_size)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
-        result = run_trainer(params, name="recover-once", model_cfg=cfg, epochs=3, train_loop=_fail_once_after_first_epoch)
+        result = run_trainer(params, name="recover-once", model_cfg=cfg, epochs=2, train_loop=_fail_once_after_first_epoch)
     finally:
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert (Path(params.data.root) / "failed-once").exists()  # the failure did happen
     history = read_history(result.checkpoint)
-    assert [int(r["epoch"]) for r in history] == [0, 1, 2]  # resumed after epoch 0, nothing repeated or lost
+    assert [int(r["epoch"]) for r in history] == [0, 1]  # resumed after epoch 0, nothing repeated or lost
     assert result.error is None
 
 

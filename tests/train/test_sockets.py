@@ -45,6 +45,21 @@ def _listeners(root: psutil.Process) -> dict[tuple[str, int], tuple[int, str]]:
     return found
 
 
+def _process_titles(root: psutil.Process) -> dict[int, str]:
+    """pid -> process name (a Ray worker's title) of ``root`` and each of its descendants now."""
+    found = {}
+    try:
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return found
+    for process in processes:
+        try:
+            found[process.pid] = process.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
 def _is_train_worker(process: psutil.Process) -> bool:
     try:
         return process.name().startswith(TRAIN_WORKER)
