@@ -27,7 +27,7 @@ from uml.train.checkpoints import read_history
 from uml.train.trainer import model_config, run_trainer, train
 from uml.train.worker import SCORE_KEY, train_loop_per_worker
 
-from tests.train.test_sockets import _is_loopback, _is_loopback_interface, _is_train_worker, _listeners
+from tests.train.test_sockets import TRAIN_WORKER, _is_loopback, _is_loopback_interface, _listeners, _process_titles
 from tests.train.tiny import write_tiny_params
 
 pytestmark = pytest.mark.slow
@@ -202,11 +202,10 @@ def _assert_the_held_run_listens_on_loopback_only(driver: psutil.Process) -> Non
     exposed = {address: who for address, who in listeners.items() if not _is_loopback(address[0])}
     assert not exposed, f"listening beyond loopback: {exposed}"
     assert {"gcs_server", "raylet"} <= {name for _, name in listeners.values()}, listeners
-    workers = [process for process in driver.children(recursive=True) if _is_train_worker(process)]
-    assert len(workers) == 2, listeners  # ray.num_workers
-    worker_pids = {process.pid for process in workers}
+    worker_pids = {pid for pid, title in _process_titles(driver).items() if title.startswith(TRAIN_WORKER)}
+    assert len(worker_pids) == 2, listeners  # ray.num_workers
     assert len([pid for pid, _ in listeners.values() if pid in worker_pids]) >= 3, listeners
-    assert all(_is_loopback_interface(process.environ().get("GLOO_SOCKET_IFNAME", "")) for process in workers)
+    assert all(_is_loopback_interface(psutil.Process(pid).environ().get("GLOO_SOCKET_IFNAME", "")) for pid in worker_pids)
 
 
 class _ReportLog(ray.train.UserCallback):

@@ -26,14 +26,18 @@ def _is_loopback(ip: str) -> bool:
     return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
+def _process_tree(root: psutil.Process) -> list[psutil.Process]:
+    """``root`` and its descendants now (none once ``root`` has ended)."""
+    try:
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def _listeners(root: psutil.Process) -> dict[tuple[str, int], tuple[int, str]]:
     """(ip, port) -> (pid, process name) of every listening socket of ``root`` and its descendants."""
     found = {}
-    try:
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return found
-    for process in processes:
+    for process in _process_tree(root):
         try:
             connections = process.net_connections(kind="inet")
             name = process.name()
@@ -48,23 +52,12 @@ def _listeners(root: psutil.Process) -> dict[tuple[str, int], tuple[int, str]]:
 def _process_titles(root: psutil.Process) -> dict[int, str]:
     """pid -> process name (a Ray worker's title) of ``root`` and each of its descendants now."""
     found = {}
-    try:
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return found
-    for process in processes:
+    for process in _process_tree(root):
         try:
             found[process.pid] = process.name()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
-
-
-def _is_train_worker(process: psutil.Process) -> bool:
-    try:
-        return process.name().startswith(TRAIN_WORKER)
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
 
 
 def _is_loopback_interface(name: str) -> bool:
