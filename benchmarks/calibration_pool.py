@@ -5,7 +5,7 @@ fresh pool of synthetic images, thousands instead of the test split's few hundre
     python benchmarks/calibration_pool.py --runs . --pool 1000 --out /tmp/c     # the default run (data/ under .)
 
 Why: the debiased ECE of a perfectly calibrated model, measured on 350 images, exceeds 0.04 about
-one time in four (``metrics.ece_debiased_null``), so a run's ``cls/ece_debiased`` alone cannot
+one time in four (on 693, one time in nine) (``metrics.ece_debiased_null``), so a run's ``cls/ece_debiased`` alone cannot
 say whether its calibration misses 0.04. On ``--pool`` fresh images (the default data set's
 generator with another seed, never seen by training, calibration or test) the same measurement
 is about 3x less noisy at 3000 images.

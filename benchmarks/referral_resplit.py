@@ -7,7 +7,7 @@ vCDR interval refitted on many random calibration sets and checked on the images
 The exported model (``<root>/models/model.onnx`` with its ``metadata.json``) runs once over two
 sets of images that took no part in training or model selection:
 
-- ``store``: the prepared store's calibration and test splits together (700 images by default),
+- ``store``: the prepared store's calibration and test splits together (1386 images by default),
   split at random into a calibration half and a test half ``--resplits`` times;
 - ``pool``: ``--pool`` fresh synthetic images (the default data set's generator with another
   seed), from which each resplit draws a calibration set of the calibration split's size and

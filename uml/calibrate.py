@@ -45,8 +45,8 @@ from uml.quality import unusual_features
 log = logging.getLogger(__name__)
 
 # The segmentation temperature (and the error map's width) are fitted on at most this many
-# calibration pixels, drawn uniformly with a fixed seed: one number needs far fewer than the 5.7M
-# pixels of 350 images at 128 px, and each evaluation of the search costs time in proportion.
+# calibration pixels, drawn uniformly with a fixed seed: one number needs far fewer than the 11M
+# pixels of the default 693 images at 128 px, and each evaluation of the search costs time in proportion.
 SEG_TEMPERATURE_PIXELS = 1_000_000
 # The error map's Gaussian widths tried, in pixels (0: the entropy as it is).
 ERROR_MAP_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)

@@ -50,7 +50,7 @@ class _Section(BaseModel):
 
 # --------------------------------------------------------------------------------------- data
 class SyntheticParams(_Section):
-    num_images: int = Field(1400, ge=4)
+    num_images: int = Field(2100, ge=4)
     # Expected share of glaucoma labels (after label noise); the vCDR population is shifted to
     # reach it exactly in expectation. REFUGE: 0.1.
     positive_fraction: float = Field(0.5, gt=0.0, lt=1.0)
@@ -119,9 +119,9 @@ class SplitParams(_Section):
     # none; random: drawn with the shares below, stratified and seeded; auto: given when the data
     # set defines a split, else random.
     method: Literal["auto", "given", "random"] = "auto"
-    val: float = Field(0.07, gt=0.0, lt=1.0)
-    test: float = Field(0.25, gt=0.0, lt=1.0)
-    calib: float = Field(0.25, gt=0.0, lt=1.0)
+    val: float = Field(0.05, gt=0.0, lt=1.0)
+    test: float = Field(0.33, gt=0.0, lt=1.0)
+    calib: float = Field(0.33, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> "SplitParams":
@@ -253,7 +253,7 @@ class TrainParams(_Section):
     # batches per epoch, drawn from a stream of seeded passes over the training split that
     # reshuffles when a pass ends (nnU-Net style), so a small data set trains as long as a large
     # one. null: one pass over the training split per epoch (the published meaning of an epoch).
-    # 75 is one pass over the default synthetic set's 602 training images at a batch of 8.
+    # 75 is about one pass over the default synthetic set's 609 training images at a batch of 8.
     steps_per_epoch: int | None = Field(75, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0.0)

@@ -92,7 +92,7 @@ NOISE_KINDS: dict[str, tuple[int, Callable[[np.ndarray, float, np.random.Generat
 # Referred fractions of the referral curve plot (the metrics use evaluate.referral_fractions).
 REFERRAL_PLOT_FRACTIONS = tuple(np.round(np.arange(0.0, 0.91, 0.05), 2))
 # Label draws behind the debiased ECE's null distribution: a p-value resolves steps of 1/2001, and
-# the 95th percentile is steady to about 0.002 on 350 images.
+# the 95th percentile is steady to about 0.002 on a few hundred images.
 CONSISTENCY_RESAMPLES = 2000
 
 

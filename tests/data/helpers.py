@@ -106,9 +106,14 @@ def make_refuge_challenge(root: Path, train: dict[str, int], validation: dict[st
 
 
 def params_for(tmp_path: Path, **data: Any) -> Params:
-    """Params with data.root under tmp_path and small sizes; ``data`` overrides the data section."""
+    """Params with data.root under tmp_path and small sizes; ``data`` overrides the data section.
+
+    The split shares are fixed here (val 0.07, test 0.25, calib 0.25; a ``split`` override updates
+    them) because the tests' hand-counted split sizes follow from them, while the schema's defaults
+    are sized for the synthetic default's 2100 images and leave a few-image set's val split empty."""
     raw: dict[str, Any] = {"root": str(tmp_path / "out"), "image_size": 32}
-    raw.update(data)
+    split = {"val": 0.07, "test": 0.25, "calib": 0.25, **data.pop("split", {})}
+    raw.update(data, split=split)
     return parse_params({"data": raw}, source="<test>")
 
 
