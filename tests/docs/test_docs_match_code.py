@@ -364,3 +364,46 @@ def test_no_inline_code_breaks_across_lines():
         _, prose = split_page(page)
         broken += [f"{rel(page)}:{n}" for n, text in prose if text.replace("``", "").count("`") % 2]
     assert not broken, f"inline code spans broken across lines: {broken}"
+
+
+# ------------------------------------------------------------------ the command-line reference
+def _cli_reference_sections() -> dict[str, str]:
+    """docs/reference/cli.md's ``## `` sections by heading."""
+    text = (REPO / "docs" / "reference" / "cli.md").read_text()
+    return {part.splitlines()[0].strip(): part for part in re.split(r"^## ", text, flags=re.M)[1:]}
+
+
+def _flags_in(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", text))
+
+
+def test_the_cli_reference_lists_exactly_the_options_of_each_command():
+    # The reference's option tables and synopses are prose a code check above cannot reach (a
+    # flag in a table row is not a command line); here each `uml` subcommand's section names
+    # exactly the parser's options, and the stages' section exactly a stage's.
+    sections = _cli_reference_sections()
+    problems = []
+    for name, options in uml_subcommand_options().items():
+        body = sections.get(f"`uml {name}`")
+        if body is None:
+            problems.append(f"no section for `uml {name}`")
+            continue
+        named, real = _flags_in(body), options - {"--help", "-h"}
+        problems += [f"`uml {name}`: {flag} is documented but not an option" for flag in sorted(named - real)]
+        problems += [f"`uml {name}`: option {flag} is not documented" for flag in sorted(real - named)]
+    (stages_heading,) = [h for h in sections if "pipeline.<stage>" in h]
+    body = sections[stages_heading]
+    for stage in sorted(p.stem for p in (REPO / "pipeline").glob("[a-z]*.py")):
+        if f"python -m pipeline.{stage} " not in body:
+            problems.append(f"the stages' synopsis lacks pipeline.{stage}")
+        real = stage_options(stage) - {"--help", "-h"}
+        problems += [f"pipeline.{stage}: option {flag} is not documented" for flag in sorted(real - _flags_in(body))]
+        problems += [f"pipeline.{stage}: {flag} is documented but not an option" for flag in sorted(_flags_in(body) - real)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_cli_reference_lists_every_benchmark_script():
+    (heading,) = [h for h in _cli_reference_sections() if h.startswith("Benchmark scripts")]
+    body = _cli_reference_sections()[heading]
+    missing = [p.name for p in sorted((REPO / "benchmarks").glob("[a-z]*.py")) if f"`benchmarks/{p.name}`" not in body]
+    assert not missing, f"docs/reference/cli.md's benchmark table lacks {missing}"
