@@ -14,7 +14,8 @@ published loss weights: without it, each seed would train with the weights its o
 and the seed spread would mix the two), ``train.seed`` and, for ``softmax``,
 ``model.uncertainty: false``. The data set is prepared once and shared. Each run lives in
 ``<work>/<variant>-s<seed>/`` and is skipped when its record is there for the same params (an
-interrupted study resumes, and a run interrupted after training keeps its model); ``--reevaluate`` runs calibrate, export and evaluate of the finished
+interrupted study resumes, and a run interrupted after training keeps its model; so does a run whose
+params differ only in the calibrate, export or evaluate sections); ``--reevaluate`` runs calibrate, export and evaluate of the finished
 runs again (after a change to those stages: the trained models stay).
 
 Writes ``<out>/runs/<variant>-s<seed>.json`` (metrics, params overrides, wall time per stage),
@@ -120,6 +121,15 @@ def prepare_shared(base: dict[str, Any], extra: list[str], work: Path) -> Path:
     return store
 
 
+# Sections that only the stages after training read: a change there keeps a run's trained model.
+POST_TRAINING_SECTIONS = ("calibrate", "export", "evaluate")
+
+
+def training_params(raw: dict[str, Any]) -> dict[str, Any]:
+    """A run's params without the sections only the post-training stages read."""
+    return {section: values for section, values in raw.items() if section not in POST_TRAINING_SECTIONS}
+
+
 def run_one(base: dict[str, Any], variant: str, seed: int, extra: list[str], work: Path, store: Path, out: Path,
             reevaluate: bool = False) -> dict:
     name = f"{variant}-s{seed}"
@@ -135,9 +145,9 @@ def run_one(base: dict[str, Any], variant: str, seed: int, extra: list[str], wor
         if record.get("params") == raw and not reevaluate:
             log(f"{name}: done already ({record_path})")
             return record
-        if record.get("params") == raw and trained:
+        if training_params(record.get("params", {})) == training_params(raw) and trained:
             stages = STAGES[1:]  # the trained model stays; the stages after training run again
-    elif trained and params_file.exists() and yaml.safe_load(params_file.read_text()) == raw:
+    elif trained and params_file.exists() and training_params(yaml.safe_load(params_file.read_text())) == training_params(raw):
         stages = STAGES[1:]  # interrupted after training: the finished model is kept
     params_file.parent.mkdir(parents=True, exist_ok=True)
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))

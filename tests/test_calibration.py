@@ -14,6 +14,7 @@ from uml.calibration import (
     TEMPERATURE_BOUNDS,
     binomial_p_value,
     conformal_quantile,
+    fit_power_temperature,
     fit_referral_rule,
     fit_temperature,
     fit_unusual_rule,
@@ -49,6 +50,35 @@ def test_the_temperature_is_found_from_simulated_labels_and_keeps_the_order():
     assert roc_auc_score(labels, tempered[:, 1]) == roc_auc_score(labels, raw[:, 1])
     assert np.array_equal(tempered.argmax(1), raw.argmax(1))
     assert mean_nll(scores, labels, 1.0 / fit.temperature) == pytest.approx(fit.nll_after)
+
+
+def test_the_class_power_is_found_from_simulated_labels_and_keeps_the_order():
+    # Labels drawn from p1 = sigmoid(2 (|z| / 2)^1.5 sign(z) / 0.8), z the log-score difference: the
+    # centred scores are -z/2 and z/2, so power 1.5 and temperature 0.8 are the truth, a shape no
+    # single temperature matches.
+    rng = np.random.default_rng(5)
+    z = rng.normal(0.0, 2.0, 40000)
+    scores = np.stack([np.zeros_like(z), z], axis=1)
+    truth = expit(2.0 * np.sign(z) * (np.abs(z) / 2.0) ** 1.5 / 0.8)
+    labels = (rng.random(z.size) < truth).astype(int)
+    fit = fit_power_temperature(scores, labels)
+    assert fit.power == pytest.approx(1.5, rel=0.05) and fit.temperature == pytest.approx(0.8, rel=0.05)
+    plain = fit_temperature(scores, labels)
+    assert fit.nll_after < plain.nll_after < plain.nll_before == fit.nll_before
+    # The fitted probability against the true one, and the order of the raw scores kept.
+    mapped = 2.0 * np.sign(z) * (np.abs(z) / 2.0) ** fit.power / fit.temperature
+    assert np.abs(expit(mapped) - truth).max() < 0.02
+    assert roc_auc_score(labels, expit(mapped)) == roc_auc_score(labels, z)
+    assert mean_nll(scores, labels, 1.0 / fit.temperature, fit.power) == pytest.approx(fit.nll_after)
+
+
+def test_the_class_power_stays_near_one_when_a_temperature_is_the_truth():
+    rng = np.random.default_rng(6)
+    scores = rng.normal(0.0, 3.0, (20000, 2))
+    labels = (rng.random(20000) < expit((scores[:, 1] - scores[:, 0]) / 2.0)).astype(int)
+    fit, plain = fit_power_temperature(scores, labels), fit_temperature(scores, labels)
+    assert fit.power == pytest.approx(1.0, abs=0.05) and fit.temperature == pytest.approx(2.0, rel=0.05)
+    assert fit.nll_after <= plain.nll_after
 
 
 def test_a_head_without_information_stops_at_the_bound():

@@ -24,7 +24,7 @@ from tests.train.tiny import write_tiny_params
 
 CLASS_OUTPUTS = ["class_prob", "class_uncertainty", "class_prob_raw", "class_uncertainty_raw"]
 SEG_OUTPUTS = ["seg_prob", "seg_uncertainty", "seg_uncertainty_raw"]
-TEMPERATURES = (0.5, 2.0, 1.5)  # class and segmentation temperatures, error-map width: none a no-op
+TEMPERATURES = (0.5, 2.0, 1.5, 1.3)  # class and segmentation temperatures, error-map width, class power: none a no-op
 
 
 @pytest.mark.parametrize("overrides, outputs", [
@@ -60,7 +60,7 @@ def test_export_contract_and_parity_on_random_inputs(tmp_path, overrides, output
 
 def test_the_graph_applies_the_temperatures_to_the_raw_scores(tmp_path):
     """The calibrated outputs, recomputed by hand from the network's own heads: class_prob is
-    softmax(log(alpha) / T_cls) with alpha = softplus(logits) + 1, seg_prob softmax(S_0 / T_seg),
+    softmax(sign(z) |z|^c / T_cls), z = log(alpha) centred over the classes, alpha = softplus(logits) + 1, seg_prob softmax(S_0 / T_seg),
     seg_uncertainty the normalised entropy of seg_prob; the raw outputs are alpha/S, K/S and U."""
     torch.manual_seed(3)
     model = build_model("small", image_size=64).eval()
@@ -72,8 +72,10 @@ def test_the_graph_applies_the_temperatures_to_the_raw_scores(tmp_path):
     with torch.no_grad():
         heads = model(torch.from_numpy(images))
     alpha = torch.nn.functional.softplus(heads["class_logits"]).double().numpy() + 1.0
-    tempered = alpha ** (1.0 / TEMPERATURES[0])
-    np.testing.assert_allclose(out["class_prob"], tempered / tempered.sum(1, keepdims=True), atol=1e-5)
+    # log(alpha) centred over the classes, raised to the class power with its sign, then tempered.
+    centred = np.log(alpha) - np.log(alpha).mean(1, keepdims=True)
+    mapped = np.exp(np.sign(centred) * np.abs(centred) ** TEMPERATURES[3] / TEMPERATURES[0])
+    np.testing.assert_allclose(out["class_prob"], mapped / mapped.sum(1, keepdims=True), atol=1e-5)
     np.testing.assert_allclose(out["class_prob_raw"], alpha / alpha.sum(1, keepdims=True), atol=1e-5)
     np.testing.assert_allclose(out["class_uncertainty_raw"][:, 0], 2.0 / alpha.sum(1), atol=1e-5)
     logits = heads["seg_logits"].double().numpy() / TEMPERATURES[1]

@@ -27,6 +27,8 @@ from uml.calibration import (
     TEMPERATURE_BOUNDS,
     Calibration,
     ErrorMapFit,
+    deployment_settings,
+    fit_power_temperature,
     fit_referral_rule,
     fit_temperature,
     fit_unusual_rule,
@@ -93,9 +95,10 @@ def calibrate(params: Params) -> Path:
 
     class_fit = seg_fit = referral = vcdr = None
     if "class_log_score" in calib.scores:
-        class_fit = fit_temperature(calib.scores["class_log_score"].double().numpy(), calib.labels)
-        log.info("class temperature %.3f: calibration NLL %.4f -> %.4f", class_fit.temperature, class_fit.nll_before,
-                 class_fit.nll_after)
+        fit_class = fit_power_temperature if cp.class_power else fit_temperature
+        class_fit = fit_class(calib.scores["class_log_score"].double().numpy(), calib.labels)
+        log.info("class temperature %.3f, power %.3f: calibration NLL %.4f -> %.4f", class_fit.temperature,
+                 class_fit.power, class_fit.nll_before, class_fit.nll_after)
     if "seg_logits" in calib.scores:
         logits = calib.scores["seg_logits"]
         pixels = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
@@ -111,9 +114,8 @@ def calibrate(params: Params) -> Path:
             log.warning("the %s temperature stopped at %g, a bound of its search %s: the output carries almost no "
                         "information on the calibration split (a high bound) or is wildly overconfident (a low one)",
                         name, fit.temperature, TEMPERATURE_BOUNDS)
-    temperatures = (class_fit.temperature if class_fit else 1.0, seg_fit.temperature if seg_fit else 1.0)
-    error_map = fit_error_map(calib, temperatures[1], keep) if seg_fit is not None else None
-    settings = (*temperatures, error_map.sigma if error_map is not None else 0.0)
+    error_map = fit_error_map(calib, seg_fit.temperature, keep) if seg_fit is not None else None
+    settings = deployment_settings(class_fit, seg_fit, error_map)
     outputs = {name: deployment_outputs(split.scores, *settings) for name, split in splits.items()}
 
     if class_fit is not None:

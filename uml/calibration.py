@@ -10,6 +10,16 @@ guarantees below hold for new images drawn like that split (exchangeable with it
   log-likelihood on the calibration split (Guo et al. 2017, "On Calibration of Modern Neural
   Networks"). Dividing by ``T > 0`` keeps every argmax and, for two classes, the order of the
   positive-class probability, so accuracy, F1, Dice and AUC are unchanged.
+- **Class power** (:func:`fit_power_temperature`, ``calibrate.class_power``). One temperature
+  stretches every log-evidence ratio by the same factor; on the synthetic set that left a
+  calibration error of 0.035-0.05 on fresh images in two of five seeds even at the temperature
+  fitted on those images, a shape one factor cannot fix (confident cases underconfident,
+  uncertain ones overconfident). The class output is then ``softmax(power_map(log_score, c) /
+  T)``: the log-scores centred on their mean over the classes, each raised to the power ``c``
+  with its sign kept. ``c = 1`` is the plain temperature. The map is odd and strictly increasing,
+  so it keeps every argmax and, for two classes, the order of the positive-class probability;
+  ``T`` and ``c`` together minimise the calibration split's NLL, starting from the temperature's
+  fit, so that NLL is never above the temperature's.
 - **Error map** (:class:`ErrorMapFit`): the delivered mask's error map is the entropy of its
   calibrated probability, smoothed by a Gaussian; the calibrate stage picks the width from a fixed
   grid by the pixel-error AUROC on the calibration split (0: no smoothing).
@@ -68,6 +78,9 @@ _MAD_TO_SD = 1.4826
 # T = 0.01 confident ones round to 1. A fit at a bound means the head carries almost no
 # information, or is wildly overconfident; the stage logs it.
 TEMPERATURE_BOUNDS = (0.05, 20.0)
+# The class power is searched in this range: beyond it the map would all but binarise the
+# probabilities (a large power) or flatten them (a small one).
+POWER_BOUNDS = (0.25, 4.0)
 
 
 class _Part(BaseModel):
@@ -79,6 +92,9 @@ class TemperatureFit(_Part):
     (``T = 1``) and after."""
 
     temperature: float = Field(gt=0.0)
+    # The exponent of the centred log-scores before the temperature (1: the plain temperature);
+    # see the module docstring.
+    power: float = Field(1.0, gt=0.0)
 
     @property
     def at_bound(self) -> bool:
@@ -193,11 +209,37 @@ class Calibration(_Part):
     vcdr_interval: VcdrInterval | None = None
     min_image_side: int = Field(ge=1, description="shorter sides below this are refused (too small to hold a fundus)")
 
+    @property
+    def deployment_settings(self) -> tuple[float, float, float, float]:
+        """The post-hoc settings in the positional order of
+        :func:`uml.models.uml_net.deployment_outputs`: class temperature, segmentation temperature,
+        error-map width, class power (the identity where nothing was fitted)."""
+        return deployment_settings(self.class_temperature, self.seg_temperature, self.seg_error_map)
+
+
+def deployment_settings(class_fit: TemperatureFit | None, seg_fit: TemperatureFit | None,
+                        error_map: ErrorMapFit | None) -> tuple[float, float, float, float]:
+    """See :attr:`Calibration.deployment_settings`."""
+    return (class_fit.temperature if class_fit else 1.0, seg_fit.temperature if seg_fit else 1.0,
+            error_map.sigma if error_map else 0.0, class_fit.power if class_fit else 1.0)
+
 
 # ---------------------------------------------------------------------------- temperature
-def mean_nll(log_scores: np.ndarray, labels: np.ndarray, beta: float = 1.0) -> float:
-    """Mean negative log-likelihood of ``softmax(beta * log_scores)`` ((n, K) scores, (n,) labels)."""
-    scaled = beta * np.asarray(log_scores, dtype=np.float64)
+def power_map(log_scores: np.ndarray, power: float) -> np.ndarray:
+    """(n, K) log-scores centred on their mean over the classes, each raised to ``power`` with its
+    sign kept; ``power == 1`` returns them as they are (the softmax ignores the centring). The
+    torch twin in the exported graph is :func:`uml.models.uml_net.class_power_map`."""
+    log_scores = np.asarray(log_scores, dtype=np.float64)
+    if power == 1.0:
+        return log_scores
+    centred = log_scores - log_scores.mean(axis=1, keepdims=True)
+    return np.sign(centred) * np.abs(centred) ** power
+
+
+def mean_nll(log_scores: np.ndarray, labels: np.ndarray, beta: float = 1.0, power: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``softmax(beta * power_map(log_scores, power))`` ((n, K)
+    scores, (n,) labels)."""
+    scaled = beta * power_map(log_scores, power)
     picked = np.take_along_axis(scaled, np.asarray(labels, dtype=np.int64)[:, None], axis=1)[:, 0]
     return float(np.mean(special.logsumexp(scaled, axis=1) - picked))
 
@@ -218,6 +260,26 @@ def fit_temperature(log_scores: np.ndarray, labels: np.ndarray) -> TemperatureFi
     beta = math.exp(found.x)
     return TemperatureFit(temperature=1.0 / beta, nll_before=mean_nll(log_scores, labels),
                           nll_after=mean_nll(log_scores, labels, beta), samples=len(labels))
+
+
+def fit_power_temperature(log_scores: np.ndarray, labels: np.ndarray) -> TemperatureFit:
+    """The temperature ``T`` and power ``c`` minimising the NLL of ``softmax(power_map(log_scores,
+    c) / T)``: a bounded quasi-Newton search over ``(log beta, log c)`` that starts at
+    :func:`fit_temperature`'s optimum with ``c = 1``, keeping that fit when the search does not
+    improve on it. ``c`` stays within :data:`POWER_BOUNDS`."""
+    start = fit_temperature(log_scores, labels)
+    log_scores = np.asarray(log_scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    low, high = TEMPERATURE_BOUNDS
+    found = optimize.minimize(lambda x: mean_nll(log_scores, labels, math.exp(x[0]), math.exp(x[1])),
+                              x0=[math.log(1.0 / start.temperature), 0.0], method="L-BFGS-B",
+                              bounds=[(math.log(1.0 / high), math.log(1.0 / low)),
+                                      (math.log(POWER_BOUNDS[0]), math.log(POWER_BOUNDS[1]))])
+    if not found.fun < start.nll_after:
+        return start
+    beta, power = math.exp(found.x[0]), math.exp(found.x[1])
+    return TemperatureFit(temperature=1.0 / beta, power=power, nll_before=start.nll_before,
+                          nll_after=mean_nll(log_scores, labels, beta, power), samples=len(labels))
 
 
 # ------------------------------------------------------------------------------- referral

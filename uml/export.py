@@ -66,10 +66,10 @@ class DeploymentGraph(nn.Module):
     export traces."""
 
     def __init__(self, model: UMLNet, class_temperature: float = 1.0, seg_temperature: float = 1.0,
-                 error_map_sigma: float = 0.0):
+                 error_map_sigma: float = 0.0, class_power: float = 1.0):
         super().__init__()
         self.model = model
-        self.settings = (float(class_temperature), float(seg_temperature), float(error_map_sigma))
+        self.settings = (float(class_temperature), float(seg_temperature), float(error_map_sigma), float(class_power))
         with torch.no_grad():
             probe = model.infer(torch.zeros(1, 3, model.cfg.image_size, model.cfg.image_size))
         self.output_names = [name for name in OUTPUT_ORDER if name in probe]
@@ -80,12 +80,12 @@ class DeploymentGraph(nn.Module):
 
 
 def export_onnx(model: UMLNet, path: str | Path, opset: int = 18, class_temperature: float = 1.0,
-                seg_temperature: float = 1.0, error_map_sigma: float = 0.0) -> list[str]:
+                seg_temperature: float = 1.0, error_map_sigma: float = 0.0, class_power: float = 1.0) -> list[str]:
     """Write ``model`` (eval mode) with these post-hoc settings as a single ONNX file; returns the output names."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    graph = DeploymentGraph(model, class_temperature, seg_temperature, error_map_sigma).eval()
+    graph = DeploymentGraph(model, class_temperature, seg_temperature, error_map_sigma, class_power).eval()
     size = model.cfg.image_size
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = param_bytes > PROTOBUF_LIMIT * 0.9
@@ -120,7 +120,7 @@ def session(path: str | Path, threads: int | None = None) -> ort.InferenceSessio
 
 
 def parity(model: UMLNet, onnx_path: str | Path, images: np.ndarray, class_temperature: float = 1.0,
-           seg_temperature: float = 1.0, error_map_sigma: float = 0.0) -> dict[str, float]:
+           seg_temperature: float = 1.0, error_map_sigma: float = 0.0, class_power: float = 1.0) -> dict[str, float]:
     """Max absolute difference per output between onnxruntime and eager torch on ``images``
     (float32, (N, 3, H, W) in [0, 1]), run with the batch size of the input."""
     sess = session(onnx_path)
@@ -128,7 +128,7 @@ def parity(model: UMLNet, onnx_path: str | Path, images: np.ndarray, class_tempe
     ort_out = dict(zip(names, sess.run(names, {INPUT_NAME: images.astype(np.float32)})))
     with torch.no_grad():
         torch_out = model.eval().infer(torch.from_numpy(images.astype(np.float32)), class_temperature, seg_temperature,
-                                       error_map_sigma)
+                                       error_map_sigma, class_power)
     return {name: float(np.abs(ort_out[name] - torch_out[name].numpy()).max()) for name in names}
 
 
@@ -143,12 +143,15 @@ def output_meanings(cfg: Any, calibration: Calibration) -> dict[str, str]:
     """What each output is, in words, for ``metadata.json``."""
     evidential = cfg.uncertainty
     mutual = evidential and "cls" in cfg.tasks
-    t_cls = calibration.class_temperature.temperature if calibration.class_temperature else 1.0
-    t_seg = calibration.seg_temperature.temperature if calibration.seg_temperature else 1.0
-    sigma = calibration.seg_error_map.sigma if calibration.seg_error_map else 0.0
+    t_cls, t_seg, sigma, power = calibration.deployment_settings
+    score = "log alpha" if evidential else "logits"
     return {
-        "class_prob": (f"calibrated class probability: softmax(log alpha / {t_cls:.4g}), the mean of the tempered "
-                       f"Dirichlet alpha^(1/T)" if evidential else f"calibrated class probability: softmax(logits / {t_cls:.4g})"),
+        "class_prob": (f"calibrated class probability: softmax({score} / {t_cls:.4g})"
+                       + (", the mean of the tempered Dirichlet alpha^(1/T)" if evidential else "")
+                       if power == 1.0 else
+                       f"calibrated class probability: softmax(sign(z) |z|^{power:.4g} / {t_cls:.4g}), z = {score} "
+                       "centred on its mean over the classes (an odd, increasing map: the argmax and, for two "
+                       "classes, the order of the probabilities are those of the raw output)"),
         "class_uncertainty": "calibrated probability that the predicted class is wrong: 1 - max_k class_prob (the referral score)",
         "class_prob_raw": "the paper's class probability alpha/S (uncalibrated)" if evidential else "softmax probability (uncalibrated)",
         "class_uncertainty_raw": "the paper's image uncertainty K/S (1 = no evidence)" if evidential
@@ -235,9 +238,7 @@ def export(params: Params) -> Path:
     extra = read_model_file(paths.model_pt).get("extra", {})
     model = load_model(paths.model_pt)
     calibration = read_calibration(paths.calibration, paths.model_pt)
-    settings = (calibration.class_temperature.temperature if calibration.class_temperature else 1.0,
-                calibration.seg_temperature.temperature if calibration.seg_temperature else 1.0,
-                calibration.seg_error_map.sigma if calibration.seg_error_map else 0.0)
+    settings = calibration.deployment_settings
     prepared = open_prepared(paths.dataset)
     positive_class = _positive_class(prepared, extra, paths.model_pt)
     opset = params.export.opset

@@ -117,7 +117,9 @@ def model_card(values: Mapping[str, Any], meta: ExportMetadata, data: Mapping[st
     ]
     for name, fit in (("class", cal.class_temperature), ("segmentation", cal.seg_temperature)):
         if fit is not None:
-            lines.append(f"- {name} temperature {fit.temperature:.4f}: calibration NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}")
+            power = f", power {fit.power:.4f}" if fit.power != 1.0 else ""
+            lines.append(f"- {name} temperature {fit.temperature:.4f}{power}: calibration NLL {fit.nll_before:.4f} -> "
+                         f"{fit.nll_after:.4f}")
     lines += ["", *_table(values, CALIBRATION), "", "## Referral", ""]
     if cal.referral is not None:
         rule = cal.referral

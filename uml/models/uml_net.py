@@ -257,11 +257,11 @@ class UMLNet(nn.Module):
         return result
 
     def infer(self, image: torch.Tensor, class_temperature: float = 1.0, seg_temperature: float = 1.0,
-              error_map_sigma: float = 0.0) -> dict[str, torch.Tensor]:
+              error_map_sigma: float = 0.0, class_power: float = 1.0) -> dict[str, torch.Tensor]:
         """The deployment outputs (what the ONNX model exposes): :func:`deployment_outputs` of
         :meth:`scores` with the given post-hoc settings (the defaults: uncalibrated, as during
         training)."""
-        return deployment_outputs(self.scores(image), class_temperature, seg_temperature, error_map_sigma)
+        return deployment_outputs(self.scores(image), class_temperature, seg_temperature, error_map_sigma, class_power)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -279,15 +279,29 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(rows, kernel.view(1, 1, -1, 1))
 
 
+def class_power_map(log_score: torch.Tensor, power: float) -> torch.Tensor:
+    """(B, K) class log-scores centred on their mean over the classes, each raised to ``power``
+    with its sign kept (``power == 1``: the scores as they are, which the softmax cannot tell from
+    the centred ones). Odd and strictly increasing, so it keeps the argmax and, for K = 2, the
+    order of the positive-class probability. The calibrate stage fits ``power`` with
+    :func:`uml.calibration.fit_power_temperature` (its numpy twin: :func:`uml.calibration.power_map`)."""
+    if power == 1.0:
+        return log_score
+    centred = log_score - log_score.mean(dim=1, keepdim=True)
+    return torch.sign(centred) * centred.abs().pow(power)
+
+
 def deployment_outputs(scores: dict[str, torch.Tensor], class_temperature: float = 1.0,
-                       seg_temperature: float = 1.0, error_map_sigma: float = 0.0) -> dict[str, torch.Tensor]:
+                       seg_temperature: float = 1.0, error_map_sigma: float = 0.0,
+                       class_power: float = 1.0) -> dict[str, torch.Tensor]:
     """The outputs a user acts on, from :meth:`UMLNet.scores`, with post-hoc temperatures and the
     error map's smoothing:
 
-    - ``class_prob`` = ``softmax(class_log_score / class_temperature)``. For an evidential head
-      this is the mean of the tempered Dirichlet ``alpha_k ** (1 / T)``; with K = 2 it is a
-      strictly increasing function of ``alpha / S`` with the same argmax, so accuracy, F1 and AUC
-      do not change, only how sure the probability says the model is.
+    - ``class_prob`` = ``softmax(class_power_map(class_log_score, class_power) /
+      class_temperature)``. With ``class_power`` 1 and an evidential head this is the mean of the
+      tempered Dirichlet ``alpha_k ** (1 / T)``; with K = 2 it is in any case a strictly
+      increasing function of ``alpha / S`` with the same argmax, so accuracy, F1 and AUC do not
+      change, only how sure the probability says the model is.
     - ``class_uncertainty`` = ``1 - max_k class_prob``: the calibrated probability that the
       predicted class is wrong, the score the referral rule thresholds.
     - ``class_prob_raw`` = ``softmax(class_log_score)`` (``alpha / S``) and ``class_uncertainty_raw``
@@ -306,7 +320,7 @@ def deployment_outputs(scores: dict[str, torch.Tensor], class_temperature: float
     result: dict[str, torch.Tensor] = {}
     if "class_log_score" in scores:
         log_score = scores["class_log_score"]
-        result["class_prob"] = torch.softmax(log_score / class_temperature, dim=1)
+        result["class_prob"] = torch.softmax(class_power_map(log_score, class_power) / class_temperature, dim=1)
         result["class_uncertainty"] = 1.0 - result["class_prob"].amax(dim=1, keepdim=True)
         result["class_prob_raw"] = torch.softmax(log_score, dim=1)
         result["class_uncertainty_raw"] = scores["class_uncertainty_raw"]
