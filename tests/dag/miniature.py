@@ -50,7 +50,9 @@ DIR_ENV = "UML_TESTS_DAG_DIR"
 # never chosen (tune.min_improvement=1): which of two one-epoch trials on 12 validation images
 # scores higher differs between machines, and the model the tests check must not. Evaluate: one noise
 # level per kind and the smallest valid number of bootstrap resamples. Calibrate: a promised risk,
-# delta and unusual-image share that 12 calibration images can certify or reach.
+# delta and unusual-image share that 12 calibration images can certify or reach, and the class
+# temperature alone (the tests recompute it by hand; the class power is tested in tests/test_calibration.py
+# and tests/test_export.py).
 TINY_DAG: tuple[str, ...] = (
     "data.image_size=64", "data.synthetic.num_images=60", "data.synthetic.render_size=128",
     "data.synthetic.vcdr_softness=0.2", "data.split.val=0.2", "data.split.test=0.2", "data.split.calib=0.2",
@@ -58,7 +60,7 @@ TINY_DAG: tuple[str, ...] = (
     "tune.num_samples=2", "tune.epochs=1", "tune.min_improvement=1.0", "ray.num_workers=1",
     "export.parity_images=4", "evaluate.num_panels=1", "evaluate.gaussian_sigmas=[0.1]",
     "evaluate.salt_pepper_amounts=[0.05]", "evaluate.bootstrap_samples=100",
-    "calibrate.risk=0.3", "calibrate.delta=0.3", "calibrate.unusual_alpha=0.1",
+    "calibrate.risk=0.3", "calibrate.delta=0.3", "calibrate.unusual_alpha=0.1", "calibrate.class_power=false",
 )
 STAGES = ("prepare", "tune", "train", "calibrate", "export", "evaluate")
 REPRO_TIMEOUT_S = 900
