@@ -20,6 +20,7 @@ from sklearn.metrics import roc_auc_score
 from tests.toy_onnx import FLIPPED, RATIOS, ToyUML, export_toy, fundus_set
 from tests.toy_onnx import imperfect_set as _imperfect_set
 from tests.toy_onnx import write_toy_root as _prepared_root
+import uml.evaluate
 from uml import metrics
 from uml.config import EvaluateParams, Paths, parse_params
 from uml.errors import ConfigError, ModelFileError
@@ -344,6 +345,7 @@ def test_the_stage_streams_the_store_and_writes_the_metrics_of_the_whole_split_a
 
     monkeypatch.setattr(store.SplitReader, "read", recording_read)
     monkeypatch.setattr(store, "load_split", no_whole_split)
+    monkeypatch.setattr(uml.evaluate, "IN_MEMORY_BYTES", 0)  # a split too large to read once (the default's reads it once)
     evaluate(params)
     assert reads == [5, 5, 2] * 3  # the clean pass and two noisy ones, a batch at a time
 

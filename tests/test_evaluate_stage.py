@@ -66,3 +66,25 @@ def test_a_model_from_another_export_is_refused(evaluated_root):
     with pytest.raises(ModelFileError, match=f"{paths.model_onnx}: its SHA-256 .* is not the .* that {paths.metadata}"):
         evaluate(evaluated_root)
     assert paths.metrics.read_bytes() == before
+
+
+def test_a_small_test_split_is_read_once_and_gives_the_streamed_metrics(evaluated_root, monkeypatch):
+    from uml import evaluate as evaluate_module
+    from uml.data.store import SplitReader
+
+    paths = Paths(evaluated_root)
+    in_memory = paths.metrics.read_bytes()  # the fixture's run: the split fits IN_MEMORY_BYTES
+    reads = []
+    original = SplitReader.read
+
+    def counted(self, start, stop):
+        reads.append((start, stop))
+        return original(self, start, stop)
+
+    monkeypatch.setattr(SplitReader, "read", counted)
+    evaluate(evaluated_root)
+    assert reads == [] and paths.metrics.read_bytes() == in_memory  # read whole, up front, not per pass
+    monkeypatch.setattr(evaluate_module, "IN_MEMORY_BYTES", 0)
+    evaluate(evaluated_root)
+    assert len(reads) > 2  # streamed: batches of every pass
+    assert paths.metrics.read_bytes() == in_memory

@@ -6,10 +6,12 @@ and the plots under ``data/reports/plots/``. :func:`evaluate_arrays` is the same
 numpy arrays and an :class:`~uml.onnx_model.OnnxModel`.
 
 Each pass (the clean one, then one per noise level) reads the test split a batch of
-``evaluate.batch_size`` images at a time (from the store: :class:`uml.data.store.SplitReader`)
-and keeps per-image summaries only (:class:`PassOutputs`): class outputs, per-image Dice and
-distances, vCDRs, mean uncertainties, a pixel sample of bounded size and the few panel images.
-Memory therefore grows with the number of test images by a few numbers per image, and every
+``evaluate.batch_size`` images at a time and keeps per-image summaries only
+(:class:`PassOutputs`): class outputs, per-image Dice and distances, vCDRs, mean uncertainties, a
+pixel sample of bounded size and the few panel images. A test split of at most
+:data:`IN_MEMORY_BYTES` is read from the store once (:func:`in_memory`); a larger one is read
+from the store in every pass (:class:`uml.data.store.SplitReader`). Beyond that bounded copy,
+memory grows with the number of test images by a few numbers per image, and every
 metric is what the whole split at once would give (the per-image values are the same, and the
 summaries are computed from them after the pass).
 
@@ -67,7 +69,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from sklearn.metrics import roc_curve
@@ -81,6 +83,9 @@ from uml.fundus import FUNDUS_MASK_CLASSES
 from uml.model_card import model_card
 from uml.noise import gaussian_noise, salt_and_pepper
 from uml.onnx_model import OnnxModel
+
+if TYPE_CHECKING:
+    from uml.data.store import SplitReader
 
 log = logging.getLogger(__name__)
 
@@ -788,13 +793,31 @@ def _evaluate_store(params: Params, model: OnnxModel, split, paths: Paths, plots
     ``evaluate.workers``, sharded over Ray tasks."""
     cfg = params.evaluate
     if cfg.workers == 0:
-        return evaluate_split(model, split, cfg, plots_dir=plots_dir)
+        return evaluate_split(model, in_memory(split), cfg, plots_dir=plots_dir)
     from uml.train.cluster import ray_session
 
     with ray_session(params):
         runner = RayPasses(model, paths.dataset, split.name, len(split), cfg.batch_size, cfg.workers,
                            cfg.gpus_per_worker, cfg.provider)
         return evaluate_split(model, split, cfg, plots_dir=plots_dir, runner=runner)
+
+
+# A test split up to this size is read from the store once, not once per pass (the default's
+# 693 images at 128 px: 45 MB, read in 1.8 s instead of 9 s over its 5 passes); a larger one
+# is read a batch at a time in every pass, so evaluation's memory does not grow with it.
+IN_MEMORY_BYTES = 256 * 1024**2
+
+
+def in_memory(split: SplitReader) -> TestSplit:
+    """``split`` as an :class:`ArraySplit` when its images and masks take at most
+    :data:`IN_MEMORY_BYTES`, else as it is (read a batch at a time)."""
+    from uml.data.store import take_images
+
+    size = split.image_size
+    if len(split) == 0 or len(split) * size * size * 4 > IN_MEMORY_BYTES:
+        return split
+    images, masks = take_images(split.data, split.ids)
+    return ArraySplit(images, masks, split.labels, split.ids)
 
 
 def to_json_ready(values: dict[str, float]) -> dict[str, float | None]:
@@ -837,7 +860,7 @@ def evaluate(params: Params) -> dict[str, float | None]:
             f"the model expects {model.image_size}x{model.image_size} RGB images, the test split of {paths.dataset} has "
             f"{prepared.image_size}x{prepared.image_size}: re-run prepare and export with the same data.image_size"
         )
-    split = SplitReader(prepared, "test")  # verified once, above; read a batch at a time
+    split = SplitReader(prepared, "test")  # verified once, above
     log.info("evaluating %s on %d test images (%s)", paths.model_onnx, len(split), ", ".join(model.outputs))
 
     # The outputs are built under staging names and replace the old ones only once all are

@@ -75,6 +75,7 @@ NOTES: dict[str, str] = {
     "ray.max_failures": "Restarts of the worker group from its last checkpoint after a failure (-1: no limit).",
     "tune.grace_period": "Epochs a trial runs before ASHA may stop it.",
     "tune.reduction_factor": "ASHA's reduction factor.",
+    "tune.steps_per_epoch": "Optimizer steps of each trial's epoch (null: `train.steps_per_epoch`).",
     "tune.workers_per_trial": "Training workers of each trial (they must divide `train.batch_size`).",
     "tune.seed": "Seeds the search's draws.",
     "export.opset": "ONNX opset of the exported graph.",

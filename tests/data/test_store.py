@@ -21,6 +21,7 @@ from uml.data.store import (
     load_split,
     open_prepared,
     split_indices,
+    take_images,
     write_dataset,
 )
 from uml.errors import DataError
@@ -333,3 +334,13 @@ def test_a_store_without_checksums_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="has no file checksums .*re-run `python -m pipeline.prepare`"):
         open_prepared(out)
     assert open_prepared(out, verify=False).num_images == 10
+
+
+def test_take_images_reads_scattered_indices_in_the_order_given(tmp_path: Path) -> None:
+    records = make_records(12)
+    write(records, tmp_path / "ds.zarr")
+    data = open_prepared(tmp_path / "ds.zarr")
+    idx = np.array([9, 2, 11, 2, 0])  # unsorted, with a repeat
+    images, masks = take_images(data, idx)
+    assert np.array_equal(images, np.stack([records[i].image for i in idx]))
+    assert np.array_equal(masks, np.stack([records[i].mask for i in idx]))

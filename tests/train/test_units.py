@@ -430,3 +430,15 @@ print("pyplot imported:", "matplotlib.pyplot" in sys.modules)
     assert "pyplot imported: False" in done.stdout
     for name in ("progress.png", "scores.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_trial_runs_tune_steps_per_epoch_steps_with_its_sampled_values():
+    from uml.train.sweep import trial_params
+
+    base = parse_params({"train": {"steps_per_epoch": 75}, "tune": {"steps_per_epoch": 30}}).model_dump()
+    params = trial_params({"loss.cls_weight": 0.25}, base)
+    assert params.train.steps_per_epoch == 30 and params.loss.cls_weight == 0.25
+    base["tune"]["steps_per_epoch"] = None  # the training epoch, as the published recipe runs it
+    assert trial_params({}, base).train.steps_per_epoch == 75
+    base["train"]["steps_per_epoch"] = None
+    assert trial_params({}, base).train.steps_per_epoch is None

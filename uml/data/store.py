@@ -605,6 +605,17 @@ def open_prepared(path: str | os.PathLike[str], verify: bool = True) -> Prepared
     return PreparedData(p, verify=verify)
 
 
+def take_images(data: PreparedData, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (n, S, S, 3) and masks (n, S, S) of the store indices ``idx``, in that order.
+
+    One image at a time: with the store's one-image inner chunks, zarr reads an integer index
+    from its shard directly (about 1 ms per 128 px image here), while an orthogonal selection of
+    scattered indices costs about 8 ms per image (benchmarks/store_reads.py)."""
+    images, masks = data.images, data.masks
+    return (np.stack([np.asarray(images[int(i)]) for i in idx]),
+            np.stack([np.asarray(masks[int(i)]) for i in idx]))
+
+
 def load_split(path: str | os.PathLike[str] | PreparedData, name: str,
                limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Read a whole split into memory: ``(images (n,H,W,3) uint8, masks (n,H,W) uint8, labels (n,)
@@ -616,8 +627,7 @@ def load_split(path: str | os.PathLike[str] | PreparedData, name: str,
     if idx.shape[0] == 0:
         s = data.image_size
         return (np.empty((0, s, s, 3), np.uint8), np.empty((0, s, s), np.uint8), np.empty(0, np.int64), idx)
-    images = np.asarray(data.images.get_orthogonal_selection((idx,)))
-    masks = np.asarray(data.masks.get_orthogonal_selection((idx,)))
+    images, masks = take_images(data, idx)
     labels = np.asarray(data.labels[:], dtype=np.int64)[idx]
     return images, masks, labels, idx
 
@@ -643,8 +653,7 @@ class SplitReader:
         if idx.shape[0] == 0:
             s = self.image_size
             return np.empty((0, s, s, 3), np.uint8), np.empty((0, s, s), np.uint8)
-        return (np.asarray(self.data.images.get_orthogonal_selection((idx,))),
-                np.asarray(self.data.masks.get_orthogonal_selection((idx,))))
+        return take_images(self.data, idx)
 
 
 def compute_content_hash(path: str | os.PathLike[str] | PreparedData, block: int = 256) -> str:

@@ -115,11 +115,20 @@ def max_concurrent(params: Params) -> int:
     return max(1, int(math.floor(min(fits)))) if fits else 1
 
 
+def trial_params(config: dict[str, Any], base: dict[str, Any]) -> Params:
+    """A trial's params: the base params with the trial's sampled values, and an epoch of
+    ``tune.steps_per_epoch`` steps where that is set."""
+    params = parse_params(base, source="tune base params").with_overrides(config, source="tune trial")
+    if params.tune.steps_per_epoch is not None:
+        params = params.with_overrides({"train.steps_per_epoch": params.tune.steps_per_epoch}, source="tune.steps_per_epoch")
+    return params
+
+
 def _trial(config: dict[str, Any], base: dict[str, Any], experiment: str, model_cfg: dict[str, Any]) -> None:
-    """One trial: the base params with this trial's sampled values, trained by the train stage's code."""
+    """One trial: :func:`trial_params`, trained by the train stage's code for ``tune.epochs``."""
     from uml.models import ModelConfig
 
-    params = parse_params(base, source="tune base params").with_overrides(config, source="tune trial")
+    params = trial_params(config, base)
     trial_id = tune.get_context().get_trial_id()
     cfg = ModelConfig.from_dict(model_cfg)
     run_trainer(params, name=f"{experiment}-{trial_id}", model_cfg=cfg, epochs=params.tune.epochs,
