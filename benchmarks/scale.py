@@ -23,8 +23,9 @@ of log(time) and log(RSS) against log(N) (1: linear, 0: flat).
 With ``--evaluate``, also the evaluate stage's wall time and peak RSS (``ru_maxrss`` of a
 process that runs it alone) on the test split of each N (prepared at ``--image-size``), with the
 toy model of ``tests/toy_onnx.py`` exported at that size (its own cost is negligible, so the
-numbers are the stage's), three ways: ``stream``, the stage as it is (the store read a batch at a
-time, in one process); ``ray x2``, the same stage with ``evaluate.workers: 2`` (the passes'
+numbers are the stage's), three ways: ``stream``, the stage with the store read a batch at a time
+in every pass, in one process (what it does with a test split over
+``uml.evaluate.IN_MEMORY_BYTES``; a smaller one it reads once); ``ray x2``, the same stage with ``evaluate.workers: 2`` (the passes'
 shards as Ray tasks on a local instance; its peak RSS is the driver's, and the sampled peak of
 everything, Ray's own processes included, is shown beside it); and ``whole``, the split loaded
 into memory first and evaluated from arrays (what the stage did before it streamed).
@@ -56,6 +57,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -157,6 +159,7 @@ def evaluate_run(root: str, mode: str, image_size: int) -> dict:
     ``stream`` (the stage) or ``whole`` (the test split loaded first, then evaluated from arrays)."""
     from uml.config import Paths, parse_params
     from uml.data.store import load_split, open_prepared
+    import uml.evaluate
     from uml.evaluate import evaluate, evaluate_arrays
     from uml.onnx_model import OnnxModel
 
@@ -167,6 +170,9 @@ def evaluate_run(root: str, mode: str, image_size: int) -> dict:
     with PeakMemory() as memory:
         started = time.perf_counter()
         if mode in ("stream", "ray x2"):
+            # The streamed path at every N: the stage reads a test split of at most
+            # IN_MEMORY_BYTES once (N = 1000 at 256 px is one), which is not what grows with N.
+            uml.evaluate.IN_MEMORY_BYTES = 0
             evaluate(params)
         else:
             model = OnnxModel(paths.model_onnx, provider="cpu")
@@ -199,10 +205,16 @@ def train_run(root: str, image_size: int) -> dict:
             "steps": params.train.steps_per_epoch, "batch": params.train.batch_size, "workers": params.ray.num_workers}
 
 
-def stage_tables(sizes: list[int], image_size: int, render_size: int, with_evaluate: bool, with_train: bool) -> None:
+def stage_tables(sizes: list[int], image_size: int, render_size: int, with_evaluate: bool, with_train: bool,
+                 modes: Sequence[str] = EVALUATE_MODES) -> None:
     """Prepare a store per N (2 decoding processes; not measured here), with the toy model beside
-    it for evaluate, then measure evaluate three ways and one training epoch, each in a fresh process."""
+    it for evaluate, then measure evaluate the ``modes`` ways and one training epoch, each in a
+    fresh process."""
     from tests.toy_onnx import export_toy
+    from uml.config import EvaluateParams
+
+    defaults = EvaluateParams()
+    noisy = len(defaults.gaussian_sigmas) + len(defaults.salt_pepper_amounts)
 
     evaluations, trainings = [], []
     with tempfile.TemporaryDirectory(prefix="uml-scale-stages-") as folder:
@@ -211,13 +223,14 @@ def stage_tables(sizes: list[int], image_size: int, render_size: int, with_evalu
             _child("--prepare-only", n, image_size, render_size, root)
             if with_evaluate:
                 export_toy(root / "models", image_size=image_size)
-                for mode in EVALUATE_MODES:
+                for mode in modes:
                     evaluations.append({"n": n, "mode": mode, **_child("--evaluate-child", root, mode, image_size)})
             if with_train:
                 trainings.append({"n": n, **_child("--train-child", root, image_size)})
             shutil.rmtree(root)  # the next N's store beside it would double the disk needed
     if evaluations:
-        print(f"\nevaluate (toy model, {image_size} px, 1 clean + 6 noisy passes, 1000 bootstrap resamples)\n")
+        print(f"\nevaluate (toy model, {image_size} px, 1 clean + {noisy} noisy passes, "
+              f"{defaults.bootstrap_samples} bootstrap resamples)\n")
         print("| N | test images | mode | wall (s) | peak RSS, driver (MB) | peak RSS, all processes (MB) |")
         print("|---:|---:|---|---:|---:|---:|")
         for row in evaluations:
@@ -227,12 +240,13 @@ def stage_tables(sizes: list[int], image_size: int, render_size: int, with_evalu
             print(f"\n| mode | time per image, N={sizes[-1]} vs {sizes[0]} | time exponent | peak RSS (driver), "
                   f"N={sizes[-1]} vs {sizes[0]} | RSS exponent |")
             print("|---|---:|---:|---:|---:|")
-            for mode in EVALUATE_MODES:
+            for mode in modes:
                 chosen = [row for row in evaluations if row["mode"] == mode]
                 per_image = (chosen[-1]["seconds"] / chosen[-1]["test_images"]) / (chosen[0]["seconds"] / chosen[0]["test_images"])
                 print(f"| {mode} | {per_image:.2f}x | {exponent(sizes, [row['seconds'] for row in chosen]):.2f} | "
                       f"{chosen[-1]['rss'] / chosen[0]['rss']:.2f}x | {exponent(sizes, [row['rss'] for row in chosen]):.2f} |")
             stream = {row["n"]: row for row in evaluations if row["mode"] == "stream"}
+        if len(sizes) > 1 and {"stream", "ray x2"} <= set(modes):
             print("\n| N | ray x2 vs stream: speed-up |")
             print("|---:|---:|")
             for row in (r for r in evaluations if r["mode"] == "ray x2"):
@@ -268,6 +282,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128, help="data.image_size (default %(default)s)")
     parser.add_argument("--render-size", type=int, default=256, help="data.synthetic.render_size (default %(default)s)")
     parser.add_argument("--evaluate", action="store_true", help="also measure the evaluate stage (toy model)")
+    parser.add_argument("--evaluate-modes", nargs="+", choices=EVALUATE_MODES, default=list(EVALUATE_MODES),
+                        help="which ways to run evaluate (default: all three)")
     parser.add_argument("--train", action="store_true", help="also measure one epoch of the train stage")
     parser.add_argument("--child", nargs=4, type=int, metavar=("N", "PROCESSES", "SIZE", "RENDER"), help=argparse.SUPPRESS)
     parser.add_argument("--prepare-only", nargs=4, metavar=("N", "SIZE", "RENDER", "ROOT"), help=argparse.SUPPRESS)
@@ -335,7 +351,7 @@ def main() -> None:
     print("\ncontent hash: " + (f"DIFFERS between process counts at N = {differing}" if differing
                                 else "the same for every process count at each N"))
     if args.evaluate or args.train:
-        stage_tables(sizes, args.image_size, args.render_size, args.evaluate, args.train)
+        stage_tables(sizes, args.image_size, args.render_size, args.evaluate, args.train, args.evaluate_modes)
     if differing:
         raise SystemExit(1)
 
