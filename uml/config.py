@@ -524,8 +524,8 @@ class ExportParams(_Section):
 # ----------------------------------------------------------------------------------- evaluate
 class EvaluateParams(_Section):
     batch_size: int = Field(16, ge=1)
-    # Each level is one more pass over the test split (about 15 s for the default's 693 images on
-    # 2 cores): two levels per kind keep the default DAG within 10 minutes.
+    # Standard deviations of the Gaussian noise (images in [0, 1]); each level of either kind is
+    # one more pass over the test split (about 13 s for the default's 693 images on 2 cores).
     gaussian_sigmas: list[float] = [0.1, 0.2]
     salt_pepper_amounts: list[float] = [0.05, 0.1]
     referral_fractions: list[float] = [0.1, 0.2, 0.3]

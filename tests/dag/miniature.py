@@ -57,7 +57,7 @@ TINY_DAG: tuple[str, ...] = (
     "data.image_size=64", "data.synthetic.num_images=60", "data.synthetic.render_size=128",
     "data.synthetic.vcdr_softness=0.2", "data.split.val=0.2", "data.split.test=0.2", "data.split.calib=0.2",
     "train.epochs=6", "train.steps_per_epoch=15", "train.lr=0.003", "train.constant_epochs=6", "train.batch_size=4",
-    "tune.num_samples=2", "tune.epochs=1", "tune.min_improvement=1.0", "ray.num_workers=1",
+    "tune.num_samples=2", "tune.epochs=1", "tune.steps_per_epoch=15", "tune.min_improvement=1.0", "ray.num_workers=1",
     "export.parity_images=4", "evaluate.num_panels=1", "evaluate.gaussian_sigmas=[0.1]",
     "evaluate.salt_pepper_amounts=[0.05]", "evaluate.bootstrap_samples=100",
     "calibrate.risk=0.3", "calibrate.delta=0.3", "calibrate.unusual_alpha=0.1", "calibrate.class_power=false",

@@ -23,7 +23,7 @@ def write_tiny_params(root: Path, **sections) -> Path:
     raw["train"].update(epochs=4, steps_per_epoch=6, batch_size=4, constant_epochs=2, loader_workers=0)
     raw["loss"].update(kl_annealing_epochs=2)
     raw["ray"].update(num_workers=2, include_dashboard=True)
-    raw["tune"].update(num_samples=3, epochs=2, workers_per_trial=1)
+    raw["tune"].update(num_samples=3, epochs=2, steps_per_epoch=None, workers_per_trial=1)  # trials: the 6-step epoch
     raw["export"].update(parity_images=4)
     raw["evaluate"].update(num_panels=2, gaussian_sigmas=[0.1], salt_pepper_amounts=[0.05])
     for section, values in sections.items():
