@@ -663,8 +663,8 @@ def _bootstrap_intervals(
     if clean.pixels is not None:
         for prefix, key in (("", "uncertainty"), ("raw/", "uncertainty_raw")):
             for suffix, sample in (("", clean.pixels), ("_band", clean.band)):
-                statistics[f"{prefix}unc/pixel_error_auroc{suffix}"] = partial(metrics.resampled_auc,
-                    sample[key], sample["error"], group=sample["image"], n_groups=n)
+                statistics[f"{prefix}unc/pixel_error_auroc{suffix}"] = partial(
+                    metrics.resampled_auc, sample[key], sample["error"], group=sample["image"], n_groups=n)
     if pred_vcdr is not None:
         statistics["clinical/vcdr_auc"] = partial(metrics.resampled_auc, pred_vcdr, positive)
         halfwidths = vcdr_halfwidths(model, clean)

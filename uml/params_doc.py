@@ -79,7 +79,7 @@ NOTES: dict[str, str] = {
     "tune.seed": "Seeds the search's draws.",
     "export.opset": "ONNX opset of the exported graph.",
     "export.parity_images": "Validation images run through torch and onnxruntime for the parity check.",
-    "evaluate.batch_size": "Images per onnxruntime batch, and per read of the test split from the store (each pass streams it).",
+    "evaluate.batch_size": "Images per onnxruntime batch, and per read from the store of a test split too large to hold in memory (each pass streams it).",
     "evaluate.salt_pepper_amounts": "Shares of pixels set to 0 or 1 by salt-and-pepper noise.",
     "evaluate.referral_fractions": "Shares of the most uncertain images referred, for `unc/referral_acc_<pct>`.",
     "evaluate.calibration_bins": "Bins of the reliability diagram and of `cls/ece`.",
