@@ -629,9 +629,8 @@ def _bootstrap_intervals(
     n = len(labels)
     every_image = np.ones(n)
     positive = labels == model.positive_class
-    # Each statistic is built only when its interval is computed: a grouped AUC's table of ordered
-    # pairs takes n_groups**2 floats (223 MB at 5280 test images), and holding all of them at once
-    # made evaluate's memory grow with the square of the test split.
+    # Each statistic is built only when its interval is computed, so the per-image arrays of one
+    # statistic at a time are held beside the resamples (an AUC's pair table is never whole either).
     statistics: dict[str, Callable[[], metrics.ResampledStatistic]] = {}
     if clean.class_prob is not None:
         pred = metrics.predicted_class(clean.class_prob)

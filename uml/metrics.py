@@ -1030,26 +1030,37 @@ def resampled_augrc(uncertainty: np.ndarray, error: np.ndarray) -> ResampledStat
     return _resampled_selective(uncertainty, error, area)
 
 
-def _ordered_pair_table(score: np.ndarray, positive: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
-    """``T[i, j]``: pairs (positive element of group i, negative element of group j) that the score
-    orders right, ties counting one half (the Mann-Whitney count of the AUC, split by groups)."""
-    if positive.sum() > (~positive).sum():
-        # Loop over the smaller side: the same table with the roles (and the order) swapped.
-        return _ordered_pair_table(-score, ~positive, group, n_groups).T
-    # Sorted queries make searchsorted several times faster (each search starts where the last ended).
-    pos_order = np.argsort(score[positive], kind="stable")
-    pos_score, pos_group = score[positive][pos_order], group[positive][pos_order]
-    neg_score, neg_group = score[~positive], group[~positive]
-    order = np.lexsort((neg_score, neg_group))
-    neg_score, neg_group = neg_score[order], neg_group[order]
-    starts = np.searchsorted(neg_group, np.arange(n_groups + 1))
-    table = np.zeros((n_groups, n_groups))
-    for j in np.flatnonzero(np.diff(starts)):
-        negatives = neg_score[starts[j] : starts[j + 1]]
-        below = np.searchsorted(negatives, pos_score, side="left")
-        tied = np.searchsorted(negatives, pos_score, side="right") - below
-        table[:, j] = np.bincount(pos_group, weights=below + 0.5 * tied, minlength=n_groups)
-    return table
+class _OrderedPairColumns:
+    """The Mann-Whitney count of an AUC split by groups, built a block of columns at a time:
+    ``T[i, j]`` is the number of pairs (a positive element of group i, a negative element of group
+    j) that the score orders right, ties counting one half. The whole table takes ``n_groups**2``
+    floats (223 MB at 5280 groups); a block of ``columns`` of them takes ``n_groups * columns``."""
+
+    def __init__(self, score: np.ndarray, positive: np.ndarray, group: np.ndarray, n_groups: int):
+        if positive.sum() > (~positive).sum():
+            # Loop over the smaller side: the roles swapped give the transposed table, and the AUC's
+            # quadratic form c T c is the same for a table and its transpose.
+            score, positive = -score, ~positive
+        self.n_groups = n_groups
+        # Sorted queries make searchsorted several times faster (each search starts where the last ended).
+        pos_order = np.argsort(score[positive], kind="stable")
+        self.pos_score, self.pos_group = score[positive][pos_order], group[positive][pos_order]
+        neg_score, neg_group = score[~positive], group[~positive]
+        order = np.lexsort((neg_score, neg_group))
+        self.neg_score = neg_score[order]
+        self.starts = np.searchsorted(neg_group[order], np.arange(n_groups + 1))
+
+    def block(self, first: int, stop: int) -> np.ndarray:
+        """Columns ``first:stop`` of the table, shape (n_groups, stop - first)."""
+        columns = np.zeros((self.n_groups, stop - first))
+        for j in range(first, stop):
+            negatives = self.neg_score[self.starts[j] : self.starts[j + 1]]
+            if negatives.size == 0:
+                continue
+            below = np.searchsorted(negatives, self.pos_score, side="left")
+            tied = np.searchsorted(negatives, self.pos_score, side="right") - below
+            columns[:, j - first] = np.bincount(self.pos_group, weights=below + 0.5 * tied, minlength=self.n_groups)
+        return columns
 
 
 def resampled_auc(
@@ -1060,8 +1071,11 @@ def resampled_auc(
     Without ``group`` every element is an item of the bootstrap (an image). With ``group`` (the
     item index of each element, e.g. the image of each sampled pixel, ``n_groups`` items) whole
     items are resampled and their elements pooled, as the pixel-level AUROC needs. Elements with a
-    ``nan`` score are left out (as :func:`vcdr_auc` does). Exact: a table of ordered pairs between
-    items is built once (memory ``n_groups**2``), each resample's AUC is a quadratic form in its counts.
+    ``nan`` score are left out (as :func:`vcdr_auc` does). Exact: each resample's count of ordered
+    pairs is a quadratic form of its counts in a table of ordered pairs between items. The table
+    is built a block of columns at a time in every call (memory about ``_BOOTSTRAP_BLOCK`` floats,
+    whatever ``n_groups``), so :func:`bootstrap_ci` builds it once per block of resamples: once
+    up to 4194 items at 1000 resamples.
     """
     score = np.asarray(score, dtype=np.float64).ravel()
     positive = np.asarray(positive, dtype=bool).ravel()
@@ -1076,12 +1090,16 @@ def resampled_auc(
         n_groups = int(group.max(initial=-1)) + 1 if n_groups is None else n_groups
     valid = np.isfinite(score)
     score, positive, group = score[valid], positive[valid], group[valid]
-    table = _ordered_pair_table(score, positive, group, n_groups)
+    pairs = _OrderedPairColumns(score, positive, group, n_groups)
     positives = np.bincount(group[positive], minlength=n_groups).astype(np.float64)
     negatives = np.bincount(group[~positive], minlength=n_groups).astype(np.float64)
+    width = max(1, _BOOTSTRAP_BLOCK // max(n_groups, 1))
 
     def statistic(counts: np.ndarray) -> np.ndarray:
-        ordered = ((counts @ table) * counts).sum(axis=1)
+        ordered = np.zeros(len(counts))
+        for first in range(0, n_groups, width):
+            stop = min(first + width, n_groups)
+            ordered += ((counts @ pairs.block(first, stop)) * counts[:, first:stop]).sum(axis=1)
         return _divide_where_positive(ordered, (counts @ positives) * (counts @ negatives), math.nan)
 
     return statistic
