@@ -850,6 +850,8 @@ def coverage_at_risk(uncertainty: np.ndarray, error: np.ndarray, target: float) 
 ResampledStatistic = Callable[[np.ndarray], np.ndarray]
 # Resamples are drawn and evaluated in blocks of at most this many counts (memory stays ~32 MB).
 _BOOTSTRAP_BLOCK = 1 << 22
+# Counts the selective statistics handle at once (they keep several temporaries of that size).
+_SELECTIVE_BLOCK = 1 << 20
 
 
 def bootstrap_ci(
@@ -991,14 +993,20 @@ def _resampled_selective(uncertainty: np.ndarray, error: np.ndarray, area: _Sele
     order, starts, _ = _tie_groups(uncertainty)
     error_sorted = error[order].astype(np.float64)
 
-    def statistic(counts: np.ndarray) -> np.ndarray:
-        counts = np.asarray(counts, dtype=np.float64)
-        if uncertainty.size == 0:
-            return np.full(len(counts), math.nan)
+    def rows(counts: np.ndarray) -> np.ndarray:
         drawn = counts[:, order]
         in_group = np.add.reduceat(drawn, starts, axis=1)
         errors = np.cumsum(np.add.reduceat(drawn * error_sorted, starts, axis=1), axis=1)
         return area(in_group, np.cumsum(in_group, axis=1), errors, counts.sum(axis=1))
+
+    def statistic(counts: np.ndarray) -> np.ndarray:
+        counts = np.asarray(counts, dtype=np.float64)
+        if uncertainty.size == 0:
+            return np.full(len(counts), math.nan)
+        # About ten temporaries the size of the rows: a few rows at a time keep them to
+        # _SELECTIVE_BLOCK floats each (235 MB at once for 1000 resamples of 5280 images).
+        step = max(1, _SELECTIVE_BLOCK // counts.shape[1])
+        return np.concatenate([rows(counts[first : first + step]) for first in range(0, len(counts), step)])
 
     return statistic
 
