@@ -156,10 +156,11 @@ class DataParams(_Section):
     mask_values: dict[int, int] | None = None
     synthetic: SyntheticParams = SyntheticParams()
     augment: AugmentParams = AugmentParams()
-    # Processes that decode and resize the images in prepare (the stage's own process writes the
-    # store, in order, so the store and its content hash do not depend on this). null: one per
-    # CPU this process may use, at most 8, and at most one per 64 images (a small data set stays
-    # in one process, where starting others would cost more than they save). 1: no other process.
+    # Processes that decode, resize and write the images in prepare, a whole shard file each (the
+    # shards depend on the data only, so the store and its content hash do not depend on this).
+    # null: one per CPU this process may use, at most 8, and at most one per 64 images (a small
+    # data set stays in one process, where starting others would cost more than they save). 1:
+    # no other process.
     prepare_workers: int | None = Field(None, ge=1)
 
     @field_validator("root")

@@ -213,19 +213,19 @@ def test_the_store_is_the_same_whatever_the_number_of_decoding_processes(tmp_pat
         data = {"source": "folder", "path": str(tmp_path / "raw"), "positive_class": "sick"}
     else:
         data = {"synthetic": {"num_images": 21, "render_size": 64}}
-    # Chunks of 4 records over 2 workers: 6 chunks, several in flight, the last one short.
-    monkeypatch.setattr(prepare_module, "CHUNK_RECORDS", 4)
+    # 21 images in shards of 2 (at least store.MIN_SHARDS shards): 11 shard tasks over 2 workers,
+    # several in flight, the last one short.
     built = []
-    real = prepare_module.ParallelRecords.__iter__
+    real = prepare_module.ParallelShards.write_shards
 
-    def recording_iter(self):
-        built.append(self.workers)
-        return real(self)
+    def recording_write_shards(self, path, shards, check):
+        built.append((self.workers, [len(shard) for shard in shards]))
+        return real(self, path, shards, check)
 
-    monkeypatch.setattr(prepare_module.ParallelRecords, "__iter__", recording_iter)
+    monkeypatch.setattr(prepare_module.ParallelShards, "write_shards", recording_write_shards)
     one = prepare(params_for(tmp_path / "one", prepare_workers=1, **data))
     two = prepare(params_for(tmp_path / "two", prepare_workers=2, **data))
-    assert built == [2]  # one process decoded the first store, two workers the second
+    assert built == [(2, [2] * 10 + [1])]  # one process wrote the first store, two workers the second
     assert _store_identity(one) == _store_identity(two)  # content hash and every file's sha256
     assert compute_content_hash(two) == open_prepared(two).content_hash
 

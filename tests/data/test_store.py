@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import pickle
@@ -44,6 +45,7 @@ def write(records: list[Record], out: Path, seed: int = 0, positive_class: int =
 
 def test_layout_and_exact_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store, "SHARD_BYTES", 16 * SIZE * SIZE * 3)  # 16 images per shard: 16 + 16 + 8
+    monkeypatch.setattr(store, "MIN_SHARDS", 1)
     records = make_records(40)
     out = tmp_path / "ds.zarr"
     attrs = write(records, out)
@@ -111,6 +113,41 @@ def test_content_hash_deterministic_and_sensitive(tmp_path: Path) -> None:
         assert (tmp_path / "a.zarr" / rel).read_bytes() == (tmp_path / "b.zarr" / rel).read_bytes()
 
 
+def test_content_hash_follows_its_definition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The documented recipe, computed here with hashlib from the records: the sha256 of a JSON
+    # header, of the images' and the masks' shard digests, of the labels and of the splits.
+    monkeypatch.setattr(store, "SHARD_BYTES", 8 * SIZE * SIZE * 3)
+    monkeypatch.setattr(store, "MIN_SHARDS", 1)
+    records = make_records(20)  # shards of 8, 8, 4
+    attrs = write(records, tmp_path / "ds.zarr")
+    images, masks = np.stack([r.image for r in records]), np.stack([r.mask for r in records])
+
+    def of_shards(arrays: np.ndarray) -> bytes:
+        return hashlib.sha256(b"".join(hashlib.sha256(arrays[a:b].tobytes()).digest()
+                                       for a, b in ((0, 8), (8, 16), (16, 20)))).digest()
+
+    header = {"format": store.FORMAT, "class_names": CLASSES, "mask_classes": MASK_CLASSES, "image_size": SIZE,
+              "num_images": 20}
+    expected = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    expected.update(of_shards(images) + of_shards(masks))
+    expected.update(np.array([r.label for r in records], dtype="<i8").tobytes())
+    data = open_prepared(tmp_path / "ds.zarr")
+    for name in ("train", "val", "test", "calib"):
+        expected.update(name.encode() + data.split(name).astype("<i8").tobytes())
+    assert attrs["content_hash"] == expected.hexdigest() == compute_content_hash(data)
+
+
+@pytest.mark.parametrize(("image_size", "n", "expected"), [
+    (128, 2100, 132),  # the default data set: 16 shards of <= 132 images (8 MiB would hold 170)
+    (256, 16000, 42),  # 8 MiB of 256 px images
+    (128, 10, 1), (128, 1, 1),
+])
+def test_shard_length_takes_8_mib_and_at_least_16_shards(image_size: int, n: int, expected: int) -> None:
+    assert store.shard_length(image_size, n) == expected
+    shards = store.shard_ranges(image_size, n)
+    assert [i for shard in shards for i in shard] == list(range(n))
+
+
 class _FailingSource:
     """A sized, lazy source that fails part-way (after some shards were written)."""
 
@@ -129,6 +166,7 @@ class _FailingSource:
 
 def test_failed_write_leaves_nothing_and_keeps_existing_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store, "SHARD_BYTES", 4 * SIZE * SIZE * 3)  # shards get written before the failure
+    monkeypatch.setattr(store, "MIN_SHARDS", 1)
     out = tmp_path / "prepared" / "ds.zarr"
     records = make_records(20)
     with pytest.raises(DataError, match="mem13: boom"):
@@ -266,6 +304,7 @@ def test_prepared_data_survives_fork_and_pickle(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ integrity
 def _sixteen_per_shard(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store, "SHARD_BYTES", 16 * SIZE * SIZE * 3)  # 40 images: shards of 16, 16, 8
+    monkeypatch.setattr(store, "MIN_SHARDS", 1)
 
 
 def test_a_missing_shard_is_a_data_error_naming_the_array_and_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -344,3 +383,27 @@ def test_take_images_reads_scattered_indices_in_the_order_given(tmp_path: Path) 
     images, masks = take_images(data, idx)
     assert np.array_equal(images, np.stack([records[i].image for i in idx]))
     assert np.array_equal(masks, np.stack([records[i].mask for i in idx]))
+
+
+class _MisdeclaredSource:
+    """A sized source whose length is not the number of records it yields."""
+
+    def __init__(self, records: list[Record], declared: int):
+        self.records, self.declared = records, declared
+
+    def __len__(self) -> int:
+        return self.declared
+
+    def __iter__(self):
+        return iter(self.records)
+
+
+@pytest.mark.parametrize(("yielded", "declared", "message"), [
+    (21, 20, "yielded more records than its declared length 20"),
+    (19, 20, "yielded 19 records, expected 20"),
+])
+def test_a_source_that_miscounts_its_records_is_a_data_error(tmp_path: Path, yielded: int, declared: int,
+                                                             message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        write(_MisdeclaredSource(make_records(yielded), declared), tmp_path / "prepared" / "ds.zarr")
+    assert list((tmp_path / "prepared").iterdir()) == []

@@ -2,10 +2,11 @@
 
 Decoding and resizing (or generating) the images is what takes the time; with
 ``data.prepare_workers`` above one (:func:`prepare_processes`) it runs in that many worker
-processes (:class:`ParallelRecords`), each record built by the source's ``record(i)`` as one
-process would build it, while this process checks the records and writes the store in their
-order. The store, its files and its content hash are therefore the same for any number of
-processes.
+processes (:class:`ParallelShards`). Each worker builds the records of one shard file of the store
+(the source's ``record(i)``, as one process would build them), checks them and writes the shard
+itself, compressed; this process collects the shards' summaries (ids, labels, pixel sums,
+digests) in order. The shards depend on the data only, so the store, its files and its content
+hash are the same for any number of processes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -26,7 +27,8 @@ from uml.config import DataParams, Params, Paths
 from uml.data.importers import folder_source, refuge_source
 from uml.data.records import (FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, FUNDUS_POSITIVE_CLASS, GivenSplit, Record,
                               RecordSource)
-from uml.data.store import SPLIT_NAMES, given_split_sizes, write_dataset
+from uml.data.store import (SPLIT_NAMES, RecordCheck, ShardSummary, given_split_sizes, write_dataset,
+                            write_shard)
 from uml.data.synthetic import SyntheticSource
 from uml.errors import ConfigError
 
@@ -36,10 +38,9 @@ log = logging.getLogger(__name__)
 MAX_AUTO_WORKERS = 8
 # ... and at most one per this many images.
 IMAGES_PER_WORKER = 64
-# Records per task handed to a worker process, and tasks in flight per worker: enough to keep
-# the workers busy, few enough that memory does not grow with the data set.
-CHUNK_RECORDS = 8
-CHUNKS_AHEAD = 4
+# Shard tasks in flight per worker: enough to keep the workers busy; each hands back only a
+# small summary, so memory does not grow with the data set.
+SHARDS_AHEAD = 2
 
 
 @runtime_checkable
@@ -72,9 +73,10 @@ def _set_worker_source(source: IndexedSource) -> None:
     _worker_source = source
 
 
-def _records(indices: range) -> list[Record]:
+def _write_shard_task(path: Path, shard: range, check: RecordCheck) -> ShardSummary:
     assert _worker_source is not None, "the pool's initializer sets the source"
-    return [_worker_source.record(i) for i in indices]
+    source = _worker_source
+    return write_shard(path, shard, (source.record(i) for i in shard), check)
 
 
 def _fresh_process_context() -> multiprocessing.context.BaseContext:
@@ -88,14 +90,15 @@ def _fresh_process_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-class ParallelRecords:
-    """The records of ``source`` in index order, built by ``workers`` processes.
+class ParallelShards:
+    """The records of ``source``, built, checked and written a shard at a time by ``workers``
+    processes (a :class:`~uml.data.store.ShardedRecords` for :func:`~uml.data.store.write_dataset`).
 
-    Records are built in chunks of :data:`CHUNK_RECORDS` and handed back in order; at most
-    :data:`CHUNKS_AHEAD` chunks per worker are in flight, so a slow consumer (the store writer)
-    holds back the workers instead of letting decoded images pile up. The processes are not
-    forked from this process and its threads (:func:`_fresh_process_context`). An error raised
-    while building a record (an unreadable file) is raised here, in order, with its message."""
+    At most :data:`SHARDS_AHEAD` shards per worker are in flight, and their summaries come back
+    in shard order. The processes are not forked from this process and its threads
+    (:func:`_fresh_process_context`). An error raised while building or checking a record (an
+    unreadable file) is raised here, in shard order, with its message, and the shards not yet
+    started are cancelled."""
 
     def __init__(self, source: IndexedSource, workers: int):
         self.source = source
@@ -104,31 +107,30 @@ class ParallelRecords:
     def __len__(self) -> int:
         return len(self.source)
 
-    def __iter__(self) -> Iterator[Record]:
-        n = len(self.source)
-        chunks = (range(start, min(start + CHUNK_RECORDS, n)) for start in range(0, n, CHUNK_RECORDS))
+    def write_shards(self, path: Path, shards: Sequence[range], check: RecordCheck) -> Iterator[ShardSummary]:
+        remaining = iter(shards)
         pool = ProcessPoolExecutor(self.workers, mp_context=_fresh_process_context(),
                                    initializer=_set_worker_source, initargs=(self.source,))
-        pending: deque[Future[list[Record]]] = deque()
+        pending: deque[Future[ShardSummary]] = deque()
         try:
-            for chunk in itertools.islice(chunks, self.workers * CHUNKS_AHEAD):
-                pending.append(pool.submit(_records, chunk))
+            for shard in itertools.islice(remaining, self.workers * SHARDS_AHEAD):
+                pending.append(pool.submit(_write_shard_task, path, shard, check))
             while pending:
-                records = pending.popleft().result()
-                following = next(chunks, None)
+                summary = pending.popleft().result()
+                following = next(remaining, None)
                 if following is not None:
-                    pending.append(pool.submit(_records, following))
-                yield from records
+                    pending.append(pool.submit(_write_shard_task, path, following, check))
+                yield summary
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def decoded_records(source: RecordSource, workers: int) -> RecordSource | ParallelRecords:
+def decoded_records(source: RecordSource, workers: int) -> RecordSource | ParallelShards:
     """``source`` as it is for one process (or a source that cannot build a record by index),
-    else :class:`ParallelRecords` over ``workers`` processes."""
+    else :class:`ParallelShards` over ``workers`` processes."""
     if workers <= 1 or not isinstance(source, IndexedSource):
         return source
-    return ParallelRecords(source, workers)
+    return ParallelShards(source, workers)
 
 
 def open_source(data: DataParams) -> RecordSource:
@@ -219,7 +221,7 @@ def prepare(params: Params) -> Path:
     given = choose_split(source, data)
     records = decoded_records(source, prepare_processes(data, len(source)))
     log.info("decoding %d images in %s", len(source),
-             f"{records.workers} worker processes" if isinstance(records, ParallelRecords) else "this process")
+             f"{records.workers} worker processes" if isinstance(records, ParallelShards) else "this process")
     attrs = write_dataset(
         records,
         out,

@@ -18,9 +18,12 @@ Layout (zarr v3 group):
 
 ``content_hash`` identifies the data content (downstream stages name training runs with it). It
 is the sha256 of: a canonical JSON header (format, class names, mask classes, image size,
-number of images), sha256(images bytes), sha256(masks bytes), the labels and the split indices
-(little-endian int64, splits in train/val/test/calib order). :func:`compute_content_hash` recomputes
-it from a store.
+number of images), the sha256 of the images' shard digests (the sha256 of each shard's image
+bytes, in shard order), the same for the masks, the labels and the split indices (little-endian
+int64, splits in train/val/test/calib order). Digests per shard let processes that write
+different shards hash them too (:func:`write_shard`); the shards (:func:`shard_ranges`) depend
+on the number of images and their size only, so the hash does not depend on how many processes
+wrote the store. :func:`compute_content_hash` recomputes it from a store.
 
 The writer builds the store in a hidden sibling folder and renames it into place only when it is
 complete, so an interrupted or failed run leaves no half-written store, and an existing store is
@@ -40,14 +43,16 @@ ones. ``content_hash`` is not recomputed at open (that decodes every image, seve
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import zarr
@@ -61,14 +66,18 @@ from uml.errors import DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "uml-prepared/2"
+FORMAT = "uml-prepared/3"  # 3: the content hash folds in the images shard by shard
 REQUIRED_ATTRS: tuple[str, ...] = ("class_names", "mask_classes", "positive_class", "source", "image_size", "fingerprint",
                                    "content_hash")
 # The group's own metadata file holds the attrs (checksums included), so it is the one file not checksummed.
 _ROOT_METADATA = "zarr.json"
 _CHUNK_PREFIX = "/c/"  # zarr v3's default chunk key encoding: <array>/c/<i>/<j>/...
-# Images per shard: about this many bytes of raw pixels per shard file.
-SHARD_BYTES = 32 * 1024 * 1024
+# Images per shard: about this many bytes of raw pixels per shard file. A shard is written whole,
+# by one process that holds its pixels, so this bounds prepare's memory per process too.
+SHARD_BYTES = 8 * 1024 * 1024
+# ... and at least this many shards (when there are as many images), so that processes writing
+# whole shards each get a fair share of the work.
+MIN_SHARDS = 16
 _RERUN = "run `python -m pipeline.prepare` first"
 
 
@@ -191,16 +200,22 @@ def given_split_indices(ids: list[str], labels: np.ndarray, given: GivenSplit, s
 
 
 # ------------------------------------------------------------------------------ content hash
+def shard_digests(images: np.ndarray, masks: np.ndarray) -> tuple[bytes, bytes]:
+    """sha256 of one shard's image bytes and of its mask bytes (uint8, C order)."""
+    return (hashlib.sha256(np.ascontiguousarray(images, dtype=np.uint8).tobytes()).digest(),
+            hashlib.sha256(np.ascontiguousarray(masks, dtype=np.uint8).tobytes()).digest())
+
+
 class _ContentHasher:
-    """Streams images and masks through sha256 while they are written."""
+    """Folds in the images' and masks' digests shard by shard, in shard order."""
 
     def __init__(self) -> None:
         self.images = hashlib.sha256()
         self.masks = hashlib.sha256()
 
-    def update(self, images: np.ndarray, masks: np.ndarray) -> None:
-        self.images.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
-        self.masks.update(np.ascontiguousarray(masks, dtype=np.uint8).tobytes())
+    def update(self, image_digest: bytes, mask_digest: bytes) -> None:
+        self.images.update(image_digest)
+        self.masks.update(mask_digest)
 
     def hexdigest(self, *, labels: np.ndarray, splits: Mapping[str, np.ndarray], class_names: list[str],
                   mask_classes: list[str], image_size: int) -> str:
@@ -217,9 +232,101 @@ class _ContentHasher:
 
 
 # ------------------------------------------------------------------------------------ writer
-def _shard_length(image_size: int, n: int) -> int:
+def shard_length(image_size: int, n: int) -> int:
+    """Images per shard file: about :data:`SHARD_BYTES` of pixels, and at least
+    :data:`MIN_SHARDS` shards when there are that many images. A function of the data only (never
+    of the number of processes), so the files and the content hash are too."""
     per_image = image_size * image_size * 3
-    return max(1, min(n, SHARD_BYTES // per_image))
+    return max(1, min(n, SHARD_BYTES // per_image, math.ceil(n / MIN_SHARDS)))
+
+
+def shard_ranges(image_size: int, n: int) -> list[range]:
+    """The image indices of each shard file, in order."""
+    length = shard_length(image_size, n)
+    return [range(start, min(start + length, n)) for start in range(0, n, length)]
+
+
+@dataclass(frozen=True)
+class RecordCheck:
+    """What every record must be: its image size and the numbers of classes and mask classes."""
+
+    image_size: int
+    num_classes: int
+    num_mask_classes: int
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """What the store's attrs need from one written shard: the records' ids, origins and labels,
+    pixel sums for the fingerprint, and the shard's digests for the content hash."""
+
+    ids: list[str]
+    origins: list[str]
+    labels: list[int]
+    channel_sum: np.ndarray
+    channel_sq: np.ndarray
+    mask_counts: np.ndarray
+    image_digest: bytes
+    mask_digest: bytes
+
+
+def write_shard(path: Path, shard: range, records: Iterable[Record], check: RecordCheck) -> ShardSummary:
+    """Check the records of one shard (the images ``shard`` of the store being written at
+    ``path``) and write them into its ``images`` and ``masks`` arrays.
+
+    ``records`` are taken one at a time, up to ``len(shard)`` of them, so only the shard's own
+    arrays are held. A source that runs out early writes nothing: the summary then holds fewer
+    ids than the shard, which the caller reports. Every shard is one file per array and one call
+    writes it whole, so calls for different shards may run at the same time in different processes.
+    """
+    s = check.image_size
+    images = np.empty((len(shard), s, s, 3), np.uint8)
+    masks = np.empty((len(shard), s, s), np.uint8)
+    channel_sum, channel_sq = np.zeros(3, np.float64), np.zeros(3, np.float64)
+    mask_counts = np.zeros(check.num_mask_classes, np.int64)
+    ids: list[str] = []
+    origins: list[str] = []
+    labels: list[int] = []
+    for k, rec in zip(range(len(shard)), records):
+        _check_record(rec, s, check.num_classes, check.num_mask_classes)
+        pixels = rec.image.reshape(-1, 3).astype(np.float64)
+        channel_sum += pixels.sum(axis=0)
+        channel_sq += np.einsum("ij,ij->j", pixels, pixels)
+        mask_counts += np.bincount(rec.mask.ravel(), minlength=check.num_mask_classes)[: check.num_mask_classes]
+        images[k], masks[k] = rec.image, rec.mask
+        ids.append(rec.id)
+        origins.append(rec.origin)
+        labels.append(int(rec.label))
+    if len(ids) == len(shard):
+        store = LocalStore(path)
+        zarr.open_array(store, path="images", mode="r+")[shard.start : shard.stop] = images
+        zarr.open_array(store, path="masks", mode="r+")[shard.start : shard.stop] = masks
+    image_digest, mask_digest = shard_digests(images[: len(ids)], masks[: len(ids)])
+    return ShardSummary(ids=ids, origins=origins, labels=labels, channel_sum=channel_sum, channel_sq=channel_sq,
+                        mask_counts=mask_counts, image_digest=image_digest, mask_digest=mask_digest)
+
+
+@runtime_checkable
+class ShardedRecords(Protocol):
+    """Records that are built and written shard by shard elsewhere (worker processes): yields each
+    shard's :class:`ShardSummary` in shard order, each shard written by :func:`write_shard`."""
+
+    def __len__(self) -> int: ...
+
+    def write_shards(self, path: Path, shards: Sequence[range], check: RecordCheck) -> Iterator[ShardSummary]: ...
+
+
+def _shards_here(records: Iterable[Record], n: int, source: str, path: Path, shards: Sequence[range],
+                 check: RecordCheck) -> Iterator[ShardSummary]:
+    """Write ``records`` shard by shard in this process."""
+    iterator = iter(records)
+    for shard in shards:
+        summary = write_shard(path, shard, iterator, check)
+        if len(summary.ids) < len(shard):
+            raise DataError(f"{source}: yielded {shard.start + len(summary.ids)} records, expected {n}")
+        yield summary
+    if next(iterator, None) is not None:
+        raise DataError(f"{source}: yielded more records than its declared length {n}")
 
 
 def _check_record(rec: Record, image_size: int, num_classes: int, num_mask_classes: int) -> None:
@@ -247,7 +354,7 @@ def _remove(path: Path) -> None:
 
 
 def write_dataset(
-    records: Iterable[Record],
+    records: Iterable[Record] | ShardedRecords,
     out_path: str | os.PathLike[str],
     *,
     class_names: list[str],
@@ -310,18 +417,24 @@ def write_dataset(
     return attrs
 
 
-def _write(records: Iterable[Record], n: int, path: Path, *, class_names: list[str], mask_classes: list[str],
+def _write(records: Iterable[Record] | ShardedRecords, n: int, path: Path, *, class_names: list[str], mask_classes: list[str],
            positive_class: int, source: str, image_size: int, split: SplitParams, seed: int, source_info: dict[str, Any],
            given: GivenSplit | None) -> dict[str, Any]:
     s = image_size
-    shard = _shard_length(s, n)
+    shard = shard_length(s, n)
     group = zarr.create_group(store=LocalStore(path), zarr_format=3)
     compressors = ZstdCodec(level=3)
-    images = group.create_array("images", shape=(n, s, s, 3), dtype="uint8", chunks=(1, s, s, 3),
-                                shards=(shard, s, s, 3), compressors=compressors, dimension_names=["n", "y", "x", "c"])
-    masks = group.create_array("masks", shape=(n, s, s), dtype="uint8", chunks=(1, s, s),
-                               shards=(shard, s, s), compressors=compressors, dimension_names=["n", "y", "x"])
+    group.create_array("images", shape=(n, s, s, 3), dtype="uint8", chunks=(1, s, s, 3), shards=(shard, s, s, 3),
+                       compressors=compressors, dimension_names=["n", "y", "x", "c"])
+    group.create_array("masks", shape=(n, s, s), dtype="uint8", chunks=(1, s, s), shards=(shard, s, s),
+                       compressors=compressors, dimension_names=["n", "y", "x"])
 
+    check = RecordCheck(image_size=s, num_classes=len(class_names), num_mask_classes=len(mask_classes))
+    shards = shard_ranges(s, n)
+    if isinstance(records, ShardedRecords):
+        summaries = records.write_shards(path, shards, check)
+    else:
+        summaries = _shards_here(records, n, source, path, shards, check)
     hasher = _ContentHasher()
     labels = np.empty(n, np.int64)
     ids: list[str] = []
@@ -329,36 +442,20 @@ def _write(records: Iterable[Record], n: int, path: Path, *, class_names: list[s
     channel_sum = np.zeros(3, np.float64)
     channel_sq = np.zeros(3, np.float64)
     mask_counts = np.zeros(len(mask_classes), np.int64)
-    block_images = np.empty((shard, s, s, 3), np.uint8)
-    block_masks = np.empty((shard, s, s), np.uint8)
-
-    i = 0
     with tqdm(total=n, desc=f"prepare ({source})", unit="img", mininterval=1.0) as bar:
-        for rec in records:
-            if i >= n:
-                raise DataError(f"{source}: yielded more records than its declared length {n}")
-            _check_record(rec, s, len(class_names), len(mask_classes))
-            if rec.id in seen:
-                raise DataError(f"{rec.origin}: duplicate id {rec.id!r} (also {seen[rec.id]})")
-            seen[rec.id] = rec.origin
-            ids.append(rec.id)
-            labels[i] = int(rec.label)
-            pixels = rec.image.reshape(-1, 3).astype(np.float64)
-            channel_sum += pixels.sum(axis=0)
-            channel_sq += np.einsum("ij,ij->j", pixels, pixels)
-            mask_counts += np.bincount(rec.mask.ravel(), minlength=len(mask_classes))[: len(mask_classes)]
-            block_images[i % shard] = rec.image
-            block_masks[i % shard] = rec.mask
-            i += 1
-            if i % shard == 0 or i == n:
-                # Whole shards at a time: each write touches exactly one shard file.
-                start, count = (i - 1) // shard * shard, (i - 1) % shard + 1
-                images[start : start + count] = block_images[:count]
-                masks[start : start + count] = block_masks[:count]
-                hasher.update(block_images[:count], block_masks[:count])
-            bar.update(1)
-    if i != n:
-        raise DataError(f"{source}: yielded {i} records, expected {n}")
+        # strict: a source that yields more records than it declared raises when the shards end.
+        for shard, summary in zip(shards, summaries, strict=True):
+            for rec_id, origin in zip(summary.ids, summary.origins):
+                if rec_id in seen:
+                    raise DataError(f"{origin}: duplicate id {rec_id!r} (also {seen[rec_id]})")
+                seen[rec_id] = origin
+            ids.extend(summary.ids)
+            labels[shard.start : shard.stop] = summary.labels
+            channel_sum += summary.channel_sum
+            channel_sq += summary.channel_sq
+            mask_counts += summary.mask_counts
+            hasher.update(summary.image_digest, summary.mask_digest)
+            bar.update(len(shard))
 
     group.create_array("labels", data=labels, chunks=(n,), compressors=None, dimension_names=["n"])
     if given is None:
@@ -656,13 +753,13 @@ class SplitReader:
         return take_images(self.data, idx)
 
 
-def compute_content_hash(path: str | os.PathLike[str] | PreparedData, block: int = 256) -> str:
+def compute_content_hash(path: str | os.PathLike[str] | PreparedData) -> str:
     """Recompute ``content_hash`` from the arrays of a store (integrity check; equals the attr)."""
     data = path if isinstance(path, PreparedData) else open_prepared(path)
     hasher = _ContentHasher()
-    n = data.num_images
-    for start in range(0, n, block):
-        hasher.update(np.asarray(data.images[start : start + block]), np.asarray(data.masks[start : start + block]))
+    for shard in shard_ranges(data.image_size, data.num_images):
+        hasher.update(*shard_digests(np.asarray(data.images[shard.start : shard.stop]),
+                                     np.asarray(data.masks[shard.start : shard.stop])))
     splits = {name: data.split(name) for name in SPLIT_NAMES}
     return hasher.hexdigest(labels=np.asarray(data.labels[:]), splits=splits, class_names=data.class_names,
                             mask_classes=data.mask_classes, image_size=data.image_size)
