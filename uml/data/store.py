@@ -421,7 +421,8 @@ def _write(records: Iterable[Record] | ShardedRecords, n: int, path: Path, *, cl
            positive_class: int, source: str, image_size: int, split: SplitParams, seed: int, source_info: dict[str, Any],
            given: GivenSplit | None) -> dict[str, Any]:
     s = image_size
-    shard = shard_length(s, n)
+    shards = shard_ranges(s, n)
+    shard = len(shards[0])
     group = zarr.create_group(store=LocalStore(path), zarr_format=3)
     compressors = ZstdCodec(level=3)
     group.create_array("images", shape=(n, s, s, 3), dtype="uint8", chunks=(1, s, s, 3), shards=(shard, s, s, 3),
@@ -430,7 +431,6 @@ def _write(records: Iterable[Record] | ShardedRecords, n: int, path: Path, *, cl
                        compressors=compressors, dimension_names=["n", "y", "x"])
 
     check = RecordCheck(image_size=s, num_classes=len(class_names), num_mask_classes=len(mask_classes))
-    shards = shard_ranges(s, n)
     if isinstance(records, ShardedRecords):
         summaries = records.write_shards(path, shards, check)
     else:
@@ -757,9 +757,11 @@ def compute_content_hash(path: str | os.PathLike[str] | PreparedData) -> str:
     """Recompute ``content_hash`` from the arrays of a store (integrity check; equals the attr)."""
     data = path if isinstance(path, PreparedData) else open_prepared(path)
     hasher = _ContentHasher()
-    for shard in shard_ranges(data.image_size, data.num_images):
-        hasher.update(*shard_digests(np.asarray(data.images[shard.start : shard.stop]),
-                                     np.asarray(data.masks[shard.start : shard.stop])))
+    # The store's own shard files, whatever the writer's rule for their length was.
+    per_shard = data.images.shards[0]
+    for start in range(0, data.num_images, per_shard):
+        hasher.update(*shard_digests(np.asarray(data.images[start : start + per_shard]),
+                                     np.asarray(data.masks[start : start + per_shard])))
     splits = {name: data.split(name) for name in SPLIT_NAMES}
     return hasher.hexdigest(labels=np.asarray(data.labels[:]), splits=splits, class_names=data.class_names,
                             mask_classes=data.mask_classes, image_size=data.image_size)
