@@ -1,15 +1,23 @@
-"""The UML model: ``build_model(preset, **overrides)``, ``save_model`` and ``load_model``."""
+"""The UML model: ``build_model(preset, **overrides)``, ``save_model`` and ``load_model``.
+
+``UMLNet`` (and with it timm, torchvision and torch's compiler stack: about 1.2 s of CPU) is
+imported on first use. The configuration (:mod:`uml.models.config`) is all that Ray's trial and
+controller processes and the sweep's driver need, and each of them starts on the same few cores
+as the training workers.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from uml.errors import ModelFileError
 from uml.models.config import PRESETS, ModelConfig, resolve_config
-from uml.models.uml_net import UMLNet
+
+if TYPE_CHECKING:
+    from uml.models.uml_net import UMLNet
 
 __all__ = ["PRESETS", "ModelConfig", "UMLNet", "build_model", "count_parameters", "load_model", "read_model_file", "save_model"]
 
@@ -21,6 +29,8 @@ def build_model(preset: str = "paper", **overrides: Any) -> UMLNet:
     """Build the UML network from a preset (``"paper"`` or ``"small"``) and overrides, e.g.
     ``build_model("small", uncertainty=False, tasks=["seg"], num_classes=2, num_mask_classes=3)``.
     """
+    from uml.models.uml_net import UMLNet
+
     return UMLNet(resolve_config(preset, **overrides))
 
 
@@ -67,6 +77,8 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
 
 def load_model(path: str | Path) -> UMLNet:
     """The model of a ``model.pt``, rebuilt from its stored config, in eval mode."""
+    from uml.models.uml_net import UMLNet
+
     payload = read_model_file(path)
     model = UMLNet(ModelConfig.from_dict(payload["config"]))
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
@@ -74,3 +86,11 @@ def load_model(path: str | Path) -> UMLNet:
         raise ModelFileError(f"{path}: weights do not match the stored config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.extra = payload.get("extra", {})
     return model.eval()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "UMLNet":
+        from uml.models.uml_net import UMLNet
+
+        return UMLNet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,8 +10,7 @@ import ray.train
 from matplotlib.figure import Figure
 from ray.train import UserCallback
 
-from uml.train.checkpoints import read_history
-from uml.train.worker import SCORE_KEY
+from uml.train.checkpoints import SCORE_KEY, read_history
 
 
 class LiveLogger(UserCallback):

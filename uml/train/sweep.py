@@ -47,7 +47,6 @@ import numpy as np
 import pandas as pd
 import ray
 import yaml
-from matplotlib.figure import Figure
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -57,10 +56,10 @@ from uml.config import Params, Paths, TrainParams, TuneParams, get_dotted, parse
 from uml.data.store import open_prepared
 from uml.errors import ClusterError, ConfigError
 from uml.provenance import RunInputs, announce, code_files, select_params, tuning_target
+from uml.train.checkpoints import SCORE_KEY
 from uml.train.cluster import check_storage_trust, ray_session
 from uml.train.preflight import bundle, preflight, scaling_config
 from uml.train.trainer import TRAIN_KEYS_NOT_IN_IDENTITY, model_config, run_trainer
-from uml.train.worker import SCORE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +248,8 @@ def write_outputs(table: pd.DataFrame, keys: list[str], paths: Paths, baseline: 
 def plot_scores(table: pd.DataFrame, keys: list[str], path: Path, chosen: str) -> None:
     """Validation score against each searched value; the baseline and the chosen trial marked.
     A ``matplotlib.figure.Figure`` of its own, never pyplot (as :mod:`uml.plots`)."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(3.6 * len(keys), 3.4))
     axes = fig.subplots(1, len(keys), squeeze=False)
     ok = table[np.isfinite(table["score"])]

@@ -28,16 +28,15 @@ from ray.train.torch import TorchTrainer
 from uml.config import Params, Paths, TrainParams
 from uml.data.store import open_prepared
 from uml.errors import ClusterError, ConfigError, UMLError
-from uml.models import ModelConfig, UMLNet, save_model
+from uml.models import ModelConfig, save_model
 from uml.models.config import resolve_config
 from uml.provenance import RunInputs, announce, code_files, run_exists, select_params
-from uml.train.checkpoints import best_state
+from uml.train.checkpoints import SCORE_KEY, best_state
 from uml.train.cluster import check_storage_trust, ray_session
 from uml.train.live import LiveLogger, write_live_log
 from uml.train.preflight import preflight, scaling_config
 from uml.train.rendezvous import BoundTorchConfig
 from uml.train.tuned import effective_params
-from uml.train.worker import SCORE_KEY, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +78,21 @@ def run_name(params: Params, data_hash: str, code: Mapping[str, str] | None = No
     return run_inputs(params, data_hash, code).name
 
 
+def worker_entry(config: dict) -> None:
+    """What Ray Train runs in each worker: :func:`uml.train.worker.train_loop_per_worker`.
+
+    Ray pickles the training function by reference, so the process that hands it to the trainer
+    imports its module. Through this entry point only the worker imports the training loop's
+    module (the model, timm, the metrics, the augmentation); the driver of a sweep trial does
+    not, and it starts on the same cores as the workers."""
+    from uml.train.worker import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
 def run_trainer(params: Params, *, name: str, model_cfg: ModelConfig, epochs: int,
                 callbacks: Sequence[UserCallback] = (), num_workers: int | None = None,
-                train_loop: Callable[[dict], None] = train_loop_per_worker) -> ray.train.Result:
+                train_loop: Callable[[dict], None] = worker_entry) -> ray.train.Result:
     """Fit a ``TorchTrainer`` (Ray must be initialised). Reusing ``name`` in the same storage
     resumes that run from its last checkpoint."""
     paths = Paths(params)
@@ -141,6 +152,8 @@ def train(params: Params) -> Path:
                                  callbacks=[LiveLogger(paths.train_dir, logged_params)])
         except ray.train.TrainingFailedError as exc:
             raise ClusterError(f"training run '{name}' failed: {exc}") from exc
+    from uml.models import UMLNet
+
     state_dict, history, best_row = best_state(result)
     if len(history) < params.train.epochs:
         raise UMLError(f"run '{name}' stopped after {len(history)} of {params.train.epochs} epochs")

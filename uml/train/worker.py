@@ -35,11 +35,8 @@ from uml.data.dataset import EpochSampler, SegClsDataset, StepSampler, to_model_
 from uml.data.store import open_prepared
 from uml.losses import kl_annealing, uml_loss
 from uml.models import ModelConfig, UMLNet
+from uml.train.checkpoints import HISTORY_FILE, SCORE_KEY, STATE_FILE
 from uml.train.schedule import build_scheduler
-
-STATE_FILE = "state.pt"
-HISTORY_FILE = "history.json"
-SCORE_KEY = "val/score"
 
 # Ray Train tees print() in workers to stdout and to the root logger (two copies); log instead.
 log = logging.getLogger("uml.train")
