@@ -444,8 +444,7 @@ def test_a_trial_runs_tune_steps_per_epoch_steps_with_its_sampled_values():
     assert trial_params({}, base).train.steps_per_epoch is None
 
 
-@pytest.mark.parametrize("module", ["uml.train.sweep", "uml.train.live", "uml.train.trainer"])
-def test_ray_side_processes_do_not_import_the_training_loop(module):
+def test_ray_side_processes_do_not_import_the_training_loop():
     # Ray imports these modules in a sweep trial's driver (sweep, trainer) and in Ray Train's
     # controller (live, through LiveLogger), each starting on the cores the workers train on:
     # the model (timm, torchvision), the metrics (scikit-learn) and the augmentation belong to
@@ -454,7 +453,7 @@ def test_ray_side_processes_do_not_import_the_training_loop(module):
     import sys
 
     heavy = ["timm", "torchvision", "sklearn", "albumentations", "uml.train.worker", "uml.models.uml_net"]
-    code = f"import sys, {module}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    code = f"import sys, uml.train.sweep, uml.train.live, uml.train.trainer; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert loaded == []
 
