@@ -448,7 +448,7 @@ def test_ray_side_processes_do_not_import_the_training_loop():
     # Ray imports these modules in a sweep trial's driver (sweep, trainer) and in Ray Train's
     # controller (live, through LiveLogger), each starting on the cores the workers train on:
     # the model (timm, torchvision), the metrics (scikit-learn) and the augmentation belong to
-    # the worker processes alone, which reach them through uml.train.trainer.worker_entry.
+    # the worker processes alone, which reach them through uml.train.entry.worker_entry.
     import subprocess
     import sys
 
@@ -458,11 +458,18 @@ def test_ray_side_processes_do_not_import_the_training_loop():
     assert loaded == []
 
 
-def test_the_worker_entry_runs_the_training_loop(monkeypatch):
+def test_the_worker_entry_runs_the_training_loop_and_imports_nothing_else(monkeypatch):
+    import subprocess
+    import sys
+
     import uml.train.worker
-    from uml.train.trainer import worker_entry
+    from uml.train.entry import worker_entry
 
     seen = []
     monkeypatch.setattr(uml.train.worker, "train_loop_per_worker", seen.append)
     worker_entry({"epochs": 3})
     assert seen == [{"epochs": 3}]
+    # What a worker imports to unpickle the function: no torch, no Ray, nothing of uml beyond it.
+    code = "import sys, uml.train.entry; print(' '.join(sorted(m for m in sys.modules if m.startswith(('uml', 'torch', 'ray')))))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == ["uml", "uml.train", "uml.train.entry"]

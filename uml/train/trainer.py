@@ -33,6 +33,7 @@ from uml.models.config import resolve_config
 from uml.provenance import RunInputs, announce, code_files, run_exists, select_params
 from uml.train.checkpoints import SCORE_KEY, best_state
 from uml.train.cluster import check_storage_trust, ray_session
+from uml.train.entry import worker_entry
 from uml.train.live import LiveLogger, write_live_log
 from uml.train.preflight import preflight, scaling_config
 from uml.train.rendezvous import BoundTorchConfig
@@ -76,18 +77,6 @@ def run_inputs(params: Params, data_hash: str, code: Mapping[str, str] | None = 
 def run_name(params: Params, data_hash: str, code: Mapping[str, str] | None = None) -> str:
     """``train-<hash>``: the same params, data and code give the same name (and resume)."""
     return run_inputs(params, data_hash, code).name
-
-
-def worker_entry(config: dict) -> None:
-    """What Ray Train runs in each worker: :func:`uml.train.worker.train_loop_per_worker`.
-
-    Ray pickles the training function by reference, so the process that hands it to the trainer
-    imports its module. Through this entry point only the worker imports the training loop's
-    module (the model, timm, the metrics, the augmentation); the driver of a sweep trial does
-    not, and it starts on the same cores as the workers."""
-    from uml.train.worker import train_loop_per_worker
-
-    train_loop_per_worker(config)
 
 
 def run_trainer(params: Params, *, name: str, model_cfg: ModelConfig, epochs: int,
