@@ -30,6 +30,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, 
 
 from uml.errors import ConfigError
 from uml.fundus import FUNDUS_MASK_CLASSES
+from uml.objectstore import check_uri, is_uri, join
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -140,8 +141,15 @@ class DataParams(_Section):
     path: str = "data/raw"
     # Where every stage reads and writes: a local or mounted folder. Relative paths resolve
     # against the working directory (refused inside `ray job submit`); on a multi-node cluster it
-    # must be storage every node mounts at the same path.
+    # must be storage every node mounts at the same path. Or object storage, s3://bucket/prefix
+    # (an S3-compatible server through ?endpoint_override=host:port&scheme=http): prepare then
+    # also writes the store there, the nodes read it from there, Ray's run storage defaults to
+    # <data.root>/ray, and the stages' own files go to data.local_root.
     root: str = "data"
+    # With data.root on object storage: the local folder of the stages' own files (the store's
+    # local copy that DVC versions, sweep results, models, reports, plots), the data/ that
+    # dvc.yaml names. Not used when data.root is a folder.
+    local_root: str = "data"
     image_size: int = Field(128, ge=32, le=2048)
     seed: int = 0
     split: SplitParams = SplitParams()
@@ -165,13 +173,15 @@ class DataParams(_Section):
 
     @field_validator("root")
     @classmethod
-    def _a_filesystem_path(cls, v: str) -> str:
-        # Path.resolve() would turn s3://bucket/x into <cwd>/s3:/bucket/x and write there.
-        if "://" in v:
-            raise ValueError(
-                f"must be a filesystem path, got the URI {v!r}: prepare, tune, train, export and evaluate write "
-                "local files (zarr store, model files, reports) under data.root. Mount the bucket (s3fs, "
-                "mountpoint-s3, gcsfuse) and give its mount path; ray.storage_path can be s3:// or gs:// itself")
+    def _a_path_or_object_storage(cls, v: str) -> str:
+        # Path.resolve() would turn an unchecked s3://bucket/x into <cwd>/s3:/bucket/x and write there.
+        return check_uri(v) if is_uri(v) else v
+
+    @field_validator("local_root")
+    @classmethod
+    def _a_local_folder(cls, v: str) -> str:
+        if is_uri(v):
+            raise ValueError(f"must be a local folder, got the URI {v!r} (data.root is where object storage goes)")
         return v
 
     @field_validator("mask_classes")
@@ -598,7 +608,9 @@ class Params(_Section):
     def resolved(self) -> "Params":
         """A copy with ``data.root`` and a local ``ray.storage_path`` made absolute against the
         current directory, for shipping to Ray workers (Tune runs trials in their own directories)."""
-        overrides: dict[str, Any] = {"data.root": str(Path(self.data.root).expanduser().resolve())}
+        overrides: dict[str, Any] = {"data.local_root": str(Path(self.data.local_root).expanduser().resolve())}
+        if not is_uri(self.data.root):
+            overrides["data.root"] = str(Path(self.data.root).expanduser().resolve())
         if self.ray.storage_path and "://" not in self.ray.storage_path:
             overrides["ray.storage_path"] = str(Path(self.ray.storage_path).expanduser().resolve())
         return self.with_overrides(overrides, source=self._source)
@@ -808,8 +820,10 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str = "<ove
 
 
 def resolve_path(params: Params, *parts: str) -> Path:
-    """An absolute path under ``data.root``."""
-    return Path(params.data.root).expanduser().resolve().joinpath(*parts)
+    """An absolute local path under ``data.root``, or under ``data.local_root`` when ``data.root``
+    is on object storage."""
+    local = params.data.local_root if is_uri(params.data.root) else params.data.root
+    return Path(local).expanduser().resolve().joinpath(*parts)
 
 
 class Paths:
@@ -833,13 +847,18 @@ class Paths:
         self.metrics = root / "reports" / "metrics.json"
         self.model_card = root / "reports" / "model_card.md"
         self.plots = root / "reports" / "plots"
+        # data.root on object storage: the store the nodes read (prepare publishes the local
+        # copy there) and, unless ray.storage_path says otherwise, Ray's run storage.
+        self.root_uri = params.data.root if is_uri(params.data.root) else None
+        self.shared_dataset = join(self.root_uri, "prepared", "dataset.zarr") if self.root_uri else str(self.dataset)
         self.ray_storage = (
             Path(params.ray.storage_path).expanduser().resolve()
             if params.ray.storage_path and "://" not in params.ray.storage_path
             else root / "ray"
         )
         # A URI (s3://, gs://, ...) is handed to Ray as is.
-        self.ray_storage_uri = params.ray.storage_path if params.ray.storage_path and "://" in params.ray.storage_path else None
+        self.ray_storage_uri = (params.ray.storage_path if params.ray.storage_path and "://" in params.ray.storage_path
+                                else join(self.root_uri, "ray") if self.root_uri and not params.ray.storage_path else None)
 
     @property
     def storage(self) -> str:

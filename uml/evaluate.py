@@ -76,13 +76,14 @@ import numpy as np
 from sklearn.metrics import roc_curve
 from tqdm.auto import tqdm
 
-from uml import metrics, plots
+from uml import metrics, objectstore, plots
 from uml.atomic import write_text_replacing
 from uml.config import EvaluateParams, Params, Paths
 from uml.errors import DataError, ModelFileError
 from uml.fundus import FUNDUS_MASK_CLASSES
 from uml.model_card import model_card
 from uml.noise import gaussian_noise, salt_and_pepper
+from uml.objectstore import is_uri
 from uml.onnx_model import OnnxModel
 
 if TYPE_CHECKING:
@@ -340,16 +341,24 @@ def shard_ranges(n: int, batch_size: int, shards: int) -> list[tuple[int, int]]:
     return [(first, min(first + per_shard, n)) for first in range(0, n, per_shard)]
 
 
-def _run_pass_shard(model_path: str, metadata_path: str, provider: str, dataset: str, split_name: str,
+def _run_pass_shard(model_files: tuple[bytes, bytes], provider: str, dataset: str, split_name: str,
                     batch_size: int, start: int, stop: int, args: PassArgs) -> tuple[PassOutputs, str]:
-    """One shard of a pass, in a Ray task: the task opens the model and the store itself (the
-    driver verified the store; the store's folder must be reachable from every node, as for
-    training)."""
+    """One shard of a pass, in a Ray task. The model's files come through Ray's object store
+    (``model.onnx`` and ``metadata.json`` bytes, written to a temporary folder here), so no node
+    needs the driver's folder; the task opens the store itself (the driver verified it; a folder
+    every node mounts, or the copy on object storage when ``data.root`` is a bucket)."""
+    import tempfile
+
     import ray
 
     from uml.data.store import SplitReader, open_prepared
 
-    model = OnnxModel(model_path, metadata_path, threads=1, provider=provider, setting="evaluate.provider")
+    with tempfile.TemporaryDirectory(prefix="uml-evaluate-") as tmp:
+        model_path, metadata_path = Path(tmp) / "model.onnx", Path(tmp) / "metadata.json"
+        model_path.write_bytes(model_files[0])
+        metadata_path.write_bytes(model_files[1])
+        # The hash check compares the copy's sha256 with the metadata's: the files arrived whole.
+        model = OnnxModel(model_path, metadata_path, threads=1, provider=provider, setting="evaluate.provider")
     split = SplitReader(open_prepared(dataset, verify=False), split_name)
 
     outputs = run_pass(model, split, batch_size, start=start, stop=stop, progress=False, **args)
@@ -367,7 +376,7 @@ class RayPasses:
     samples."""
 
     model: OnnxModel
-    dataset: Path
+    dataset: str  # the store as every node reaches it (uml.data.store.shared_copy)
     split_name: str
     num_images: int
     batch_size: int
@@ -383,14 +392,17 @@ class RayPasses:
         task = ray.remote(num_cpus=1, num_gpus=self.gpus_per_worker, max_retries=2,
                           scheduling_strategy="SPREAD")(_run_pass_shard)
         ranges = shard_ranges(self.num_images, self.batch_size, self.workers)
+        # Put once, fetched by each node that runs a shard.
+        model_files = ray.put((self.model.path.read_bytes(), self.model.metadata_path.read_bytes()))
         pending = {}
         for name, args in passes.items():
             for index, (start, stop) in enumerate(ranges):
-                ref = task.remote(str(self.model.path), str(self.model.metadata_path), self.provider, str(self.dataset),
-                                  self.split_name, self.batch_size, start, stop, args)
+                ref = task.remote(model_files, self.provider, self.dataset, self.split_name, self.batch_size, start,
+                                  stop, args)
                 pending[ref] = (name, index, stop - start)
-        log.info("evaluating %d passes as %d Ray tasks (%d shards of at most %d images each)",
-                 len(passes), len(pending), len(ranges), ranges[0][1] - ranges[0][0] if ranges else 0)
+        log.info("evaluating %d passes as %d Ray tasks (%d shards of at most %d images each) reading %s",
+                 len(passes), len(pending), len(ranges), ranges[0][1] - ranges[0][0] if ranges else 0,
+                 objectstore.describe(self.dataset) if is_uri(self.dataset) else self.dataset)
         done: dict[str, dict[int, PassOutputs]] = {name: {} for name in passes}
         nodes: set[str] = set()
         with tqdm(total=self.num_images * len(passes), desc="evaluate [ray]", unit="img", mininterval=1.0) as bar:
@@ -799,8 +811,11 @@ def _evaluate_store(params: Params, model: OnnxModel, split, paths: Paths, plots
         return evaluate_split(model, in_memory(split), cfg, plots_dir=plots_dir)
     from uml.train.cluster import ray_session
 
+    from uml.data.store import shared_copy
+
+    dataset = shared_copy(paths.dataset, paths.root_uri and paths.shared_dataset)
     with ray_session(params):
-        runner = RayPasses(model, paths.dataset, split.name, len(split), cfg.batch_size, cfg.workers,
+        runner = RayPasses(model, dataset, split.name, len(split), cfg.batch_size, cfg.workers,
                            cfg.gpus_per_worker, cfg.provider)
         return evaluate_split(model, split, cfg, plots_dir=plots_dir, runner=runner)
 

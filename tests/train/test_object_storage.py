@@ -11,7 +11,6 @@ import logging
 import pyarrow.fs
 import pytest
 import torch
-from moto.server import ThreadedMotoServer  # moto[server], in the test extras
 
 from uml.config import Paths, load_params
 from uml.data.prepare import prepare
@@ -19,6 +18,7 @@ from uml.models import load_model
 from uml.train.cluster import ray_session
 from uml.train.trainer import train
 
+from tests.s3 import s3_server
 from tests.train.tiny import write_tiny_params
 
 pytestmark = pytest.mark.slow
@@ -27,21 +27,9 @@ BUCKET = "uml-runs"
 
 @pytest.fixture
 def s3_storage(monkeypatch):
-    """A moto S3 server on loopback with one empty bucket; the storage URI that points at it."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    # moto accepts any credentials; the Ray workers inherit these from the driver's local instance.
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(key, value)
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
-                                 access_key="test", secret_key="test", allow_bucket_creation=True)
-    fs.create_dir(BUCKET)
-    try:
-        yield f"s3://{BUCKET}/uml?endpoint_override={host}:{port}&scheme=http&region=us-east-1", fs
-    finally:
-        server.stop()
+    """The loopback S3 server with one empty bucket; the storage URI that points at it."""
+    with s3_server(monkeypatch, BUCKET) as server:
+        yield server.uri("uml"), server.fs
 
 
 def test_a_run_checkpoints_to_s3_and_a_rerun_resumes_from_it(tmp_path, s3_storage, caplog):

@@ -94,13 +94,18 @@ def test_relative_paths_are_refused_inside_a_ray_job(tmp_path):
     # Absolute paths, a home-relative path and object storage are accepted.
     for ok in ({"data": {"root": str(tmp_path)}},
                {"data": {"root": "~/uml-data"}, "ray": {"storage_path": "s3://bucket/uml"}},
-               {"data": {"root": str(tmp_path)}, "ray": {"storage_path": str(tmp_path / "ray")}}):
+               {"data": {"root": str(tmp_path)}, "ray": {"storage_path": str(tmp_path / "ray")}},
+               {"data": {"root": "s3://bucket/uml", "local_root": str(tmp_path)}}):
         check_job_paths(parse_params(ok), environ=_job_env())
+    # With data.root in a bucket, the stages' own files go to data.local_root: the job's copy would lose them.
+    bucket = parse_params({"data": {"root": "s3://bucket/uml"}})
+    with pytest.raises(ConfigError, match="data.local_root 'data' is relative"):
+        check_job_paths(bucket, environ=_job_env())
 
 
-@pytest.mark.parametrize("uri", ["s3://bucket/uml", "gs://bucket/uml", "file:///mnt/uml"])
-def test_a_uri_data_root_is_refused_instead_of_becoming_a_local_folder(uri, tmp_path, monkeypatch):
-    # Before: Path("s3://bucket/uml").resolve() was <cwd>/s3:/bucket/uml, written to silently.
+@pytest.mark.parametrize("uri", ["gs://bucket/uml", "file:///mnt/uml"])
+def test_a_uri_data_root_other_than_s3_is_refused_instead_of_becoming_a_local_folder(uri, tmp_path, monkeypatch):
+    # Before: Path("gs://bucket/uml").resolve() was <cwd>/gs:/bucket/uml, written to silently.
     monkeypatch.chdir(tmp_path)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(f"data:\n  root: {uri}\n")
@@ -108,11 +113,19 @@ def test_a_uri_data_root_is_refused_instead_of_becoming_a_local_folder(uri, tmp_
         load_params(params_file)
     message = str(err.value)
     assert message.startswith(f"{params_file}: data.root: ") and repr(uri) in message
-    assert "prepare, tune, train, export and evaluate" in message and "Mount the bucket" in message
+    assert "object storage here is s3://" in message
     assert not any(tmp_path.rglob("*bucket*")) and not (tmp_path / "file:").exists()
     # Object storage stays possible for Ray's checkpoints.
     params = parse_params({"data": {"root": str(tmp_path)}, "ray": {"storage_path": uri}})
     assert Paths(params).storage == uri and Paths(params).ray_storage_uri == uri
+
+
+def test_an_s3_data_root_becomes_no_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = parse_params({"data": {"root": "s3://bucket/uml"}}).resolved()
+    assert params.data.root == "s3://bucket/uml"
+    assert Paths(params).dataset == tmp_path / "data" / "prepared" / "dataset.zarr"  # data.local_root
+    assert not any(tmp_path.rglob("*bucket*")) and not (tmp_path / "s3:").exists()
 
 
 def test_the_node_probe_reports_a_missing_store_another_copy_and_a_storage_it_cannot_use(tmp_path):

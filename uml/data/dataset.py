@@ -38,6 +38,7 @@ from uml.config import AugmentParams
 from uml.data.store import PreparedData, open_prepared
 from uml.errors import DataError
 from uml.image_io import PIXEL_MAX
+from uml.objectstore import is_uri
 
 
 def build_augmentation(params: AugmentParams | None) -> A.Compose | None:
@@ -103,7 +104,8 @@ class SegClsDataset(Dataset):
 
     def __init__(self, store_path: str | os.PathLike[str], indices: Any, augment: AugmentParams | None = None,
                  seed: int = 0):
-        self.store_path = Path(store_path)
+        # A folder, or the copy on object storage (a URI, which Path would mangle).
+        self.store_path: Path | str = str(store_path) if is_uri(str(store_path)) else Path(store_path)
         data = open_prepared(self.store_path)
         self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = data.num_images

@@ -27,8 +27,8 @@ from uml.config import DataParams, Params, Paths
 from uml.data.importers import folder_source, refuge_source
 from uml.data.records import (FUNDUS_CLASS_NAMES, FUNDUS_MASK_CLASSES, FUNDUS_POSITIVE_CLASS, GivenSplit, Record,
                               RecordSource)
-from uml.data.store import (SPLIT_NAMES, RecordCheck, ShardSummary, given_split_sizes, write_dataset,
-                            write_shard)
+from uml.data.store import (SPLIT_NAMES, RecordCheck, ShardSummary, given_split_sizes, open_prepared, shared_copy,
+                            write_dataset, write_shard)
 from uml.data.synthetic import SyntheticSource
 from uml.errors import ConfigError
 
@@ -236,12 +236,14 @@ def prepare(params: Params) -> Path:
         given=given,
     )
     _log_summary(out, attrs)
+    paths = Paths(params)
+    if paths.root_uri:
+        shared_copy(out, paths.shared_dataset)
+        open_prepared(paths.shared_dataset)  # the copy as a node reads it: every file against its recorded sha256
     return out
 
 
 def _log_summary(out: Path, attrs: dict[str, Any]) -> None:
-    from uml.data.store import open_prepared
-
     prepared = open_prepared(out)
     labels = np.asarray(prepared.labels[:])
     names, positive = attrs["class_names"], attrs["positive_class"]

@@ -58,11 +58,13 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 from zarr.codecs import ZstdCodec
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
+from uml import objectstore
 from uml.config import SplitParams
 from uml.data.records import SPLIT_NAMES, GivenSplit, Record
 from uml.errors import DataError
+from uml.objectstore import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -526,10 +528,13 @@ class PreparedData:
     """
 
     def __init__(self, path: str | os.PathLike[str], verify: bool = True):
-        self.path = Path(path).expanduser().absolute()
+        # A URI (the copy on object storage that prepare publishes) stays a string.
+        self.path: Path | str = str(path) if is_uri(str(path)) else Path(path).expanduser().absolute()
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._pid: int | None = None
+        self._fs: Any = None  # object storage: the filesystem that verifies the files (per process)
+        self._fs_pid: int | None = None
         group = self._open()
         self.attrs: dict[str, Any] = dict(group.attrs)
         self._validate(group)
@@ -542,9 +547,14 @@ class PreparedData:
     def _open(self) -> zarr.Group:
         if self._group is None or self._pid != os.getpid():
             try:
-                group = zarr.open_group(store=LocalStore(self.path, read_only=True), mode="r")
+                if isinstance(self.path, str):
+                    store = FsspecStore.from_url(objectstore.without_options(self.path), read_only=True,
+                                                 storage_options=objectstore.fsspec_options(self.path))
+                else:
+                    store = LocalStore(self.path, read_only=True)
+                group = zarr.open_group(store=store, mode="r")
             except (FileNotFoundError, zarr.errors.BaseZarrError, ValueError, OSError) as exc:
-                raise DataError(f"{self.path}: not a readable zarr group ({exc}); {_RERUN}") from None
+                raise DataError(f"{self._name}: not a readable zarr group ({exc}); {_RERUN}") from None
             self._group, self._arrays, self._pid = group, {}, os.getpid()
         return self._group
 
@@ -560,11 +570,28 @@ class PreparedData:
         state["_group"] = None
         state["_arrays"] = {}
         state["_pid"] = None
+        state["_fs"] = state["_fs_pid"] = None
         return state
+
+    @property
+    def _name(self) -> str:
+        return objectstore.describe(self.path) if isinstance(self.path, str) else str(self.path)
+
+    def _read_file(self, rel: str) -> bytes | None:
+        """The bytes of the store's file ``rel`` (``None``: there is no such file)."""
+        if isinstance(self.path, str):
+            try:
+                if self._fs is None or self._fs_pid != os.getpid():
+                    self._fs, self._fs_pid = objectstore.filesystem(self.path), os.getpid()
+                return self._fs.cat_file(f"{objectstore.bucket_path(self.path)}/{rel}")
+            except FileNotFoundError:
+                return None
+        file = self.path / rel
+        return file.read_bytes() if file.is_file() else None
 
     # -- validation
     def _fail(self, problem: str) -> DataError:
-        return DataError(f"{self.path}: {problem}; re-run `python -m pipeline.prepare`")
+        return DataError(f"{self._name}: {problem}; re-run `python -m pipeline.prepare`")
 
     def _validate(self, group: zarr.Group) -> None:
         if group.metadata.zarr_format != 3:
@@ -603,11 +630,11 @@ class PreparedData:
             raise self._fail("has no file checksums (written by an older uml), so a missing or damaged chunk "
                              "would go unnoticed")
         for rel, digest in checksums.items():
-            file = self.path / rel
-            if not file.is_file():
+            content = self._read_file(rel)
+            if content is None:
                 raise self._fail(f"{self._describe_file(group, rel)}: file {rel} is missing (zarr would read it "
                                  "as zeros)")
-            if _sha256(file) != digest:
+            if hashlib.sha256(content).hexdigest() != digest:
                 raise self._fail(f"{self._describe_file(group, rel)}: file {rel} is corrupt (its sha256 differs "
                                  "from the one recorded when the store was written)")
 
@@ -652,7 +679,7 @@ class PreparedData:
     def split(self, name: str) -> np.ndarray:
         """Sorted int64 indices of split ``name`` (one of :data:`SPLIT_NAMES`)."""
         if name not in self._splits:
-            raise DataError(f"{self.path}: unknown split {name!r}; the splits are {list(SPLIT_NAMES)}")
+            raise DataError(f"{self._name}: unknown split {name!r}; the splits are {list(SPLIT_NAMES)}")
         return self._splits[name].copy()
 
     # -- metadata
@@ -688,7 +715,7 @@ class PreparedData:
 
     def __repr__(self) -> str:
         sizes = {name: int(self._splits[name].shape[0]) for name in SPLIT_NAMES}
-        return f"PreparedData({str(self.path)!r}, n={self.num_images}, size={self.image_size}, splits={sizes})"
+        return f"PreparedData({self._name!r}, n={self.num_images}, size={self.image_size}, splits={sizes})"
 
 
 def open_prepared(path: str | os.PathLike[str], verify: bool = True) -> PreparedData:
@@ -696,10 +723,65 @@ def open_prepared(path: str | os.PathLike[str], verify: bool = True) -> Prepared
 
     ``verify`` checks every file against its recorded sha256 (see the module docstring for what it
     catches and costs); only code that has just verified the same store may skip it."""
+    if is_uri(str(path)):
+        uri = str(path)
+        try:
+            found = objectstore.filesystem(uri).exists(f"{objectstore.bucket_path(uri)}/{_ROOT_METADATA}")
+        except OSError as exc:
+            raise DataError(f"{objectstore.describe(uri)}: cannot reach the prepared data set ({exc})") from None
+        if not found:
+            raise DataError(f"{objectstore.describe(uri)}: prepared data set not found (prepare writes it there when "
+                            f"data.root is this bucket); {_RERUN}")
+        return PreparedData(uri, verify=verify)
     p = Path(path).expanduser()
     if not p.is_dir():
         raise DataError(f"{p}: prepared data set not found; {_RERUN}")
     return PreparedData(p, verify=verify)
+
+
+def shared_copy(local: Path, uri: str | None) -> str:
+    """Where the nodes read the store: ``local`` itself, or with ``data.root`` on object storage
+    (``uri``) the copy there, first made equal to ``local`` (:func:`publish_store`). Every stage
+    that hands the store to other processes calls this, so a copy that went missing, or an older
+    one, is replaced before anyone reads it, even when DVC did not re-run prepare."""
+    if uri is None:
+        return str(local)
+    copied = publish_store(local, uri)
+    log.info("%s the prepared store on object storage: %s", "copied" if copied else "found an up-to-date copy of",
+             objectstore.describe(uri))
+    return uri
+
+
+def publish_store(local: Path, uri: str) -> bool:
+    """Copy the finished store at ``local`` to ``uri`` on object storage, unless the copy there is
+    already this store; return whether it copied.
+
+    The group's ``zarr.json`` holds the content hash and the sha256 of every other file, so equal
+    bytes of that one object, with every other object there at its size (one listing), mean the
+    same store; a damaged object of the right size is left to the checksum check of
+    :func:`open_prepared`. ``zarr.json`` is the first object removed and the last one written: an
+    interrupted copy leaves none, which :func:`open_prepared` reports as a store not found, never
+    as a mixture of two stores."""
+    fs = objectstore.filesystem(uri)
+    remote = objectstore.bucket_path(uri)
+    root_file = local / _ROOT_METADATA
+    sizes = {p.relative_to(local).as_posix(): p.stat().st_size for p in local.rglob("*") if p.is_file()}
+    try:
+        if fs.exists(f"{remote}/{_ROOT_METADATA}"):
+            if fs.cat_file(f"{remote}/{_ROOT_METADATA}") == root_file.read_bytes():
+                found = {info["name"].removeprefix(f"{remote}/"): info["size"]
+                         for info in fs.find(remote, detail=True).values()}
+                if found == sizes:
+                    return False
+            fs.rm_file(f"{remote}/{_ROOT_METADATA}")
+        if fs.exists(remote):
+            fs.rm(remote, recursive=True)
+        others = sorted(rel for rel in sizes if rel != _ROOT_METADATA)
+        fs.put([str(local / rel) for rel in others], [f"{remote}/{rel}" for rel in others])
+        fs.put_file(str(root_file), f"{remote}/{_ROOT_METADATA}")
+    except OSError as exc:
+        raise DataError(f"{objectstore.describe(uri)}: cannot write the prepared data set there ({exc})") from None
+    return True
 
 
 def take_images(data: PreparedData, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

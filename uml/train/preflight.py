@@ -8,8 +8,9 @@ stops with a :class:`ClusterError` that says what to change:
   fractional GPU count above one is not a device count.
 * :func:`check_resources_fit`: a worker that fits on no alive node, or more workers than the
   cluster holds, leaves Ray's placement group pending and the run waiting forever.
-* :func:`check_shared_paths`: on several nodes, the prepared store at ``data.root`` and a local
-  ``ray.storage_path`` must be the same files on every node. A task pinned to each alive node
+* :func:`check_shared_paths`: on several nodes, the prepared store at ``data.root`` (a shared
+  folder, or the copy on object storage) and a local ``ray.storage_path`` must be the same files
+  on every node. A task pinned to each alive node
   (``NodeAffinitySchedulingStrategy``) checks it there: the store's metadata file must be on that
   node with the driver's bytes, and a marker file the driver writes into the storage folder must
   be readable there, and the node's own marker visible back on the driver. A node-local path
@@ -35,8 +36,10 @@ import ray
 from ray.train import ScalingConfig
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from uml import objectstore
 from uml.config import Params, Paths
 from uml.errors import ClusterError
+from uml.objectstore import is_uri
 
 # The store's group metadata: its attrs hold every file's checksum and the content hash, so equal
 # bytes mean the same store.
@@ -111,11 +114,15 @@ def _probe_node(store: str, store_digest: str, marker: str | None, marker_text: 
                 node_name: str) -> list[str]:
     """On one node: what it cannot see of the driver's store and storage folder (empty: all)."""
     problems = []
-    metadata = Path(store) / STORE_METADATA
-    if not metadata.is_file():
-        problems.append(f"the prepared store {store} (data.root) does not exist there")
-    elif hashlib.sha256(metadata.read_bytes()).hexdigest() != store_digest:
-        problems.append(f"the prepared store {store} (data.root) there is a different copy than the driver's")
+    try:
+        content = _store_metadata(store)
+    except OSError as exc:
+        problems.append(f"the prepared store {store} (data.root) cannot be read there: {exc}")
+    else:
+        if content is None:
+            problems.append(f"the prepared store {store} (data.root) does not exist there")
+        elif hashlib.sha256(content).hexdigest() != store_digest:
+            problems.append(f"the prepared store {store} (data.root) there is a different copy than the driver's")
     if marker is not None:
         path = Path(marker)
         try:
@@ -130,6 +137,17 @@ def _probe_node(store: str, store_digest: str, marker: str | None, marker_text: 
             except OSError as exc:
                 problems.append(f"ray.storage_path ({path.parent.parent}) is not writable there: {exc}")
     return problems
+
+
+def _store_metadata(store: str) -> bytes | None:
+    """The bytes of the store's group metadata (``None``: no store there), a folder or a URI."""
+    if is_uri(store):
+        try:
+            return objectstore.filesystem(store).cat_file(f"{objectstore.bucket_path(store)}/{STORE_METADATA}")
+        except FileNotFoundError:
+            return None
+    metadata = Path(store) / STORE_METADATA
+    return metadata.read_bytes() if metadata.is_file() else None
 
 
 ProbeFn = Callable[[str, str, str | None, str | None, str], list[str]]
@@ -148,7 +166,8 @@ def check_shared_paths(params: Params, nodes: Sequence[Mapping[str, Any]], probe
     metadata = paths.dataset / STORE_METADATA
     if not metadata.is_file():
         return  # the driver's open_prepared has already said so, with the fix
-    store, store_digest = str(paths.dataset), hashlib.sha256(metadata.read_bytes()).hexdigest()
+    # With data.root on object storage the nodes read the copy there, which holds the same bytes.
+    store, store_digest = paths.shared_dataset, hashlib.sha256(metadata.read_bytes()).hexdigest()
     marker = marker_text = None
     marker_dir = None
     if not paths.ray_storage_uri:  # object storage is the same bucket from every node

@@ -52,9 +52,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from uml import objectstore
 from uml.config import Params, Paths, TrainParams, TuneParams, get_dotted, parse_params
-from uml.data.store import open_prepared
+from uml.data.store import open_prepared, shared_copy
 from uml.errors import ClusterError, ConfigError
+from uml.objectstore import is_uri
 from uml.provenance import RunInputs, announce, code_files, select_params, tuning_target
 from uml.train.checkpoints import SCORE_KEY
 from uml.train.cluster import check_storage_trust, ray_session
@@ -276,10 +278,11 @@ def sweep(params: Params) -> dict[str, Any]:
     keys = list(space)
     baseline = baseline_values(params, keys)
     data = open_prepared(paths.dataset)
+    shared_copy(paths.dataset, paths.root_uri and paths.shared_dataset)
     cfg = model_config(params, data.class_names, data.mask_classes, data.image_size)
     inputs = sweep_inputs(params, data.content_hash)
     name = inputs.name
-    experiment_path = f"{paths.storage.rstrip('/')}/{name}"
+    experiment_path = objectstore.join(paths.storage, name) if is_uri(paths.storage) else f"{paths.storage.rstrip('/')}/{name}"
     # Restoring unpickles tuner.pkl and the searcher state from there.
     check_storage_trust(params, Path(experiment_path))
     tp = params.tune

@@ -26,7 +26,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from uml.config import Params, Paths, TrainParams
-from uml.data.store import open_prepared
+from uml.data.store import open_prepared, shared_copy
 from uml.errors import ClusterError, ConfigError, UMLError
 from uml.models import ModelConfig, save_model
 from uml.models.config import resolve_config
@@ -96,7 +96,7 @@ def run_trainer(params: Params, *, name: str, model_cfg: ModelConfig, epochs: in
         # Python-mode dump: strict validation in the workers must get back the same types (a JSON
         # dump would turn data.mask_values' int keys into strings).
         train_loop_config={"params": params.model_dump(), "model": model_cfg.to_dict(),
-                           "store": str(paths.dataset), "epochs": epochs},
+                           "store": paths.shared_dataset, "epochs": epochs},
         # The DDP rendezvous store listens on rank 0's node address only (Ray's TorchConfig
         # leaves it on every interface).
         torch_config=BoundTorchConfig(backend="nccl" if params.ray.use_gpu else "gloo",
@@ -123,6 +123,7 @@ def train(params: Params) -> Path:
     paths = Paths(params)
     check_storage_trust(params)
     data = open_prepared(paths.dataset)
+    shared_copy(paths.dataset, paths.root_uri and paths.shared_dataset)
     params, tuned = effective_params(params, data.content_hash)
     cfg = model_config(params, data.class_names, data.mask_classes, data.image_size)
     inputs = run_inputs(params, data.content_hash)

@@ -326,6 +326,8 @@ def open_worker_data(params: Params, store: str, rank: int, world: int, device: 
     over its share of the validation split; both with ``train.loader_workers`` persistent workers."""
     tp = params.train
     data = open_prepared(store)
+    if rank == 0:
+        log.info("reading the prepared store %r", data)
     train_idx, val_idx = data.split("train"), data.split("val")
     if tp.max_val_images:
         val_idx = val_idx[: tp.max_val_images]
