@@ -407,3 +407,19 @@ def test_a_source_that_miscounts_its_records_is_a_data_error(tmp_path: Path, yie
     with pytest.raises(DataError, match=message):
         write(_MisdeclaredSource(make_records(yielded), declared), tmp_path / "prepared" / "ds.zarr")
     assert list((tmp_path / "prepared").iterdir()) == []
+
+
+def test_a_store_is_checked_file_by_file_once_per_process_while_its_files_stay_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "ds.zarr"
+    write(make_records(12), out)
+    open_prepared(out)
+    reads: list[str] = []
+    real = store.PreparedData._read_file
+    monkeypatch.setattr(store.PreparedData, "_read_file", lambda self, rel: reads.append(rel) or real(self, rel))
+    open_prepared(out)
+    assert reads == []  # the same files as at the first open: not read again
+    shard = out / "masks" / "c" / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes())  # rewritten: same bytes, a new modification time
+    open_prepared(out)
+    assert "masks/c/0/0/0" in reads and len(reads) == len(open_prepared(out, verify=False).attrs["checksums"])

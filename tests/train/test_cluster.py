@@ -343,7 +343,7 @@ def test_dvc_repro_with_ray_address_and_data_root_on_s3_runs_the_stages_on_the_c
     store = f"s3://uml-dag/uml/prepared/dataset.zarr (endpoint http://{s3.endpoint})"
     assert f"copied the prepared store on object storage: {store}" in log
     assert log.count(f"found an up-to-date copy of the prepared store on object storage: {store}") == 3, log[-6000:]
-    assert log.count(f"reading the prepared store PreparedData('{store}'") >= 2  # the train stage and the sweep's trials
+    assert log.count(f"reading the prepared store PreparedData('{store}'") >= 3  # the sweep's two trials and the train stage
     assert f"evaluating 3 passes as 6 Ray tasks (2 shards of at most 8 images each) reading {store}" in log
     local_store = sorted(p.relative_to(dag.data).as_posix() for p in (dag.data / "prepared").rglob("*") if p.is_file())
     assert [k for k in keys if "/prepared/" in k] == [f"uml-dag/uml/{rel}" for rel in local_store]

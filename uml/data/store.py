@@ -36,7 +36,8 @@ label 0) without complaint, and a damaged one as garbage or a bare codec error; 
 either is a :class:`DataError` that names the array, the shard and the image indices it holds.
 The check hashes the compressed files, not the decoded pixels: about 10 ms for the default data
 set (320 images of 128 px, 8 MB on disk), and disk-read speed (roughly 1 s per GB) for larger
-ones. ``content_hash`` is not recomputed at open (that decodes every image, several times slower);
+ones; a process checks a store once while its files keep their names, sizes and modification
+times (one listing). ``content_hash`` is not recomputed at open (that decodes every image, several times slower);
 :func:`compute_content_hash` does it on demand.
 """
 
@@ -519,6 +520,11 @@ def file_checksums(path: Path) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------ reader
+# (store, digest of its recorded checksums and its files' listing) that this process has checked
+# file by file.
+_VERIFIED: set[tuple[str, str]] = set()
+
+
 class PreparedData:
     """A validated, read-only view of a prepared store.
 
@@ -589,6 +595,17 @@ class PreparedData:
         file = self.path / rel
         return file.read_bytes() if file.is_file() else None
 
+    def _listing(self) -> list[list[Any]]:
+        """Each file of the store with its size and modification (time, or ETag on object storage)."""
+        if isinstance(self.path, str):
+            if self._fs is None or self._fs_pid != os.getpid():
+                self._fs, self._fs_pid = objectstore.filesystem(self.path), os.getpid()
+            found = self._fs.find(objectstore.bucket_path(self.path), detail=True)
+            return sorted([name, info.get("size"), str(info.get("ETag", info.get("LastModified")))]
+                          for name, info in found.items())
+        return sorted([str(p), stat.st_size, stat.st_mtime_ns]
+                      for p in self.path.rglob("*") if p.is_file() and (stat := p.stat()))
+
     # -- validation
     def _fail(self, problem: str) -> DataError:
         return DataError(f"{self._name}: {problem}; re-run `python -m pipeline.prepare`")
@@ -624,11 +641,18 @@ class PreparedData:
                 raise self._fail(f"missing array 'splits/{name}'")
 
     def _verify_files(self, group: zarr.Group) -> None:
-        """Check every file against the checksums recorded when the store was written."""
+        """Check every file against the checksums recorded when the store was written: once per
+        process while the files stay as they were (the same names, sizes and modification times,
+        or object ETags, in one listing). A training worker opens the store three times in a
+        second (its split, the training set, the validation set), and on object storage each
+        check downloads the whole store."""
         checksums = self.attrs.get("checksums")
         if not isinstance(checksums, dict) or not checksums:
             raise self._fail("has no file checksums (written by an older uml), so a missing or damaged chunk "
                              "would go unnoticed")
+        key = (self._name, hashlib.sha256(json.dumps([checksums, self._listing()], sort_keys=True).encode()).hexdigest())
+        if key in _VERIFIED:
+            return
         for rel, digest in checksums.items():
             content = self._read_file(rel)
             if content is None:
@@ -637,6 +661,7 @@ class PreparedData:
             if hashlib.sha256(content).hexdigest() != digest:
                 raise self._fail(f"{self._describe_file(group, rel)}: file {rel} is corrupt (its sha256 differs "
                                  "from the one recorded when the store was written)")
+        _VERIFIED.add(key)
 
     @staticmethod
     def _describe_file(group: zarr.Group, rel: str) -> str:
