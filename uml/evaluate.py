@@ -813,7 +813,7 @@ def _evaluate_store(params: Params, model: OnnxModel, split, paths: Paths, plots
 
     from uml.data.store import shared_copy
 
-    dataset = shared_copy(paths.dataset, paths.root_uri and paths.shared_dataset)
+    dataset = shared_copy(paths.dataset, paths.shared_dataset)
     with ray_session(params):
         runner = RayPasses(model, dataset, split.name, len(split), cfg.batch_size, cfg.workers,
                            cfg.gpus_per_worker, cfg.provider)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from uml.config import DEFAULT_PARAMS, Params, load_params, resolve_path
 from uml.errors import ConfigError, UMLError
-from uml.objectstore import describe
+from uml.objectstore import describe, is_uri
 
 # albumentations otherwise checks online for a newer version at import.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -57,7 +57,7 @@ def check_job_paths(params: Params, environ: Mapping[str, str] = os.environ) -> 
             "nodes share, with the stages joining the cluster: RAY_ADDRESS=<head>:6379 RAY_AUTH_MODE=token dvc repro "
             "(docs/how-to/ray-cluster.md). Single stages can still be submitted as jobs.")
     paths = {"data.root": params.data.root, "ray.storage_path": params.ray.storage_path}
-    if "://" in params.data.root:  # the stages' own files go to data.local_root instead
+    if is_uri(params.data.root):  # the stages' own files go to data.local_root instead
         paths["data.local_root"] = params.data.local_root
     relative = {key: value for key, value in paths.items()
                 if value and "://" not in value and not Path(value).expanduser().is_absolute()}
@@ -85,7 +85,7 @@ def run_stage(name: str, description: str, fn: Callable[[Params], object], argv:
     try:
         params = load_params(args.params)
         check_job_paths(params)
-        if "://" in params.data.root:
+        if is_uri(params.data.root):
             logging.getLogger(__name__).info(
                 "data.root is on object storage (%s): the store the nodes read is there; this stage's own files "
                 "(models, reports, plots, logs) go to %s (data.local_root)", describe(params.data.root),

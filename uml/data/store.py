@@ -583,24 +583,20 @@ class PreparedData:
     def _name(self) -> str:
         return objectstore.describe(self.path) if isinstance(self.path, str) else str(self.path)
 
+    def _remote_fs(self) -> Any:
+        """The object store's filesystem, one per process (``self.path`` is a URI)."""
+        if self._fs is None or self._fs_pid != os.getpid():
+            self._fs, self._fs_pid = objectstore.filesystem(str(self.path)), os.getpid()
+        return self._fs
+
     def _read_file(self, rel: str) -> bytes | None:
         """The bytes of the store's file ``rel`` (``None``: there is no such file)."""
-        if isinstance(self.path, str):
-            try:
-                if self._fs is None or self._fs_pid != os.getpid():
-                    self._fs, self._fs_pid = objectstore.filesystem(self.path), os.getpid()
-                return self._fs.cat_file(f"{objectstore.bucket_path(self.path)}/{rel}")
-            except FileNotFoundError:
-                return None
-        file = self.path / rel
-        return file.read_bytes() if file.is_file() else None
+        return read_store_file(str(self.path), rel, self._remote_fs() if isinstance(self.path, str) else None)
 
     def _listing(self) -> list[list[Any]]:
         """Each file of the store with its size and modification (time, or ETag on object storage)."""
         if isinstance(self.path, str):
-            if self._fs is None or self._fs_pid != os.getpid():
-                self._fs, self._fs_pid = objectstore.filesystem(self.path), os.getpid()
-            found = self._fs.find(objectstore.bucket_path(self.path), detail=True)
+            found = self._remote_fs().find(objectstore.bucket_path(self.path), detail=True)
             return sorted([name, info.get("size"), str(info.get("ETag", info.get("LastModified")))]
                           for name, info in found.items())
         return sorted([str(p), stat.st_size, stat.st_mtime_ns]
@@ -764,13 +760,27 @@ def open_prepared(path: str | os.PathLike[str], verify: bool = True) -> Prepared
     return PreparedData(p, verify=verify)
 
 
-def shared_copy(local: Path, uri: str | None) -> str:
-    """Where the nodes read the store: ``local`` itself, or with ``data.root`` on object storage
-    (``uri``) the copy there, first made equal to ``local`` (:func:`publish_store`). Every stage
-    that hands the store to other processes calls this, so a copy that went missing, or an older
-    one, is replaced before anyone reads it, even when DVC did not re-run prepare."""
-    if uri is None:
-        return str(local)
+def read_store_file(store: str, rel: str, fs: Any = None) -> bytes | None:
+    """The bytes of the file ``rel`` of the store at ``store``, a folder or a URI (``None``: no
+    such file). ``fs``: the URI's filesystem when the caller holds one."""
+    if is_uri(store):
+        try:
+            return (fs or objectstore.filesystem(store)).cat_file(f"{objectstore.bucket_path(store)}/{rel}")
+        except FileNotFoundError:
+            return None
+    file = Path(store) / rel
+    return file.read_bytes() if file.is_file() else None
+
+
+def shared_copy(local: Path, shared: str) -> str:
+    """Where the nodes read the store (``Paths.shared_dataset``): ``local`` itself, or with
+    ``data.root`` on object storage the copy there, first made equal to ``local``
+    (:func:`publish_store`). Every stage that hands the store to other processes calls this, so a
+    copy that went missing, or an older one, is replaced before anyone reads it, even when DVC
+    did not re-run prepare."""
+    if not is_uri(shared):
+        return shared
+    uri = shared
     copied = publish_store(local, uri)
     log.info("%s the prepared store on object storage: %s", "copied" if copied else "found an up-to-date copy of",
              objectstore.describe(uri))

@@ -36,10 +36,9 @@ import ray
 from ray.train import ScalingConfig
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from uml import objectstore
 from uml.config import Params, Paths
+from uml.data.store import read_store_file
 from uml.errors import ClusterError
-from uml.objectstore import is_uri
 
 # The store's group metadata: its attrs hold every file's checksum and the content hash, so equal
 # bytes mean the same store.
@@ -115,7 +114,7 @@ def _probe_node(store: str, store_digest: str, marker: str | None, marker_text: 
     """On one node: what it cannot see of the driver's store and storage folder (empty: all)."""
     problems = []
     try:
-        content = _store_metadata(store)
+        content = read_store_file(store, STORE_METADATA)
     except OSError as exc:
         problems.append(f"the prepared store {store} (data.root) cannot be read there: {exc}")
     else:
@@ -137,17 +136,6 @@ def _probe_node(store: str, store_digest: str, marker: str | None, marker_text: 
             except OSError as exc:
                 problems.append(f"ray.storage_path ({path.parent.parent}) is not writable there: {exc}")
     return problems
-
-
-def _store_metadata(store: str) -> bytes | None:
-    """The bytes of the store's group metadata (``None``: no store there), a folder or a URI."""
-    if is_uri(store):
-        try:
-            return objectstore.filesystem(store).cat_file(f"{objectstore.bucket_path(store)}/{STORE_METADATA}")
-        except FileNotFoundError:
-            return None
-    metadata = Path(store) / STORE_METADATA
-    return metadata.read_bytes() if metadata.is_file() else None
 
 
 ProbeFn = Callable[[str, str, str | None, str | None, str], list[str]]

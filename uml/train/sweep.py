@@ -278,7 +278,7 @@ def sweep(params: Params) -> dict[str, Any]:
     keys = list(space)
     baseline = baseline_values(params, keys)
     data = open_prepared(paths.dataset)
-    shared_copy(paths.dataset, paths.root_uri and paths.shared_dataset)
+    shared_copy(paths.dataset, paths.shared_dataset)
     cfg = model_config(params, data.class_names, data.mask_classes, data.image_size)
     inputs = sweep_inputs(params, data.content_hash)
     name = inputs.name

@@ -123,7 +123,7 @@ def train(params: Params) -> Path:
     paths = Paths(params)
     check_storage_trust(params)
     data = open_prepared(paths.dataset)
-    shared_copy(paths.dataset, paths.root_uri and paths.shared_dataset)
+    shared_copy(paths.dataset, paths.shared_dataset)
     params, tuned = effective_params(params, data.content_hash)
     cfg = model_config(params, data.class_names, data.mask_classes, data.image_size)
     inputs = run_inputs(params, data.content_hash)
