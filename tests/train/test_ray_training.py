@@ -71,6 +71,12 @@ def test_tiny_run_learns_with_identical_replicas_and_tuned_weights(tiny):
     assert (paths.train_dir / "progress.png").stat().st_size > 10_000
     # The saved weights are those of the best epoch.
     assert model.extra["best_metrics"][SCORE_KEY] == pytest.approx(max(scores))
+    # A local instance runs Ray Train without its preemption watcher (uml.train.cluster.LOCAL_TRAIN_ENV),
+    # as Ray's own record of the run's actors shows.
+    from ray.util.state import list_actors
+
+    actors = {actor.class_name for actor in list_actors(limit=1000)}
+    assert {"TrainController", "RayTrainWorker"} <= actors and "PreemptionWatcher" not in actors, actors
 
 
 def test_edited_code_trains_afresh_instead_of_restoring_the_finished_run(tiny, monkeypatch, caplog):

@@ -295,6 +295,16 @@ def test_the_drivers_nccl_settings_go_to_the_workers_runtime_env(monkeypatch, ad
     # A local instance binds the collective sockets to ray.host's interface whatever the driver
     # says; on a joined cluster the driver's choice goes through.
     assert env["NCCL_SOCKET_IFNAME"] == ("eth7" if address else cluster.collective_socket_env("127.0.0.1")["NCCL_SOCKET_IFNAME"])
+    # Ray Train's settings for one machine: only a local instance gets them (a cluster keeps Ray's
+    # defaults), and a value the user set in the environment wins.
+    if address:
+        assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in env and "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in env
+    else:
+        assert env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0" and env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+        monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+        with pytest.raises(Captured), cluster.ray_session(parse_params({"ray": {"address": address}})):
+            pass
+        assert seen["runtime_env"]["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
 
 
 # ------------------------------------------------------------------- ray.storage_path trust

@@ -33,7 +33,8 @@ def ray_session(params: Params) -> Iterator[None]:
     The driver's ``NCCL_*`` environment variables (:func:`nccl_env`) reach every Ray worker of
     the session through its runtime environment (the nodes of a cluster were started with
     environments of their own); on a local instance, ``ray.host`` still decides
-    ``NCCL_SOCKET_IFNAME`` (:func:`collective_socket_env`).
+    ``NCCL_SOCKET_IFNAME`` (:func:`collective_socket_env`), and Ray Train runs without a
+    preemption watcher and polls its workers more often (:data:`LOCAL_TRAIN_ENV`).
     """
     if ray.is_initialized():
         yield
@@ -54,7 +55,7 @@ def ray_session(params: Params) -> Iterator[None]:
         host = params.ray.host
         log.info("starting a local Ray instance on %s (%d CPUs)", host, os.cpu_count() or 1)
         # ray.host decides the interface of a local run's sockets, over an NCCL_SOCKET_IFNAME of the driver.
-        runtime_env["env_vars"].update({**passed, **collective_socket_env(host)})
+        runtime_env["env_vars"].update({**passed, **collective_socket_env(host), **local_train_env()})
         runtime_env["worker_process_setup_hook"] = f"{__name__}.{pin_ray_address.__name__}"
         with _single_node_mode(loopback=is_loopback_host(host)):
             # address="local" never attaches to some other cluster that happens to run here.
@@ -85,6 +86,23 @@ def ray_session(params: Params) -> Iterator[None]:
 
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
+
+# Ray Train settings for a local instance (read by each run's controller). One machine that the
+# user runs cannot be preempted, so the preemption watcher, an extra actor process that every run
+# starts and polls, has nothing to watch (on a cluster of spot nodes it does: there Ray's default
+# stays). The controller notices that the training function has returned, and takes each epoch's
+# report, at its health-check poll, every 2 s by default: 0.5 s saves most of those 2 s at the
+# end of every run. A poll that is not answered in time is carried over, not counted as a failure
+# (a worker is declared dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 600 s).
+# Measured on the tiny test run (1 epoch, 2 workers, 2 cores): 22.5 -> 19.6 s per run.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def local_train_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """:data:`LOCAL_TRAIN_ENV`, except where ``environ`` (default: this process's environment)
+    sets a variable itself: the user's value wins."""
+    environ = os.environ if environ is None else environ
+    return {key: environ.get(key, value) for key, value in LOCAL_TRAIN_ENV.items()}
 
 
 def nccl_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
