@@ -4,6 +4,7 @@ checkpoint resume after a crash, and recovery from a failing worker."""
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,30 +46,41 @@ def tiny(tmp_path_factory):
         yield path, params
 
 
-def test_tiny_run_learns_with_identical_replicas_and_tuned_weights(tiny):
+@pytest.fixture(scope="module")
+def learned(tiny, tmp_path_factory):
+    """One train stage with tuned loss weights (recorded for exactly this configuration, as the
+    tune stage records them), run once for the module. Its outputs are copied aside: later
+    train stages of the module write the same files (the edited-code test reruns on top of it)."""
     path, params = tiny
     paths = Paths(params)
     paths.tune_dir.mkdir(parents=True, exist_ok=True)
-    # Tuned for exactly this configuration (what the tune stage records), so train applies it.
     tuned_for = tuning_target(params.resolved(), open_prepared(paths.dataset).content_hash)
     paths.best_params.write_text(yaml.safe_dump({"loss": {"cls_weight": 0.31, "seg_weight": 0.62, "mut_weight": 0.07},
                                                  "tuned_for": tuned_for}))
     model_path = train(params)
+    kept = tmp_path_factory.mktemp("learned")
+    shutil.copytree(paths.train_dir, kept / "train")
+    shutil.copy2(model_path, kept / "model.pt")
+    return kept
 
-    model = load_model(model_path)
+
+def test_tiny_run_learns_with_identical_replicas_and_tuned_weights(tiny, learned):
+    _, params = tiny
+    model = load_model(learned / "model.pt")
+    train_dir = learned / "train"
     assert model.cfg.image_size == 64 and model.extra["loss"]["cls_weight"] == 0.31
     assert model.extra["code_fingerprint"] == code_fingerprint("train")
-    logged = yaml.safe_load((paths.train_dir / "params.yaml").read_text())
+    logged = yaml.safe_load((train_dir / "params.yaml").read_text())
     assert logged["loss"]["cls_weight"] == 0.31 and logged["loss"]["seg_weight"] == 0.62 and logged["tuned_from"]
-    history = json.loads((paths.train_dir / "metrics.json").read_text())
+    history = json.loads((train_dir / "metrics.json").read_text())
     assert history["step"] == params.train.epochs - 1
-    tsv = (paths.train_dir / "plots" / "metrics" / "val" / "score.tsv").read_text().splitlines()
+    tsv = (train_dir / "plots" / "metrics" / "val" / "score.tsv").read_text().splitlines()
     scores = [float(line.split("\t")[1]) for line in tsv[1:]]
     assert len(scores) == params.train.epochs
     assert max(scores[1:]) > scores[0], f"validation score did not improve on epoch 1: {scores}"
-    drift = [float(line.split("\t")[1]) for line in (paths.train_dir / "plots" / "metrics" / "ddp" / "param_drift.tsv").read_text().splitlines()[1:]]
+    drift = [float(line.split("\t")[1]) for line in (train_dir / "plots" / "metrics" / "ddp" / "param_drift.tsv").read_text().splitlines()[1:]]
     assert drift == [0.0] * params.train.epochs  # DDP kept both replicas identical
-    assert (paths.train_dir / "progress.png").stat().st_size > 10_000
+    assert (train_dir / "progress.png").stat().st_size > 10_000
     # The saved weights are those of the best epoch.
     assert model.extra["best_metrics"][SCORE_KEY] == pytest.approx(max(scores))
     # A local instance runs Ray Train without its preemption watcher (uml.train.cluster.LOCAL_TRAIN_ENV),
@@ -79,26 +91,25 @@ def test_tiny_run_learns_with_identical_replicas_and_tuned_weights(tiny):
     assert {"TrainController", "RayTrainWorker"} <= actors and "PreemptionWatcher" not in actors, actors
 
 
-def test_edited_code_trains_afresh_instead_of_restoring_the_finished_run(tiny, monkeypatch, caplog):
+def test_edited_code_trains_afresh_instead_of_restoring_the_finished_run(tiny, learned, monkeypatch, caplog):
     """Issue 14: after editing uml/losses.py a rerun restored the finished run's weights. The
-    edit is simulated in the fingerprint's input (the shared tree is not edited); the rest is real.
+    finished run is the module's first (:func:`learned`), same params and data; the edit is
+    simulated in the fingerprint's input (the shared tree is not edited); the rest is real.
     (That a rerun with unchanged code continues the finished run instead is shown on real reruns by
     tests/train/test_object_storage.py and the crash-and-resume test below.)"""
     from uml.train import trainer
 
     _, params = tiny
-    params = params.with_overrides({"train.epochs": 2, "train.use_tuned": False})
     storage = Paths(params).ray_storage
+    first = load_model(learned / "model.pt").extra["run"]
+    real_code_files = trainer.code_files
+    monkeypatch.setattr(trainer, "code_files", lambda stage: {**real_code_files(stage), "uml/losses.py": "edited"})
     with caplog.at_level(logging.INFO, logger="uml.provenance"):
-        first = load_model(train(params)).extra["run"]
-        real_code_files = trainer.code_files
-        monkeypatch.setattr(trainer, "code_files", lambda stage: {**real_code_files(stage), "uml/losses.py": "edited"})
-        caplog.clear()
         edited = load_model(train(params)).extra["run"]
     assert edited != first and (storage / edited).is_dir() and (storage / first).is_dir()
     assert f"fresh run '{edited}': the last one, '{first}', had other code (uml/losses.py)" in caplog.text
     history = json.loads((Paths(params).train_dir / "metrics.json").read_text())
-    assert history["step"] == 1  # both epochs trained again
+    assert history["step"] == params.train.epochs - 1  # every epoch trained again
 
 
 def _fail_once_after_first_epoch(config):
