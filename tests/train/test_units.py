@@ -266,9 +266,11 @@ def test_a_training_worker_benchmarks_cudnn_on_gpus_only(monkeypatch, device, se
 
 
 @pytest.mark.parametrize("address", [None, "127.0.0.1:6379"])
-def test_the_drivers_nccl_settings_go_to_the_workers_runtime_env(monkeypatch, address):
+def test_the_runtime_env_carries_the_drivers_nccl_settings_and_ray_trains_local_settings(monkeypatch, address):
     """What ray_session hands ray.init: the workers of a joined cluster get the driver's NCCL_*
-    variables only this way (tests/train/test_cluster.py runs it on a real two-node cluster)."""
+    variables only this way (tests/train/test_cluster.py runs it on a real two-node cluster), and
+    a local instance's Ray Train gets the settings of uml.train.cluster.LOCAL_TRAIN_ENV
+    (tests/train/test_ray_training.py checks their effect on a real run)."""
     import ray
 
     from uml.train import cluster
