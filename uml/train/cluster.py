@@ -98,11 +98,10 @@ RAY_ADDRESS_ENV = "RAY_ADDRESS"
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-def local_train_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """:data:`LOCAL_TRAIN_ENV`, except where ``environ`` (default: this process's environment)
-    sets a variable itself: the user's value wins."""
-    environ = os.environ if environ is None else environ
-    return {key: environ.get(key, value) for key, value in LOCAL_TRAIN_ENV.items()}
+def local_train_env() -> dict[str, str]:
+    """:data:`LOCAL_TRAIN_ENV`, except where this process's environment sets a variable itself:
+    the user's value wins (the runtime env would otherwise override it in every worker)."""
+    return {key: os.environ.get(key, value) for key, value in LOCAL_TRAIN_ENV.items()}
 
 
 def nccl_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
