@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from uml.quality import STATISTICS, image_statistics, noise_sigma, unusual_features
+from uml.quality import STATISTICS, image_statistics, noise_sigma, noise_sigmas, unusual_features
 
 
 def test_a_flat_gray_image():
@@ -46,11 +46,28 @@ def test_the_noise_estimate_ignores_smooth_content_and_finds_white_noise():
         assert noise_sigma(noisy) == pytest.approx(sigma, rel=0.06)
 
 
+def test_images_of_a_stack_are_estimated_apart():
+    # The spike of the test above, in the first image of a stack of three: the flat and the plane
+    # images beside it stay at 0, so nothing of one image leaks into its neighbours' windows.
+    yy, xx = np.mgrid[:10, :10] / 10.0
+    spike = np.zeros((10, 10))
+    spike[5, 5] = 1.0
+    stack = np.stack([spike, np.full((10, 10), 0.7), 0.2 + 0.5 * xx + 0.3 * yy])
+    assert noise_sigmas(stack) == pytest.approx([math.sqrt(math.pi / 2) * 16 / (6 * 8 * 8), 0.0, 0.0], abs=1e-12)
+    # The same through image_statistics: the spike as the red channel of the first RGB image.
+    rgb = np.zeros((2, 10, 10, 3))
+    rgb[0, 5, 5] = 1.0  # every channel: the gray image is the spike
+    assert image_statistics(rgb)[:, 3] == pytest.approx([math.sqrt(math.pi / 2) * 16 / (6 * 8 * 8), 0.0])
+    assert noise_sigmas(np.zeros((4, 2, 10))).tolist() == [0.0] * 4  # too small for a 3 x 3 window
+
+
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match="RGB images"):
         image_statistics(np.zeros((8, 8, 3)))
     with pytest.raises(ValueError, match="2-D gray image"):
         noise_sigma(np.zeros((2, 8, 8)))
+    with pytest.raises(ValueError, match="stack of 2-D gray images"):
+        noise_sigmas(np.zeros((8, 8)))
 
 
 def test_the_unusual_image_features_add_the_mean_of_the_error_map():
