@@ -536,9 +536,9 @@ class ExportParams(_Section):
 class EvaluateParams(_Section):
     batch_size: int = Field(16, ge=1)
     # Standard deviations of the Gaussian noise (images in [0, 1]); each level of either kind is
-    # one more pass over the test split (about 12 s for the default's 693 images on 2 cores), so
-    # the default runs one level per kind to keep the whole DAG within 10 minutes there; add levels
-    # (e.g. [0.1, 0.2]) for robustness curves with more points.
+    # one more pass over the test split (about 12 s for the default's 693 images on 2 cores, where
+    # the whole default DAG takes 10-11 minutes), so the default runs one level per kind; add
+    # levels (e.g. [0.1, 0.2]) for robustness curves with more points.
     gaussian_sigmas: list[float] = [0.2]
     salt_pepper_amounts: list[float] = [0.1]
     referral_fractions: list[float] = [0.1, 0.2, 0.3]
