@@ -419,10 +419,13 @@ def test_a_pass_cut_into_shards_and_joined_equals_the_whole_pass(toy_dir):
     assert alone.pixels["error"].size > 2 * np.count_nonzero(joined.pixels["image"] >= 15)
 
 
-def test_the_stage_with_ray_workers_writes_the_metrics_of_the_single_process_run(tmp_path, toy_dir, caplog):
+def test_the_stage_with_ray_workers_writes_the_metrics_of_the_single_process_run(tmp_path, toy_dir, caplog,
+                                                                                  monkeypatch):
     """evaluate.workers=2: the passes cut into shards of whole batches, run as tasks of a local Ray
     instance (other processes) and joined on the driver; metrics.json and the plot data are byte
-    for byte those of the run in this process."""
+    for byte those of the run in this process. The driver moves the model's folder away as soon as
+    it has read the files to ship, so the tasks must open what came through Ray's object store."""
+    import uml.evaluate
     root = _prepared_root(tmp_path, toy_dir, _imperfect_set())
     settings = {"batch_size": 4, "gaussian_sigmas": [0.1], "salt_pepper_amounts": [0.05], "num_panels": 3,
                 "bootstrap_samples": 200}
@@ -434,8 +437,18 @@ def test_the_stage_with_ray_workers_writes_the_metrics_of_the_single_process_run
     assert json.loads(reference)["seg/hd95_disc"] > 0 and reference_plots
 
     sharded = parse_params({"data": {"root": str(root)}, "evaluate": {**settings, "workers": 2}})
+    models, hidden = paths.model_onnx.parent, tmp_path / "hidden-models"
+    read_files = uml.evaluate.model_files
+
+    def read_then_hide(model):
+        files = read_files(model)
+        models.rename(hidden)
+        return files
+
+    monkeypatch.setattr(uml.evaluate, "model_files", read_then_hide)
     with caplog.at_level("INFO", logger="uml.evaluate"):
         evaluate(sharded)
+    assert hidden.is_dir() and not models.exists()
     # 12 test images in batches of 4: shards 0:8 and 8:12, for each of the 3 passes.
     assert "evaluating 3 passes as 6 Ray tasks (2 shards of at most 8 images each)" in caplog.text
     assert paths.metrics.read_text() == reference

@@ -8,13 +8,14 @@ import shutil
 from pathlib import Path
 from typing import get_args
 
+import numpy as np
 import onnxruntime
 import pytest
 
 from tests.toy_onnx import export_toy
 from uml.errors import ConfigError, ModelFileError
 from uml.image_io import RESAMPLING, ResizeMethod
-from uml.onnx_model import METADATA_FORMAT, ExportMetadata, OnnxModel, read_metadata
+from uml.onnx_model import METADATA_FORMAT, ExportMetadata, OnnxModel, model_files, open_model_files, read_metadata
 
 # The top-level keys of metadata.json as the export writes them (format uml-onnx/2); renaming one
 # would break every reader of an existing export.
@@ -270,3 +271,27 @@ def test_the_evaluate_stage_and_predict_pass_their_setting_on(tmp_path, toy_dir,
     err = capsys.readouterr().err
     assert "uml predict: onnxruntime runs on the CPU (--provider: cpu)" in err and "nothing.png" in err
     assert _RecordingSession.created == [["CPUExecutionProvider"]]
+
+
+def test_a_model_shipped_as_bytes_opens_without_its_folder_and_answers_alike(toy_dir):
+    # What a Ray task gets: the two files' bytes. The model opened from them runs after its
+    # temporary folder is gone, and answers a batch exactly as the model opened at its path.
+    at_path = OnnxModel(toy_dir / "model.onnx", threads=1)
+    shipped = open_model_files(model_files(at_path), threads=1)
+    assert not shipped.path.exists() and not shipped.metadata_path.exists()
+    assert shipped.metadata == at_path.metadata
+    batch = np.random.default_rng(0).random((2, 3, at_path.image_size, at_path.image_size), dtype=np.float32)
+    expected, got = at_path.run(batch), shipped.run(batch)
+    assert list(got) == list(expected)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_shipped_bytes_of_another_export_are_refused(toy_dir):
+    # A model file and a metadata.json that are not a pair (the metadata of an export whose model
+    # hashed otherwise) fail the same hash check as on disk.
+    onnx_bytes, metadata_bytes = model_files(OnnxModel(toy_dir / "model.onnx", threads=1))
+    other = json.loads(metadata_bytes)
+    other["onnx_sha256"] = "0" * 64
+    with pytest.raises(ModelFileError, match="come from different exports"):
+        open_model_files((onnx_bytes, json.dumps(other).encode()), threads=1)

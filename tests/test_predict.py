@@ -363,19 +363,38 @@ def test_a_model_and_metadata_of_different_exports_are_refused(model_path, tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def test_predict_over_ray_tasks_writes_what_one_process_writes(toy_path, tmp_path, capsys):
+def test_predict_over_ray_tasks_writes_what_one_process_writes(toy_path, tmp_path, capsys, monkeypatch):
     # Controlled model (toy): only the wiring is under test. Five images and a file that is no
     # image, cut into 3 shards run as Ray tasks on a local instance: each output file must be the
     # one-process run's, byte for byte, and the bad file an error named in the exit status.
+    # The model is a copy whose folder the driver deletes as soon as it has read the files to ship,
+    # before any task starts: the tasks must open what came through Ray's object store, as on a
+    # node without the driver's folder.
+    import shutil
+
+    import uml.predict
+
+    copy = tmp_path / "models"
+    shutil.copytree(toy_path.parent, copy)
+    read_files = uml.predict.model_files
+
+    def read_then_delete(model):
+        files = read_files(model)
+        shutil.rmtree(copy)
+        return files
+
+    monkeypatch.setattr(uml.predict, "model_files", read_then_delete)
     images = [save(tmp_path / f"eye{i}.png", draw_fundus(128, 40, ratio)[0]) for i, ratio in enumerate((0.2, 0.35, 0.5, 0.65, 0.8))]
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     files = [*images[:2], bad, *images[2:]]
     assert predict(toy_path, tmp_path / "one", *files) == 1
     capsys.readouterr()
-    status = main(["predict", *map(str, files), "--model", str(toy_path), "--out", str(tmp_path / "ray"), "--workers", "3"])
-    assert status == 1
+    status = main(["predict", *map(str, files), "--model", str(copy / toy_path.name), "--out", str(tmp_path / "ray"),
+                   "--workers", "3"])
     out, err = capsys.readouterr()
+    assert status == 1, err[-3000:]
+    assert not copy.exists()
     assert "predicting 6 images as 3 Ray tasks of at most 2 images each" in out
     assert "the 3 tasks ran on 1 Ray node(s)" in out
     assert f"error: {bad}" in err and "uml predict: 1 of 6 images failed" in err

@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                               "(default: %(default)s)")
     predict.add_argument("--workers", type=int, default=0,
                          help="cut the files into this many shards, each predicted by a Ray task on the cluster "
-                              "RAY_ADDRESS names, else on a local Ray instance on 127.0.0.1; the files, the model and "
-                              "--out must be at the same path on every node (default: %(default)s, in this process)")
+                              "RAY_ADDRESS names, else on a local Ray instance on 127.0.0.1; the files and --out must be "
+                              "at the same path on every node, the model goes through Ray's object store "
+                              "(default: %(default)s, in this process)")
     predict.add_argument("--gpus-per-worker", type=float, default=0.0,
                          help="GPUs each of those Ray tasks asks for, e.g. 0.25 (default: %(default)s)")
     params = commands.add_parser(

@@ -558,7 +558,8 @@ class EvaluateParams(_Section):
     # Ray tasks each pass over the test split is cut into (0: every pass runs in this process).
     # The tasks run on the cluster that ray.address / RAY_ADDRESS names, else on a local Ray instance
     # on ray.host; each takes one CPU, and the metrics equal those of the single-process run. The
-    # prepared store and the model must be readable at the same path on every node.
+    # prepared store must be readable at the same path on every node (or be on object storage);
+    # the model travels through Ray's object store.
     workers: int = Field(0, ge=0)
     # GPUs each of those tasks asks Ray for (e.g. 0.25: four tasks share a GPU). Ray hides the GPUs
     # from a task that asks for none, so 0 runs the tasks on the nodes' CPUs.

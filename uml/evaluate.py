@@ -84,7 +84,7 @@ from uml.fundus import FUNDUS_MASK_CLASSES
 from uml.model_card import model_card
 from uml.noise import gaussian_noise, salt_and_pepper
 from uml.objectstore import is_uri
-from uml.onnx_model import OnnxModel
+from uml.onnx_model import ModelFiles, OnnxModel, model_files, open_model_files
 
 if TYPE_CHECKING:
     from uml.data.store import SplitReader
@@ -341,24 +341,17 @@ def shard_ranges(n: int, batch_size: int, shards: int) -> list[tuple[int, int]]:
     return [(first, min(first + per_shard, n)) for first in range(0, n, per_shard)]
 
 
-def _run_pass_shard(model_files: tuple[bytes, bytes], provider: str, dataset: str, split_name: str,
+def _run_pass_shard(model_files: ModelFiles, provider: str, dataset: str, split_name: str,
                     batch_size: int, start: int, stop: int, args: PassArgs) -> tuple[PassOutputs, str]:
     """One shard of a pass, in a Ray task. The model's files come through Ray's object store
-    (``model.onnx`` and ``metadata.json`` bytes, written to a temporary folder here), so no node
-    needs the driver's folder; the task opens the store itself (the driver verified it; a folder
-    every node mounts, or the copy on object storage when ``data.root`` is a bucket)."""
-    import tempfile
-
+    (:func:`uml.onnx_model.open_model_files`), so no node needs the driver's folder; the task
+    opens the store itself (the driver verified it; a folder every node mounts, or the copy on
+    object storage when ``data.root`` is a bucket)."""
     import ray
 
     from uml.data.store import SplitReader, open_prepared
 
-    with tempfile.TemporaryDirectory(prefix="uml-evaluate-") as tmp:
-        model_path, metadata_path = Path(tmp) / "model.onnx", Path(tmp) / "metadata.json"
-        model_path.write_bytes(model_files[0])
-        metadata_path.write_bytes(model_files[1])
-        # The hash check compares the copy's sha256 with the metadata's: the files arrived whole.
-        model = OnnxModel(model_path, metadata_path, threads=1, provider=provider, setting="evaluate.provider")
+    model = open_model_files(model_files, threads=1, provider=provider, setting="evaluate.provider")
     split = SplitReader(open_prepared(dataset, verify=False), split_name)
 
     outputs = run_pass(model, split, batch_size, start=start, stop=stop, progress=False, **args)
@@ -393,11 +386,11 @@ class RayPasses:
                           scheduling_strategy="SPREAD")(_run_pass_shard)
         ranges = shard_ranges(self.num_images, self.batch_size, self.workers)
         # Put once, fetched by each node that runs a shard.
-        model_files = ray.put((self.model.path.read_bytes(), self.model.metadata_path.read_bytes()))
+        shipped = ray.put(model_files(self.model))
         pending = {}
         for name, args in passes.items():
             for index, (start, stop) in enumerate(ranges):
-                ref = task.remote(model_files, self.provider, self.dataset, self.split_name, self.batch_size, start,
+                ref = task.remote(shipped, self.provider, self.dataset, self.split_name, self.batch_size, start,
                                   stop, args)
                 pending[ref] = (name, index, stop - start)
         log.info("evaluating %d passes as %d Ray tasks (%d shards of at most %d images each) reading %s",

@@ -407,3 +407,29 @@ class OnnxModel:
             raise ModelFileError(f"{self.metadata_path}: the unusual-image rule was fitted on {self.calibration.unusual.statistics}, "
                                  f"this model gives {names}; re-run the calibrate and export stages")
         return features
+
+
+# ------------------------------------------------------------------ shipping a model to Ray tasks
+# model.onnx and metadata.json as bytes: what a Ray task gets through the object store, so that no
+# node needs the driver's folder to open the model.
+ModelFiles = tuple[bytes, bytes]
+
+
+def model_files(model: OnnxModel) -> ModelFiles:
+    """``model``'s two files as bytes (put them into Ray's object store once per job)."""
+    return model.path.read_bytes(), model.metadata_path.read_bytes()
+
+
+def open_model_files(files: ModelFiles, threads: int | None = None, provider: str = "auto",
+                     setting: str = "provider") -> OnnxModel:
+    """An :class:`OnnxModel` of :func:`model_files`, opened in the process that received them: the
+    bytes are written to a temporary folder and opened there (the hash check compares the copy's
+    sha256 with the metadata's, so the files arrived whole and as a pair). The folder is gone once
+    the session holds the model, so the model's ``path`` names no file afterwards."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="uml-model-") as tmp:
+        model_path, metadata_path = Path(tmp) / "model.onnx", Path(tmp) / "metadata.json"
+        model_path.write_bytes(files[0])
+        metadata_path.write_bytes(files[1])
+        return OnnxModel(model_path, metadata_path, threads=threads, provider=provider, setting=setting)

@@ -40,7 +40,7 @@ from uml.atomic import write_replacing
 from uml.errors import DataError
 from uml.fundus import FUNDUS_MASK_CLASSES
 from uml.image_io import read_rgb, resize_image
-from uml.onnx_model import OnnxModel
+from uml.onnx_model import ModelFiles, OnnxModel, model_files, open_model_files
 
 # The overlay figure is 500 px per panel; a copy this size keeps it sharp and its memory small.
 OVERLAY_MAX_SIDE = 1024
@@ -257,14 +257,14 @@ def predict_files(
 
 
 # ------------------------------------------------------------------------ over Ray tasks
-def _predict_shard(model_path: str, metadata_path: str, provider: str, images: list[str],
+def _predict_shard(files: ModelFiles, provider: str, images: list[str],
                    out_dir: str) -> tuple[list[dict[str, Any]], list[str], str]:
-    """One shard of :func:`predict_files_on_ray`, in a Ray task: the task opens the model itself
-    (one onnxruntime thread: the task holds one CPU) and writes its images' outputs into the shared
-    output folder."""
+    """One shard of :func:`predict_files_on_ray`, in a Ray task: the task opens the model from the
+    files that came through Ray's object store (one onnxruntime thread: the task holds one CPU)
+    and writes its images' outputs into the shared output folder."""
     import ray
 
-    model = OnnxModel(model_path, metadata_path, threads=1, provider=provider, setting="--provider")
+    model = open_model_files(files, threads=1, provider=provider, setting="--provider")
     records, errors = predict_files(model, images, out_dir, log=lambda line: None, log_error=lambda line: None)
     return records, errors, ray.get_runtime_context().get_node_id()
 
@@ -281,9 +281,10 @@ def predict_files_on_ray(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """:func:`predict_files` with the files cut into ``workers`` contiguous shards, each run as a
     Ray task (one CPU, ``gpus_per_worker`` GPUs) on the connected Ray instance or cluster, spread
-    over its nodes. Every file, the model and ``out_dir`` must be reachable at the same path from
-    every node (shared storage); the tasks get absolute paths (a Ray task does not run in the
-    driver's folder), so each record's ``source`` is the file's absolute path. Otherwise each
+    over its nodes. Every file and ``out_dir`` must be reachable at the same path from every node
+    (shared storage); the tasks get absolute paths (a Ray task does not run in the driver's
+    folder), so each record's ``source`` is the file's absolute path. The model travels through
+    Ray's object store (:func:`uml.onnx_model.model_files`), put once. Otherwise each
     file's outputs are those :func:`predict_files` writes for it. Returns the records in the
     files' order and the error messages; ``log`` gets a line per finished shard, ``log_error``
     each file's error."""
@@ -297,9 +298,8 @@ def predict_files_on_ray(
     # SPREAD: the shards go to every node. A task lost with its node runs again elsewhere
     # (max_retries): its outputs are replaced atomically, file by file.
     task = ray.remote(num_cpus=1, num_gpus=gpus_per_worker, max_retries=2, scheduling_strategy="SPREAD")(_predict_shard)
-    pending = {task.remote(str(Path(model.path).resolve()), str(Path(model.metadata_path).resolve()), provider, shard,
-                           str(out_dir.resolve())): index
-               for index, shard in enumerate(shards)}
+    shipped = ray.put(model_files(model))
+    pending = {task.remote(shipped, provider, shard, str(out_dir.resolve())): index for index, shard in enumerate(shards)}
     log(f"predicting {len(files)} images as {len(shards)} Ray tasks of at most {size} images each")
     done: dict[int, list[dict[str, Any]]] = {}
     errors: list[str] = []
