@@ -17,7 +17,7 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from tests.toy_onnx import FLIPPED, RATIOS, ToyUML, export_toy, fundus_set
+from tests.toy_onnx import FLIPPED, RATIOS, ToyUML, export_toy, fundus_set, move_model_away_once_shipped
 from tests.toy_onnx import imperfect_set as _imperfect_set
 from tests.toy_onnx import write_toy_root as _prepared_root
 import uml.evaluate
@@ -438,14 +438,7 @@ def test_the_stage_with_ray_workers_writes_the_metrics_of_the_single_process_run
 
     sharded = parse_params({"data": {"root": str(root)}, "evaluate": {**settings, "workers": 2}})
     models, hidden = paths.model_onnx.parent, tmp_path / "hidden-models"
-    read_files = uml.evaluate.model_files
-
-    def read_then_hide(model):
-        files = read_files(model)
-        models.rename(hidden)
-        return files
-
-    monkeypatch.setattr(uml.evaluate, "model_files", read_then_hide)
+    move_model_away_once_shipped(monkeypatch, uml.evaluate, models, hidden)
     with caplog.at_level("INFO", logger="uml.evaluate"):
         evaluate(sharded)
     assert hidden.is_dir() and not models.exists()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.toy_onnx import draw_fundus, export_toy
+from tests.toy_onnx import draw_fundus, export_toy, move_model_away_once_shipped
 from uml.cli import main
 
 
@@ -367,23 +367,16 @@ def test_predict_over_ray_tasks_writes_what_one_process_writes(toy_path, tmp_pat
     # Controlled model (toy): only the wiring is under test. Five images and a file that is no
     # image, cut into 3 shards run as Ray tasks on a local instance: each output file must be the
     # one-process run's, byte for byte, and the bad file an error named in the exit status.
-    # The model is a copy whose folder the driver deletes as soon as it has read the files to ship,
+    # The model is a copy whose folder the driver moves away as soon as it has read the files to ship,
     # before any task starts: the tasks must open what came through Ray's object store, as on a
     # node without the driver's folder.
     import shutil
 
     import uml.predict
 
-    copy = tmp_path / "models"
+    copy, away = tmp_path / "models", tmp_path / "moved-models"
     shutil.copytree(toy_path.parent, copy)
-    read_files = uml.predict.model_files
-
-    def read_then_delete(model):
-        files = read_files(model)
-        shutil.rmtree(copy)
-        return files
-
-    monkeypatch.setattr(uml.predict, "model_files", read_then_delete)
+    move_model_away_once_shipped(monkeypatch, uml.predict, copy, away)
     images = [save(tmp_path / f"eye{i}.png", draw_fundus(128, 40, ratio)[0]) for i, ratio in enumerate((0.2, 0.35, 0.5, 0.65, 0.8))]
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
@@ -394,7 +387,7 @@ def test_predict_over_ray_tasks_writes_what_one_process_writes(toy_path, tmp_pat
                    "--workers", "3"])
     out, err = capsys.readouterr()
     assert status == 1, err[-3000:]
-    assert not copy.exists()
+    assert away.is_dir() and not copy.exists()
     assert "predicting 6 images as 3 Ray tasks of at most 2 images each" in out
     assert "the 3 tasks ran on 1 Ray node(s)" in out
     assert f"error: {bad}" in err and "uml predict: 1 of 6 images failed" in err

@@ -212,3 +212,17 @@ def write_toy_root(tmp_path: Path, toy_dir: Path, data) -> Path:
                   split={"val": 0.2, "test": 0.5, "calib": 0.1}, seed=0)
     shutil.copytree(toy_dir, root / "models")
     return root
+
+
+def move_model_away_once_shipped(monkeypatch, module, folder: Path, away: Path) -> None:
+    """Patch ``module.model_files`` (the driver reading the model's files to ship to Ray tasks) so
+    that the model's ``folder`` moves to ``away`` right after: a task that opens the driver's path
+    instead of the shipped bytes then fails, as it would on a node without that folder."""
+    read = module.model_files
+
+    def read_then_move(model):
+        files = read(model)
+        folder.rename(away)
+        return files
+
+    monkeypatch.setattr(module, "model_files", read_then_move)
