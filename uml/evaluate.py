@@ -341,7 +341,7 @@ def shard_ranges(n: int, batch_size: int, shards: int) -> list[tuple[int, int]]:
     return [(first, min(first + per_shard, n)) for first in range(0, n, per_shard)]
 
 
-def _run_pass_shard(model_files: ModelFiles, provider: str, dataset: str, split_name: str,
+def _run_pass_shard(files: ModelFiles, provider: str, dataset: str, split_name: str,
                     batch_size: int, start: int, stop: int, args: PassArgs) -> tuple[PassOutputs, str]:
     """One shard of a pass, in a Ray task. The model's files come through Ray's object store
     (:func:`uml.onnx_model.open_model_files`), so no node needs the driver's folder; the task
@@ -351,7 +351,7 @@ def _run_pass_shard(model_files: ModelFiles, provider: str, dataset: str, split_
 
     from uml.data.store import SplitReader, open_prepared
 
-    model = open_model_files(model_files, threads=1, provider=provider, setting="evaluate.provider")
+    model = open_model_files(files, threads=1, provider=provider, setting="evaluate.provider")
     split = SplitReader(open_prepared(dataset, verify=False), split_name)
 
     outputs = run_pass(model, split, batch_size, start=start, stop=stop, progress=False, **args)
