@@ -95,13 +95,27 @@ def test_edited_code_trains_afresh_instead_of_restoring_the_finished_run(tiny, l
     """Issue 14: after editing uml/losses.py a rerun restored the finished run's weights. The
     finished run is the module's first (:func:`learned`), same params and data; the edit is
     simulated in the fingerprint's input (the shared tree is not edited); the rest is real.
-    (That a rerun with unchanged code continues the finished run instead is shown on real reruns by
-    tests/train/test_object_storage.py and the crash-and-resume test below.)"""
+    Rerun first with the code unchanged, the finished run continues instead: it trains no epoch,
+    writes no checkpoint (a fresh run would write its own) and saves the same weights. (A run
+    interrupted mid-way resumes from its checkpoint: the crash-and-resume test below.)"""
     from uml.train import trainer
 
     _, params = tiny
     storage = Paths(params).ray_storage
-    first = load_model(learned / "model.pt").extra["run"]
+    learned_model = load_model(learned / "model.pt")
+    first = learned_model.extra["run"]
+
+    checkpoints = sorted(p.relative_to(storage).as_posix() for p in (storage / first).rglob("checkpoint_*"))
+    assert checkpoints
+    with caplog.at_level(logging.INFO, logger="uml.provenance"):
+        unchanged = load_model(train(params))
+    assert f"run '{first}' continues the earlier run" in caplog.text
+    assert sorted(p.relative_to(storage).as_posix() for p in (storage / first).rglob("checkpoint_*")) == checkpoints
+    assert unchanged.extra["run"] == first and unchanged.extra["best_epoch"] == learned_model.extra["best_epoch"]
+    for key, value in unchanged.state_dict().items():
+        assert torch.equal(value, learned_model.state_dict()[key]), key
+    caplog.clear()
+
     real_code_files = trainer.code_files
     monkeypatch.setattr(trainer, "code_files", lambda stage: {**real_code_files(stage), "uml/losses.py": "edited"})
     with caplog.at_level(logging.INFO, logger="uml.provenance"):
@@ -150,8 +164,12 @@ def test_a_worker_that_raises_once_is_recovered_from_its_checkpoint(tiny):
     assert result.error is None
 
 
-def test_a_crashed_run_resumes_from_its_last_checkpoint(tiny, tmp_path):
-    """SIGKILL of a whole train stage (driver, Ray and workers) at a known point, then a plain rerun.
+def test_a_crashed_run_resumes_from_its_checkpoint_on_object_storage(tiny, tmp_path, monkeypatch):
+    """SIGKILL of a whole train stage (driver, Ray and workers) at a known point, then a plain rerun,
+    with ``ray.storage_path`` on object storage: an S3-compatible server (moto) on 127.0.0.1,
+    reached through the URI's own options (pyarrow's ``endpoint_override`` and ``scheme``), the way
+    a user points Ray at MinIO. A local ``ray.storage_path`` goes through the same code (pyarrow's
+    filesystem API reads both; the other tests of this module train on a local one).
 
     The run is held, not raced: tests/train/blocked_train.py is the train stage whose rank 0 stops
     after reporting epoch 2's checkpoint. Once the driver has logged that epoch (its dvclive
@@ -164,51 +182,63 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(tiny, tmp_path):
     and gloo) is alive and listening, so each listener is seen at a known point instead of being
     sampled during a run that might end first. All of them must be on loopback.
     """
+    from tests.s3 import s3_server
     from tests.train.blocked_train import marker
 
     path, params = tiny
     crash_params = tmp_path / "params.yaml"
     raw = yaml.safe_load(path.read_text())
     raw["train"].update(epochs=3, seed=7, use_tuned=False)  # its own run name
-    crash_params.write_text(yaml.safe_dump(raw))
     train_log = Paths(params).train_dir / "metrics.json"
     train_log.unlink(missing_ok=True)
-    env = {**os.environ, "RAY_ADDRESS": ""}  # its own local Ray instance, like a user's run
-    held = [sys.executable, "-m", "tests.train.blocked_train", "--block-after", "2", "--params", str(crash_params)]
-    proc = subprocess.Popen(held, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    with s3_server(monkeypatch, "uml-runs") as s3:
+        raw["ray"]["storage_path"] = s3.uri("uml")
+        crash_params.write_text(yaml.safe_dump(raw))
+        # Its own local Ray instance, like a user's run; the server's credentials reach the driver,
+        # the Ray workers and the controller through the environment (as an operator's would).
+        env = {**os.environ, "RAY_ADDRESS": ""}
+        held = [sys.executable, "-m", "tests.train.blocked_train", "--block-after", "2", "--params", str(crash_params)]
+        proc = subprocess.Popen(held, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
-    def logged_step() -> int | None:
+        def logged_step() -> int | None:
+            try:
+                return json.loads(train_log.read_text())["step"]
+            except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+                return None
+
         try:
-            return json.loads(train_log.read_text())["step"]
-        except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
-            return None
-
-    try:
-        deadline = time.time() + 400
-        while logged_step() != 1 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert marker(params.data.root, 2).exists() and logged_step() == 1, "the run did not reach epoch 2 in time"
-        _assert_the_held_run_listens_on_loopback_only(psutil.Process(proc.pid))
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # a crash: no cleanup, no graceful abort
-        proc.wait()
-    cmd = [sys.executable, "-m", "pipeline.train", "--params", str(crash_params)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-3000:]
-    assert "continues the earlier run of the same params, data and code" in log
-    assert "resuming from the checkpoint of epoch 2 (2/3 epochs done)" in log, log[-3000:]
-    resumed = log.split("resuming from the checkpoint")[1]
-    assert "epoch   1/3" not in resumed and "epoch   2/3" not in resumed  # nothing trained twice
-    assert "epoch   3/3" in resumed
-    history = json.loads(train_log.read_text())
-    assert history["step"] == 2
-    state = torch.load(Paths(params).model_pt, weights_only=True)
-    assert state["extra"]["run"].startswith("train-")
-    # The logged history has each epoch once, in order: the two before the crash and the one after.
-    rows = (Paths(params).train_dir / "plots" / "metrics" / "val" / "score.tsv").read_text().splitlines()[1:]
-    assert [int(row.split("\t")[0]) for row in rows] == [0, 1, 2]
+            deadline = time.time() + 400
+            while logged_step() != 1 and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.5)
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert marker(params.data.root, 2).exists() and logged_step() == 1, "the run did not reach epoch 2 in time"
+            _assert_the_held_run_listens_on_loopback_only(psutil.Process(proc.pid))
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # a crash: no cleanup, no graceful abort
+            proc.wait()
+        cmd = [sys.executable, "-m", "pipeline.train", "--params", str(crash_params)]
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        log = done.stdout + done.stderr
+        assert done.returncode == 0, log[-3000:]
+        assert "continues the earlier run of the same params, data and code" in log
+        assert "resuming from the checkpoint of epoch 2 (2/3 epochs done)" in log, log[-3000:]
+        resumed = log.split("resuming from the checkpoint")[1]
+        assert "epoch   1/3" not in resumed and "epoch   2/3" not in resumed  # nothing trained twice
+        assert "epoch   3/3" in resumed
+        history = json.loads(train_log.read_text())
+        assert history["step"] == 2
+        state = torch.load(Paths(params).model_pt, weights_only=True)
+        run = state["extra"]["run"]
+        assert run.startswith("train-")
+        # The logged history has each epoch once, in order: the two before the crash and the one after.
+        rows = (Paths(params).train_dir / "plots" / "metrics" / "val" / "score.tsv").read_text().splitlines()[1:]
+        assert [int(row.split("\t")[0]) for row in rows] == [0, 1, 2]
+        # The run lives in the bucket: Ray's checkpoints and the run record; nothing in the local storage.
+        keys = s3.keys("uml")
+        assert any(key.startswith(f"uml-runs/uml/{run}/") and "/checkpoint_" in key for key in keys), keys
+        assert f"uml-runs/uml/uml-run-inputs/{run}.json" in keys, keys
+        assert not (Paths(params).ray_storage / run).exists()
 
 
 def _assert_the_held_run_listens_on_loopback_only(driver: psutil.Process) -> None:
