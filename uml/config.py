@@ -264,9 +264,8 @@ class TrainParams(_Section):
     # batches per epoch, drawn from a stream of seeded passes over the training split that
     # reshuffles when a pass ends (nnU-Net style), so a small data set trains as long as a large
     # one. null: one pass over the training split per epoch (the published meaning of an epoch).
-    # 60 is about 0.8 of a pass over the default synthetic set's 609 training images at a batch
-    # of 8: sized so that the default DAG fits 10 minutes on 2 CPU cores.
-    steps_per_epoch: int | None = Field(60, ge=1)
+    # 75 is about one pass over the default synthetic set's 609 training images at a batch of 8.
+    steps_per_epoch: int | None = Field(75, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-5, ge=0.0)
