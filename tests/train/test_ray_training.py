@@ -105,15 +105,20 @@ def test_edited_code_trains_afresh_instead_of_restoring_the_finished_run(tiny, l
     learned_model = load_model(learned / "model.pt")
     first = learned_model.extra["run"]
 
-    checkpoints = sorted(p.relative_to(storage).as_posix() for p in (storage / first).rglob("checkpoint_*"))
+    def first_run_checkpoints() -> list[str]:
+        return sorted(p.relative_to(storage).as_posix() for p in (storage / first).rglob("checkpoint_*"))
+
+    checkpoints = first_run_checkpoints()
     assert checkpoints
     with caplog.at_level(logging.INFO, logger="uml.provenance"):
         unchanged = load_model(train(params))
     assert f"run '{first}' continues the earlier run" in caplog.text
-    assert sorted(p.relative_to(storage).as_posix() for p in (storage / first).rglob("checkpoint_*")) == checkpoints
+    assert first_run_checkpoints() == checkpoints
     assert unchanged.extra["run"] == first and unchanged.extra["best_epoch"] == learned_model.extra["best_epoch"]
-    for key, value in unchanged.state_dict().items():
-        assert torch.equal(value, learned_model.state_dict()[key]), key
+    learned_state, unchanged_state = learned_model.state_dict(), unchanged.state_dict()
+    assert unchanged_state.keys() == learned_state.keys()
+    for key, value in unchanged_state.items():
+        assert torch.equal(value, learned_state[key]), key
     caplog.clear()
 
     real_code_files = trainer.code_files
