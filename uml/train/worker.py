@@ -92,7 +92,7 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype for ``train.precision`` on ``device``, or None for fp32.
 
     GPUs: bf16 or fp16 as asked. CPUs: bf16 only where it is native (measured on an AVX512-BF16
-    CPU: 1.46x the fp32 training throughput of the small preset, 1.63x with channels-last;
+    CPU: 1.49x the fp32 training throughput of the small preset, 1.92x with channels-last;
     ``benchmarks/train_speed.py``); fp16 never (no fast CPU kernels).
     """
     if precision == "fp32":
@@ -280,7 +280,7 @@ def build_state(params: Params, model_cfg: dict[str, Any], epochs: int, device: 
     torch.manual_seed(tp.seed)  # identical initial weights on every rank
     model = UMLNet(ModelConfig.from_dict(model_cfg))
     if tp.channels_last:
-        # oneDNN's (and cuDNN's) preferred layout for convolutions: 1.12x on this CPU.
+        # oneDNN's (and cuDNN's) preferred layout for convolutions: 1.28x on this CPU.
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
