@@ -537,7 +537,7 @@ class EvaluateParams(_Section):
     batch_size: int = Field(16, ge=1)
     # Standard deviations of the Gaussian noise (images in [0, 1]); each level of either kind is
     # one more pass over the test split (about 12 s for the default's 693 images on 2 cores, where
-    # the whole default DAG takes 10-11 minutes), so the default runs one level per kind; add
+    # the whole default DAG takes about 9 minutes), so the default runs one level per kind; add
     # levels (e.g. [0.1, 0.2]) for robustness curves with more points.
     gaussian_sigmas: list[float] = [0.2]
     salt_pepper_amounts: list[float] = [0.1]
