@@ -196,6 +196,13 @@ def test_a_crashed_run_resumes_from_its_checkpoint_on_object_storage(tiny, tmp_p
     raw["train"].update(epochs=3, seed=7, use_tuned=False)  # its own run name
     train_log = Paths(params).train_dir / "metrics.json"
     train_log.unlink(missing_ok=True)
+
+    def logged_step() -> int | None:
+        try:
+            return json.loads(train_log.read_text())["step"]
+        except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+            return None
+
     with s3_server(monkeypatch, "uml-runs") as s3:
         raw["ray"]["storage_path"] = s3.uri("uml")
         crash_params.write_text(yaml.safe_dump(raw))
@@ -205,13 +212,6 @@ def test_a_crashed_run_resumes_from_its_checkpoint_on_object_storage(tiny, tmp_p
         held = [sys.executable, "-m", "tests.train.blocked_train", "--block-after", "2", "--params", str(crash_params)]
         proc = subprocess.Popen(held, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-
-        def logged_step() -> int | None:
-            try:
-                return json.loads(train_log.read_text())["step"]
-            except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
-                return None
-
         try:
             deadline = time.time() + 400
             while logged_step() != 1 and proc.poll() is None and time.time() < deadline:
