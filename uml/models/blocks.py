@@ -66,7 +66,8 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     shuffled along the innermost axis of its (B, H, W, C) view: written for the (B, C, H, W) view,
     the shuffle returned a contiguous tensor, which every convolution after it copied back to
     channels-last, forward and backward: 13 % of a training step of the small preset on a 2-core
-    CPU (``benchmarks/step_time.py``). The values are the same either way, bit for bit.
+    CPU (``benchmarks/step_time.py``). The values are the same either way, bit for bit. (torch's
+    ``F.channel_shuffle`` keeps the layout too, but the ONNX exporter does not support it.)
     """
     b, c, h, w = x.shape
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
